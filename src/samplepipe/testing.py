@@ -1,0 +1,100 @@
+"""Estimators that count their calls, for tests, benchmarks and demos.
+
+They log each call to a file (one line per call: method and number of rows), so
+calls are counted across threads, processes and Dask workers.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+
+
+def _log(path, method, n):
+    if path is None:
+        return
+    line = f"{method} {n} {os.getpid()}\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
+def read_calls(path, method=None):
+    """``[(method, n_rows)]`` logged in ``path`` (only ``method`` if given)."""
+    if not os.path.exists(path):
+        return []
+    calls = []
+    with open(path) as f:
+        for line in f:
+            name, n, _ = line.split()
+            if method is None or name == method:
+                calls.append((name, int(n)))
+    return calls
+
+
+def count_rows(path, method):
+    """Total rows that ``method`` was called on, according to the log."""
+    return sum(n for _, n in read_calls(path, method))
+
+
+class CountingTransformer(TransformerMixin, BaseEstimator):
+    """Adds ``offset`` (and the mean seen in fit) to X; logs every call.
+
+    Parameters
+    ----------
+    offset : float, default=0.0
+    log_path : str, default=None
+        File that receives one line per ``fit``/``transform`` call.
+    fail_marker : str, default=None
+        While this file exists, ``transform`` raises ``OSError`` when
+        ``fail_on`` is None, else ``ValueError`` for inputs holding ``fail_on``.
+    fail_on : float, default=None
+        A value whose presence in the first column makes ``transform`` fail
+        (while ``fail_marker`` exists, or always when ``fail_marker`` is None).
+    stateless : bool, default=False
+        If True, ``fit`` is not needed (scikit-learn ``requires_fit`` False).
+    """
+
+    def __init__(self, offset=0.0, log_path=None, fail_marker=None, fail_on=None,
+                 stateless=False):
+        self.offset = offset
+        self.log_path = log_path
+        self.fail_marker = fail_marker
+        self.fail_on = fail_on
+        self.stateless = stateless
+
+    def fit(self, X, y=None):
+        X = np.asarray(X, dtype=float)
+        _log(self.log_path, "fit", len(X))
+        self.mean_ = X.mean(axis=0) if len(X) else np.zeros(X.shape[1:])
+        self.n_features_in_ = X.shape[1] if X.ndim > 1 else 1
+        return self
+
+    def _failing(self, X):
+        marker = self.fail_marker is None or os.path.exists(self.fail_marker)
+        if not marker:
+            return None
+        if self.fail_on is None:
+            return OSError("transient failure (fail_marker exists)")
+        if np.any(X.reshape(len(X), -1)[:, 0] == self.fail_on):
+            return ValueError(f"bad input {self.fail_on}")
+        return None
+
+    def transform(self, X):
+        X = np.asarray(X, dtype=float)
+        if self.fail_marker is not None or self.fail_on is not None:
+            exc = self._failing(X)
+            if exc is not None:
+                raise exc
+        _log(self.log_path, "transform", len(X))
+        shift = 0.0 if self.stateless else self.mean_
+        return X + self.offset + shift
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = not self.stateless
+        return tags

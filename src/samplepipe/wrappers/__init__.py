@@ -1,0 +1,46 @@
+"""The scikit-learn layer: samples and the wrappers around estimators."""
+
+from ._base import estimator_options, estimator_requires_fit
+from ._checkpoint import (
+    CheckpointLoader,
+    CheckpointWarning,
+    CheckpointWrapper,
+    check_key,
+    hash_string,
+    load_hdf5,
+    save_hdf5,
+)
+from ._dask import DaskWrapper, ToDaskBag, dask_tags
+from ._sample import (
+    DelayedSample,
+    DelayedSampleSet,
+    DelayedSampleSetCached,
+    Sample,
+    SampleBatch,
+    SampleSet,
+)
+from ._sample_wrapper import SampleWrapper
+from ._wrap import wrap
+
+__all__ = [
+    "CheckpointLoader",
+    "CheckpointWarning",
+    "CheckpointWrapper",
+    "DaskWrapper",
+    "DelayedSample",
+    "DelayedSampleSet",
+    "DelayedSampleSetCached",
+    "Sample",
+    "SampleBatch",
+    "SampleSet",
+    "SampleWrapper",
+    "ToDaskBag",
+    "check_key",
+    "dask_tags",
+    "estimator_options",
+    "estimator_requires_fit",
+    "hash_string",
+    "load_hdf5",
+    "save_hdf5",
+    "wrap",
+]

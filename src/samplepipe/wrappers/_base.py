@@ -1,0 +1,226 @@
+"""Helpers shared by the wrappers: option defaults, fit detection, fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+
+import joblib
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import FunctionTransformer
+from sklearn.utils import get_tags
+
+FORMAT_VERSION = 1
+
+# Library defaults of the options an estimator may declare for itself through
+# ``__samplepipe_tags__``. Every wrapper parameter of the same name that is left
+# at ``None`` takes the estimator's declaration, else this default.
+DEFAULT_OPTIONS = {
+    "input_attribute": "data",
+    "output_attribute": "data",
+    "transform_extra_arguments": (),
+    "fit_extra_arguments": (),
+    "extension": ".h5",
+    "save_func": None,
+    "load_func": None,
+    "checkpoint_features": True,
+    "fit_supports_dask_array": False,
+    "fit_supports_dask_bag": False,
+}
+
+# bob.pipelines' tag names, still read from legacy ``_more_tags()`` dicts.
+_LEGACY_TAGS = {
+    "bob_input": "input_attribute",
+    "bob_output": "output_attribute",
+    "bob_transform_extra_input": "transform_extra_arguments",
+    "bob_fit_extra_input": "fit_extra_arguments",
+    "bob_checkpoint_extension": "extension",
+    "bob_features_save_fn": "save_func",
+    "bob_features_load_fn": "load_func",
+    "bob_checkpoint_features": "checkpoint_features",
+    "bob_fit_supports_dask_array": "fit_supports_dask_array",
+    "bob_fit_supports_dask_bag": "fit_supports_dask_bag",
+}
+
+
+def estimator_options(estimator):
+    """Option defaults that ``estimator`` declares for the wrappers around it.
+
+    An estimator declares them with a method ``__samplepipe_tags__(self)`` that
+    returns a dict whose keys are names of `DEFAULT_OPTIONS`. Wrappers forward the
+    declaration of the estimator they wrap. bob.pipelines' ``_more_tags()`` keys
+    (``bob_input`` ...) are read too.
+
+    Examples
+    --------
+    >>> from sklearn.base import BaseEstimator, TransformerMixin
+    >>> class Scaler(TransformerMixin, BaseEstimator):
+    ...     def __samplepipe_tags__(self):
+    ...         return {"transform_extra_arguments": [("factor", "scale")]}
+    >>> estimator_options(Scaler())
+    {'transform_extra_arguments': [('factor', 'scale')]}
+    """
+    options = {}
+    more_tags = getattr(estimator, "_more_tags", None)
+    if callable(more_tags):
+        try:
+            legacy = more_tags()
+        except Exception:  # legacy hooks may call removed sklearn internals
+            legacy = {}
+        for name, option in _LEGACY_TAGS.items():
+            if name in legacy:
+                options[option] = legacy[name]
+    declared = getattr(estimator, "__samplepipe_tags__", None)
+    if callable(declared):
+        tags = dict(declared())
+        unknown = sorted(set(tags) - set(DEFAULT_OPTIONS))
+        if unknown:
+            msg = (
+                f"{type(estimator).__name__}.__samplepipe_tags__() returned unknown "
+                f"options {unknown}; known options are {sorted(DEFAULT_OPTIONS)}."
+            )
+            raise ValueError(msg)
+        options.update(tags)
+    return options
+
+
+def resolve_option(wrapper, name, value=None):
+    """Explicit argument > estimator declaration > library default.
+
+    ``None`` means "not given"; an explicit ``False`` or empty list wins.
+    """
+    if value is None:
+        value = getattr(wrapper, name, None)
+    if value is not None:
+        return value
+    declared = estimator_options(wrapper.estimator)
+    if name in declared:
+        return declared[name]
+    return DEFAULT_OPTIONS[name]
+
+
+def inner_estimators(estimator):
+    """Yield ``estimator`` and every estimator wrapped inside it, outside in."""
+    while estimator is not None:
+        yield estimator
+        estimator = getattr(estimator, "estimator", None)
+        if not isinstance(estimator, BaseEstimator):
+            return
+
+
+def estimator_requires_fit(estimator):
+    """Whether ``estimator`` must be fitted before it transforms.
+
+    Looks through samplepipe wrappers and the steps of a `Pipeline` (any step
+    that needs fitting makes the pipeline need it). ``FunctionTransformer`` and
+    estimators whose scikit-learn ``requires_fit`` tag is False do not.
+    """
+    if isinstance(estimator, Pipeline):
+        return any(
+            estimator_requires_fit(step)
+            for _, step in estimator.steps
+            if step is not None and step != "passthrough"
+        )
+    if getattr(estimator, "_is_samplepipe_wrapper", False):
+        return estimator_requires_fit(estimator.estimator)
+    if isinstance(estimator, FunctionTransformer):
+        return False
+    more_tags = getattr(estimator, "_more_tags", None)
+    if callable(more_tags):
+        try:
+            legacy = more_tags()
+        except Exception:
+            legacy = {}
+        if "requires_fit" in legacy:
+            return bool(legacy["requires_fit"])
+    try:
+        return bool(get_tags(estimator).requires_fit)
+    except Exception:  # not a scikit-learn estimator: assume it must be fitted
+        return True
+
+
+def qualified_name(obj):
+    """``module.QualName`` of a class, function, or an instance's class."""
+    cls = obj if isinstance(obj, type) or callable(obj) and hasattr(
+        obj, "__qualname__"
+    ) else type(obj)
+    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
+
+
+def _describe(value):
+    """A structure joblib can hash that stands for ``value``'s configuration."""
+    if isinstance(value, BaseEstimator):
+        params = value.get_params(deep=False)
+        return (
+            "estimator",
+            qualified_name(value),
+            {k: _describe(v) for k, v in sorted(params.items())},
+        )
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, [_describe(v) for v in value])
+    if isinstance(value, dict):
+        return ("dict", {str(k): _describe(v) for k, v in sorted(value.items(), key=str)})
+    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+        return ("callable", qualified_name(value))
+    return value
+
+
+def _safe_hash(obj):
+    try:
+        return joblib.hash(obj)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        # Objects pickle cannot find by name (classes defined in __main__ or a
+        # doctest): hash their repr instead.
+        return joblib.hash(repr(obj))
+
+
+def params_fingerprint(estimator):
+    """Hash of an estimator's class and parameters, recursively.
+
+    Works for classes that pickle cannot find by name.
+    """
+    return _safe_hash(_describe(estimator))
+
+
+def fitted_state(estimator):
+    """The fitted attributes (``name_``) of ``estimator`` and the ones inside it."""
+    state = {}
+    for k, v in sorted(vars(estimator).items()):
+        if k.endswith("_") and not k.startswith("_"):
+            state[k] = v
+        elif isinstance(v, BaseEstimator):
+            state[k] = fitted_state(v)
+        elif isinstance(v, list) and any(
+            isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], BaseEstimator)
+            for s in v
+        ):
+            state[k] = [fitted_state(s[1]) for s in v if isinstance(s, tuple)]
+    return state
+
+
+def fitted_fingerprint(estimator):
+    """Hash of the fitted state of ``estimator`` (arrays hashed by content)."""
+    state = fitted_state(estimator)
+    try:
+        return joblib.hash(state)
+    except (pickle.PicklingError, TypeError, AttributeError):
+        import cloudpickle
+
+        return hashlib.sha256(cloudpickle.dumps(state)).hexdigest()
+
+
+def short_name(estimator, width=30):
+    """``Sample|Checkpoint|MyTransformer``: the wrappers and the estimator."""
+    parts = []
+    for est in inner_estimators(estimator):
+        name = type(est).__name__
+        if getattr(est, "_is_samplepipe_wrapper", False):
+            name = name.removesuffix("Wrapper")
+        parts.append(name)
+    return "|".join(parts)[:width]
+
+
+def is_array_like(x):
+    return isinstance(x, np.ndarray) or hasattr(x, "__array__")

@@ -1,0 +1,420 @@
+"""Samples: data with metadata, eager or lazily loaded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, MutableSequence, Sequence
+from typing import Any
+
+import numpy as np
+
+SAMPLE_DATA_ATTRS = ("data", "samples")
+_DELAYED_REPR = "<delayed>"
+
+
+def _public_items(obj):
+    """Public instance attributes of ``obj`` in insertion order."""
+    return [(k, v) for k, v in vars(obj).items() if not k.startswith("_")]
+
+
+def _values_equal(a, b):
+    """Exact, symmetric comparison used by ``Sample.__eq__``."""
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        try:
+            return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+        except (TypeError, ValueError):
+            return False
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return (
+            type(a) is type(b)
+            and len(a) == len(b)
+            and all(_values_equal(x, y) for x, y in zip(a, b))
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_values_equal(a[k], b[k]) for k in a)
+    try:
+        result = a == b
+        return bool(result)
+    except (TypeError, ValueError):
+        return False
+
+
+class _SampleBase:
+    """Metadata handling shared by samples and sample sets.
+
+    Delayed attributes live in ``self._delayed_attributes`` (name -> callable) and
+    are evaluated on each access, never stored; setting one makes it eager.
+    """
+
+    _delayed_attributes: dict[str, Callable[[], Any]]
+
+    def _init_metadata(self, parent, kwargs, *, inherit_delayed):
+        object.__setattr__(self, "_delayed_attributes", {})
+        if parent is not None:
+            for name, value in _public_items(parent):
+                if name not in SAMPLE_DATA_ATTRS:
+                    object.__setattr__(self, name, value)
+            if inherit_delayed:
+                self._delayed_attributes.update(
+                    getattr(parent, "_delayed_attributes", {})
+                )
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    def __getattr__(self, name):
+        # Only called when normal lookup fails.
+        if not name.startswith("__"):
+            delayed = self.__dict__.get("_delayed_attributes")
+            if delayed and name in delayed:
+                return delayed[name]()
+        msg = f"{type(self).__name__!r} object has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    def __setattr__(self, name, value):
+        delayed = self.__dict__.get("_delayed_attributes")
+        if delayed and name in delayed:
+            del delayed[name]
+        object.__setattr__(self, name, value)
+
+    def _attribute_names(self):
+        names = [k for k, _ in _public_items(self) if k not in SAMPLE_DATA_ATTRS]
+        names += [k for k in self._delayed_attributes if k not in names]
+        return names
+
+    def _repr_items(self):
+        items = [(k, repr(v)) for k, v in _public_items(self) if k != "data"]
+        items += [(k, _DELAYED_REPR) for k in self._delayed_attributes]
+        return items
+
+    def __repr__(self):
+        body = ", ".join(f"{k}={v}" for k, v in self._repr_items())
+        return f"{type(self).__name__}({body})"
+
+    def __hash__(self):
+        # Equal samples have equal keys, so hashing the key is consistent with
+        # ``__eq__``. Samples without a key all share one bucket.
+        key = getattr(self, "key", None)
+        try:
+            return hash((type(self).__name__, key))
+        except TypeError:
+            return hash(type(self).__name__)
+
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+
+class Sample(_SampleBase):
+    """Data plus arbitrary metadata.
+
+    Parameters
+    ----------
+    data : object
+        The sample's data, usually a NumPy array.
+    parent : Sample, default=None
+        A sample whose public attributes (all but ``data`` and ``samples``) are
+        copied first. Delayed attributes of the parent stay delayed.
+    **kwargs
+        Metadata set as attributes, overriding the parent's.
+
+    Notes
+    -----
+    Equality is exact: the same class, the same attribute names and equal values
+    (``np.array_equal`` for arrays, so shapes must match). Samples hash by their
+    ``key`` attribute; do not change the key of a sample stored in a set.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from samplepipe import Sample
+    >>> s = Sample(np.array([1, 3]), gender="Male")
+    >>> s
+    Sample(data=array([1, 3]), gender='Male')
+    >>> Sample(np.array([2, 4]), parent=s, key="a")
+    Sample(data=array([2, 4]), gender='Male', key='a')
+    """
+
+    def __init__(self, data, parent=None, **kwargs):
+        object.__setattr__(self, "data", data)
+        self._init_metadata(parent, kwargs, inherit_delayed=True)
+
+    def _repr_items(self):
+        return [("data", repr(self.data)), *super()._repr_items()]
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return NotImplemented
+        names = self._attribute_names()
+        if sorted(names) != sorted(other._attribute_names()):
+            return False
+        if not _values_equal(self.data, other.data):
+            return False
+        return all(
+            _values_equal(getattr(self, n), getattr(other, n)) for n in names
+        )
+
+    __hash__ = _SampleBase.__hash__
+
+
+class DelayedSample(Sample):
+    """A sample whose data (and optionally some metadata) is loaded on access.
+
+    Parameters
+    ----------
+    load : callable
+        Called with no arguments to produce ``data``, on every access: nothing is
+        kept in memory, so large data sets can be described by many delayed
+        samples.
+    parent : Sample, default=None
+        A sample whose public attributes are copied (see `Sample`).
+    delayed_attributes : dict of str to callable, default=None
+        Attributes computed on access by calling the callable. Merged with the
+        parent's delayed attributes.
+    **kwargs
+        Eager metadata. A name given here and in ``delayed_attributes`` raises
+        ``ValueError``; a name that the parent has as a delayed attribute replaces
+        it with the eager value.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from samplepipe import DelayedSample
+    >>> s = DelayedSample(lambda: np.ones(2), key="a",
+    ...                   delayed_attributes={"label": lambda: 7})
+    >>> s
+    DelayedSample(key='a', label=<delayed>)
+    >>> s.data, s.label
+    (array([1., 1.]), 7)
+    """
+
+    def __init__(self, load, parent=None, delayed_attributes=None, **kwargs):
+        delayed_attributes = dict(delayed_attributes or {})
+        both = sorted(set(delayed_attributes) & set(kwargs))
+        if both:
+            msg = (
+                f"DelayedSample got {both} both in 'delayed_attributes' and as "
+                "keyword arguments; give each attribute only once."
+            )
+            raise ValueError(msg)
+        object.__setattr__(self, "_load", load)
+        self._init_metadata(parent, {}, inherit_delayed=True)
+        self._delayed_attributes.update(delayed_attributes)
+        for name, value in kwargs.items():
+            setattr(self, name, value)
+
+    @property
+    def data(self):
+        """The data, loaded by calling ``load()`` on each access."""
+        return self._load()
+
+    def _repr_items(self):
+        return _SampleBase._repr_items(self)
+
+    @classmethod
+    def from_sample(cls, sample, **kwargs):
+        """A delayed sample with ``sample``'s loader (or data) and metadata.
+
+        Nothing is loaded: a delayed ``sample`` lends its loader.
+        """
+        load = getattr(sample, "_load", None)
+        if load is None:
+            data = sample.data
+
+            def load():
+                return data
+
+        return cls(load, parent=sample, **kwargs)
+
+    __hash__ = _SampleBase.__hash__
+
+
+class SampleSet(_SampleBase, MutableSequence):
+    """A list of samples with metadata of its own.
+
+    Parameters
+    ----------
+    samples : list of Sample
+        The samples.
+    parent : Sample or SampleSet, default=None
+        Its public, non-delayed attributes are copied.
+    **kwargs
+        Metadata.
+
+    Examples
+    --------
+    >>> from samplepipe import Sample, SampleSet
+    >>> s = SampleSet([Sample(1), Sample(2)], key="subject-1")
+    >>> len(s), s[1].data, s.key
+    (2, 2, 'subject-1')
+    """
+
+    def __init__(self, samples, parent=None, **kwargs):
+        object.__setattr__(self, "samples", samples)
+        self._init_metadata(parent, kwargs, inherit_delayed=False)
+
+    def _repr_items(self):
+        return [*super()._repr_items(), ("samples", repr(self.samples))]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        return self.samples[item]
+
+    def __setitem__(self, item, value):
+        self.samples[item] = value
+
+    def __delitem__(self, item):
+        del self.samples[item]
+
+    def insert(self, index, value):
+        # the samples attribute may be a property without insert on subclasses
+        samples = self.samples
+        samples.insert(index, value)
+
+    def __eq__(self, other):
+        if type(self) is not type(other):
+            return NotImplemented
+        names = self._attribute_names()
+        if sorted(names) != sorted(other._attribute_names()):
+            return False
+        if not all(_values_equal(getattr(self, n), getattr(other, n)) for n in names):
+            return False
+        mine, theirs = list(self.samples), list(other.samples)
+        return len(mine) == len(theirs) and all(a == b for a, b in zip(mine, theirs))
+
+    __hash__ = _SampleBase.__hash__
+
+
+class DelayedSampleSet(SampleSet):
+    """A sample set whose samples come from ``load()`` on every access."""
+
+    def __init__(self, load, parent=None, **kwargs):
+        object.__setattr__(self, "_load", load)
+        self._init_metadata(parent, kwargs, inherit_delayed=False)
+
+    @property
+    def samples(self):
+        """The samples, from ``load()``."""
+        return self._load()
+
+    def _repr_items(self):
+        return _SampleBase._repr_items(self)
+
+
+class DelayedSampleSetCached(DelayedSampleSet):
+    """A `DelayedSampleSet` that calls ``load()`` once and keeps the samples."""
+
+    def __init__(self, load, parent=None, **kwargs):
+        super().__init__(load, parent=parent, **kwargs)
+        object.__setattr__(self, "_cached", None)
+
+    @property
+    def samples(self):
+        """The samples, loaded on first access and kept."""
+        if self._cached is None:
+            object.__setattr__(self, "_cached", self._load())
+        return self._cached
+
+
+def stack_values(values):
+    """Stack equally shaped numeric values into one preallocated array.
+
+    Strings, ``None`` and values of different shapes give a list instead.
+    """
+    values = list(values)
+    if not values:
+        return np.empty((0,))
+    first = values[0]
+    if isinstance(first, str | bytes) or first is None:
+        return values
+    first = np.asarray(first)
+    if first.dtype.kind not in "biufcmM":
+        return values
+    out = np.empty((len(values), *first.shape), dtype=first.dtype)
+    out[0] = first
+    for i in range(1, len(values)):
+        value = values[i]
+        shape = getattr(value, "shape", None)
+        if shape is None:
+            value = np.asarray(value)
+            shape = value.shape
+        if shape != first.shape or isinstance(value, str | bytes):
+            return values
+        try:
+            out[i] = value
+        except (TypeError, ValueError):
+            return values
+    return out
+
+
+class SampleBatch(Sequence):
+    """A read-only view of one attribute over many samples.
+
+    ``np.asarray(batch)`` stacks the values into one preallocated array, loading
+    each sample once. Values that cannot be stacked (strings, ragged shapes) give
+    an object array; `SampleBatch.stack` returns them as a list.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+    sample_attribute : str, default="data"
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from samplepipe import Sample, SampleBatch
+    >>> batch = SampleBatch([Sample(np.zeros(2)), Sample(np.ones(2))])
+    >>> np.asarray(batch)
+    array([[0., 0.],
+           [1., 1.]])
+    """
+
+    def __init__(self, samples, sample_attribute="data"):
+        self.samples = samples
+        self.sample_attribute = sample_attribute
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        if isinstance(item, slice):
+            return SampleBatch(self.samples[item], self.sample_attribute)
+        return getattr(self.samples[item], self.sample_attribute)
+
+    def stack(self):
+        """Values as one array when they stack, else as a list."""
+        return stack_values(getattr(s, self.sample_attribute) for s in self.samples)
+
+    def __array__(self, dtype=None, copy=None):
+        stacked = self.stack()
+        if isinstance(stacked, list):
+            out = np.empty(len(stacked), dtype=object)
+            out[:] = stacked
+            stacked = out
+        return stacked if dtype is None else stacked.astype(dtype)
+
+    def __repr__(self):
+        return (
+            f"SampleBatch(n_samples={len(self)}, "
+            f"sample_attribute={self.sample_attribute!r})"
+        )
+
+
+def iter_samples(samples):
+    """Yield every `Sample` in a list of samples and sample sets, in order."""
+    for s in samples:
+        if isinstance(s, SampleSet):
+            yield from s.samples
+        else:
+            yield s
+
+
+def is_sample_list(obj):
+    """Whether ``obj`` is a non-array sequence of samples or sample sets."""
+    if isinstance(obj, np.ndarray | str | bytes) or not isinstance(obj, Sequence):
+        return False
+    return len(obj) > 0 and isinstance(obj[0], Sample | SampleSet)

@@ -1,0 +1,61 @@
+"""Shared fixtures. Prefect's settings are fixed here, before prefect is imported."""
+
+import os
+import shutil
+import tempfile
+
+# Prefect reads these when it is first imported: keep its home (and SQLite
+# database) in a throw-away folder and never phone home.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="samplepipe-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["DO_NOT_TRACK"] = "1"
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from samplepipe import Sample  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One real Prefect server (SQLite) for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real distributed cluster: two worker processes, no dashboard."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        host="127.0.0.1",
+    ) as cluster, Client(cluster) as client:
+        yield client
+
+
+def make_samples(n, n_features=4, start=0, prefix="s", seed=0):
+    """``n`` samples with keys ``<prefix>/<i>`` and a ``target`` attribute."""
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(start + n, n_features))
+    return [
+        Sample(data[i], key=f"{prefix}/{i:05d}", target=i % 2, offset=float(i))
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def samples():
+    return make_samples(20)

@@ -1,0 +1,201 @@
+import pickle
+
+import numpy as np
+import pytest
+
+from samplepipe import (
+    DelayedSample,
+    DelayedSampleSet,
+    DelayedSampleSetCached,
+    Sample,
+    SampleBatch,
+    SampleSet,
+)
+
+
+def test_repr_matches_the_seed():
+    s = Sample(np.array([0.0, 0.0]), offset=np.array([0]), key="0")
+    assert repr(s) == "Sample(data=array([0., 0.]), offset=array([0]), key='0')"
+
+
+def test_parent_attributes_are_copied_and_overridden():
+    parent = Sample(1, a=1, b=2)
+    child = Sample(2, parent=parent, b=3)
+    assert (child.data, child.a, child.b) == (2, 1, 3)
+    assert parent.b == 2
+
+
+def test_private_attributes_are_not_copied():
+    parent = Sample(1, a=1)
+    parent._secret = 5
+    assert not hasattr(Sample(2, parent=parent), "_secret")
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "equal"),
+    [
+        (Sample(np.zeros(3)), Sample(np.zeros(3)), True),
+        (Sample(np.zeros(3)), Sample(np.zeros(3), z=5), False),  # extra attribute
+        (Sample(np.zeros(3), z=5), Sample(np.zeros(3)), False),  # symmetric
+        (Sample(np.zeros(3)), Sample(np.zeros(1)), False),  # no broadcasting
+        (Sample(np.zeros(3), a=1), Sample(np.zeros(3), a=2), False),
+        (Sample(np.zeros(3), a=np.ones(2)), Sample(np.zeros(3), a=np.ones(2)), True),
+        (Sample([np.ones(2)], k="x"), Sample([np.ones(2)], k="x"), True),
+        (Sample("text"), Sample("text"), True),
+    ],
+)
+def test_equality_is_exact_and_symmetric(left, right, equal):
+    assert (left == right) is equal
+    assert (right == left) is equal
+
+
+def test_comparing_with_a_non_sample_is_false_not_an_error():
+    s = Sample(np.zeros(2))
+    assert (s == 3) is False
+    assert (s != "x") is True
+    assert s.__eq__(object()) is NotImplemented
+
+
+def test_delayed_samples_compare_by_loaded_data():
+    a = DelayedSample(lambda: np.arange(3), key="k")
+    b = DelayedSample(lambda: np.arange(3), key="k")
+    c = DelayedSample(lambda: np.arange(4), key="k")
+    assert a == b
+    assert a != c
+    assert a != Sample(np.arange(3), key="k")  # another class
+
+
+def test_samples_hash_by_key():
+    a, b = Sample(np.zeros(2), key="a"), Sample(np.zeros(2), key="a")
+    assert hash(a) == hash(b)
+    assert len({a, b, Sample(np.zeros(2), key="b")}) == 2
+
+
+def test_delayed_sample_loads_lazily_on_access():
+    calls = []
+
+    def load():
+        calls.append(1)
+        return np.ones(2)
+
+    s = DelayedSample(load, key="a")
+    assert calls == []
+    assert repr(s) == "DelayedSample(key='a')"
+    assert calls == []
+    np.testing.assert_array_equal(s.data, np.ones(2))
+    assert len(calls) == 1
+
+
+def test_delayed_attributes_stay_lazy_through_parents():
+    calls = []
+
+    def label():
+        calls.append(1)
+        return "L"
+
+    s = DelayedSample(lambda: 1, delayed_attributes={"label": label}, key="k")
+    child = Sample(2, parent=s)
+    delayed_child = DelayedSample(lambda: 3, parent=s)
+    assert repr(s) == "DelayedSample(key='k', label=<delayed>)"
+    assert repr(child) == "Sample(data=2, key='k', label=<delayed>)"
+    assert calls == []
+    assert (child.label, delayed_child.label) == ("L", "L")
+    assert len(calls) == 2
+
+
+def test_delayed_attribute_given_twice_raises():
+    with pytest.raises(ValueError, match="both in 'delayed_attributes'"):
+        DelayedSample(lambda: 1, delayed_attributes={"a": lambda: 1}, a=2)
+
+
+def test_kwarg_replaces_a_parents_delayed_attribute():
+    s = DelayedSample(lambda: 1, delayed_attributes={"a": lambda: 1})
+    child = DelayedSample(lambda: 1, parent=s, a=5)
+    assert child.a == 5
+    assert "a" not in child._delayed_attributes
+
+
+def test_setting_a_delayed_attribute_makes_it_eager():
+    s = DelayedSample(lambda: 1, delayed_attributes={"a": lambda: 1})
+    s.a = 7
+    assert s.a == 7
+    assert repr(s) == "DelayedSample(a=7)"
+
+
+def test_from_sample_reuses_the_loader_and_loads_nothing():
+    calls = []
+    s = DelayedSample(lambda: calls.append(1) or 5, key="k")
+    d = DelayedSample.from_sample(s, extra=1)
+    assert calls == []
+    assert (d.data, d.key, d.extra) == (5, "k", 1)
+
+
+def test_sample_set_is_a_mutable_sequence_with_metadata():
+    parent = DelayedSample(lambda: 1, delayed_attributes={"lazy": lambda: 1}, key="p")
+    ss = SampleSet([Sample(1), Sample(2)], parent=parent, subject="x")
+    ss.append(Sample(3))
+    ss.insert(0, Sample(0))
+    del ss[1]
+    ss[0] = Sample(-1)
+    assert [s.data for s in ss] == [-1, 2, 3]
+    assert (ss.key, ss.subject) == ("p", "x")
+    assert not hasattr(ss, "lazy")  # delayed attributes of a parent are skipped
+
+
+def test_delayed_sample_sets_load_on_access_and_cached_once():
+    calls = []
+
+    def load():
+        calls.append(1)
+        return [Sample(1), Sample(2)]
+
+    d = DelayedSampleSet(load, key="k")
+    assert len(d) == 2 and len(d) == 2
+    assert len(calls) == 2
+    calls.clear()
+    c = DelayedSampleSetCached(load, key="k")
+    assert len(c) == 2 and c[1].data == 2
+    assert len(calls) == 1
+    assert not hasattr(c, "kwargs")
+
+
+def test_sample_batch_stacks_into_one_array_loading_each_sample_once():
+    calls = []
+
+    def loader(i):
+        def load():
+            calls.append(i)
+            return np.full(3, i, dtype=float)
+
+        return load
+
+    batch = SampleBatch([DelayedSample(loader(i)) for i in range(4)])
+    array = np.asarray(batch)
+    assert array.shape == (4, 3)
+    np.testing.assert_array_equal(array[:, 0], np.arange(4))
+    assert sorted(calls) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [["a", "bb"], [np.zeros(2), np.zeros(3)]],
+    ids=["strings", "ragged"],
+)
+def test_sample_batch_gives_a_list_for_strings_and_ragged(values):
+    batch = SampleBatch([Sample(v) for v in values])
+    stacked = batch.stack()
+    assert isinstance(stacked, list)
+    assert len(stacked) == 2
+
+
+def test_sample_batch_other_attribute():
+    batch = SampleBatch([Sample(0, y=1), Sample(0, y=2)], sample_attribute="y")
+    assert list(batch) == [1, 2]
+    np.testing.assert_array_equal(np.asarray(batch), [1, 2])
+
+
+def test_samples_pickle():
+    s = Sample(np.arange(2), key="a", meta={"x": 1})
+    assert pickle.loads(pickle.dumps(s)) == s
+    ss = SampleSet([s], key="set")
+    assert pickle.loads(pickle.dumps(ss)) == ss
