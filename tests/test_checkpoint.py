@@ -1,0 +1,421 @@
+import os
+import re
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+
+from samplepipe import (
+    CheckpointWarning,
+    CheckpointWrapper,
+    Sample,
+    SampleSet,
+    SampleWrapper,
+    check_key,
+    hash_string,
+)
+from samplepipe.testing import CountingTransformer, count_rows, read_calls
+from samplepipe.wrappers._checkpoint import is_temporary_file, read_model_header
+
+from .conftest import make_samples
+
+
+def checkpointed(tmp_path, offset=0.0, stateless=True, **kwargs):
+    log = str(tmp_path / "calls.log")
+    inner = SampleWrapper(
+        CountingTransformer(offset=offset, log_path=log, stateless=stateless)
+    )
+    kwargs.setdefault("features_dir", str(tmp_path / "features"))
+    return CheckpointWrapper(inner, **kwargs), log
+
+
+def all_files(folder):
+    return sorted(
+        os.path.relpath(os.path.join(d, f), folder)
+        for d, _, files in os.walk(folder)
+        for f in files
+    )
+
+
+def stack(samples):
+    return np.stack([s.data for s in samples])
+
+
+def test_transform_writes_one_file_per_key_and_loads_lazily(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path, offset=1.0)
+    out = wrapper.transform(samples)
+    assert all_files(tmp_path / "features") == [
+        f"s/{i:05d}.h5" for i in range(len(samples))
+    ]
+    assert type(out[0]).__name__ == "DelayedSample"
+    np.testing.assert_allclose(stack(out), stack(samples) + 1.0)
+    assert [o.key for o in out] == [s.key for s in samples]
+    assert out[0].target == samples[0].target
+    with h5py.File(tmp_path / "features" / "s" / "00000.h5") as f:
+        np.testing.assert_allclose(f["array"][()], samples[0].data + 1.0)
+        version, fingerprint, key = f.attrs["samplepipe"].split(":", 2)
+    assert (version, key) == ("1", "s/00000")
+    assert fingerprint == wrapper.fingerprint()
+
+
+def test_second_transform_computes_nothing(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path)
+    first = wrapper.transform(samples)
+    second = wrapper.transform(samples)
+    assert read_calls(log, "transform") == [("transform", len(samples))]
+    np.testing.assert_array_equal(stack(first), stack(second))
+
+
+def test_fresh_wrapper_in_another_process_state_reuses_files(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path)
+    wrapper.transform(samples)
+    from samplepipe.wrappers import _checkpoint
+
+    _checkpoint._validated.clear()  # as in a new process: validate from the files
+    again, _ = checkpointed(tmp_path)
+    again.transform(samples)
+    assert count_rows(log, "transform") == len(samples)
+
+
+def test_ten_new_samples_out_of_a_thousand_compute_exactly_ten(tmp_path):
+    wrapper, log = checkpointed(tmp_path)
+    wrapper.transform(make_samples(1000))
+    out = wrapper.transform(make_samples(1010))
+    assert read_calls(log, "transform") == [("transform", 1000), ("transform", 10)]
+    assert len(out) == 1010
+
+
+def test_changing_a_parameter_recomputes_all_with_one_warning(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path, offset=2.0)
+    wrapper.transform(samples)
+    wrapper.set_params(estimator__estimator__offset=3.0)
+    with pytest.warns(CheckpointWarning, match=f"{len(samples)} stale") as record:
+        out = wrapper.transform(samples)
+    assert len(record) == 1
+    assert count_rows(log, "transform") == 2 * len(samples)
+    np.testing.assert_allclose(stack(out), stack(samples) + 3.0)
+
+
+def test_refitting_recomputes_all(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path, stateless=False)
+    wrapper.fit(samples)
+    wrapper.transform(samples)
+    other = make_samples(20, seed=1)
+    wrapper.fit(other)  # a different fitted state, same parameters
+    with pytest.warns(CheckpointWarning, match="stale"):
+        out = wrapper.transform(samples)
+    assert count_rows(log, "transform") == 2 * len(samples)
+    np.testing.assert_allclose(stack(out), stack(samples) + stack(other).mean(axis=0))
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _zero(path):
+    open(path, "wb").close()
+
+
+def _garbage(path):
+    with open(path, "wb") as f:
+        f.write(os.urandom(2048))
+
+
+def _foreign_key(path):
+    with h5py.File(path, "r+") as f:
+        version, fp, _ = f.attrs["samplepipe"].split(":", 2)
+        f.attrs["samplepipe"] = f"{version}:{fp}:s/99999"
+
+
+@pytest.mark.parametrize(
+    ("damage", "status"),
+    [
+        (_truncate, "corrupt"),
+        (_zero, "corrupt"),
+        (_garbage, "corrupt"),
+        (_foreign_key, "foreign"),
+    ],
+)
+def test_damaged_files_are_recomputed(tmp_path, samples, damage, status):
+    wrapper, log = checkpointed(tmp_path, offset=1.0)
+    wrapper.transform(samples)
+    path = wrapper.checkpoint_path(samples[3].key)
+    damage(path)
+    with pytest.warns(CheckpointWarning, match=f"1 {status}"):
+        out = wrapper.transform(samples)
+    assert read_calls(log, "transform") == [("transform", 20), ("transform", 1)]
+    np.testing.assert_allclose(out[3].data, samples[3].data + 1.0)
+    with h5py.File(path) as f:
+        assert f.attrs["samplepipe"].endswith(":s/00003")
+
+
+def test_a_failed_write_leaves_no_temporary_file_and_the_old_file_intact(tmp_path):
+    samples = make_samples(5)
+    wrapper, log = checkpointed(tmp_path, offset=1.0)
+    wrapper.transform(samples)
+    path = wrapper.checkpoint_path(samples[0].key)
+    before = open(path, "rb").read()
+
+    def failing_save(data, tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    broken, _ = checkpointed(
+        tmp_path, offset=1.0, save_func=failing_save, load_func=np.load, force=True
+    )
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        broken.transform(samples)
+    assert open(path, "rb").read() == before
+    assert not [f for f in all_files(tmp_path / "features") if "tmp" in f]
+    # a programming error is not retried
+    assert count_rows(log, "transform") == 10
+
+
+def test_temporary_files_of_crashed_writers_are_removed(tmp_path, samples):
+    wrapper, _ = checkpointed(tmp_path)
+    folder = tmp_path / "features" / "s"
+    folder.mkdir(parents=True)
+    dead = folder / ".00000.h5.otherhost-999999-abcd1234.tmp"
+    dead.write_bytes(b"partial")
+    os.utime(dead, (0, 0))  # very old
+    crashed_here = folder / f".00001.h5.{os.uname().nodename}-999999-abcd1234.tmp"
+    crashed_here.write_bytes(b"partial")  # pid 999999 does not exist
+    wrapper.transform(samples)
+    assert not dead.exists()
+    assert not crashed_here.exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "rule"),
+    [
+        (None, "must be strings"),
+        (3, "must be strings"),
+        ("", "must not be empty"),
+        ("/etc/passwd", "relative paths"),
+        ("../evil", "without empty, '.' or '..' components"),
+        ("a/../../b", "'..' components"),
+        ("a\\b", "backslash"),
+        ("a\x00b", "NUL"),
+        ("C:x", "drive prefix"),
+        ("a/./b", "normalised"),
+        ("a//b", "normalised"),
+        ("a/", "normalised"),
+        (".hidden", "reserved for temporary files"),
+        ("x" * 300, "at most 200 bytes"),
+        ("\ud800", "UTF-8"),
+    ],
+)
+def test_bad_keys_raise_before_anything_is_written(tmp_path, key, rule):
+    wrapper, log = checkpointed(tmp_path)
+    samples = [*make_samples(3), Sample(np.zeros(4), key=key)]
+    msg = f"CheckpointWrapper got key {key!r} for sample 3; "
+    with pytest.raises(ValueError, match=re.escape(msg)) as info:
+        wrapper.transform(samples)
+    assert rule in str(info.value)
+    assert not (tmp_path / "features").exists()
+    assert read_calls(log) == []
+
+
+def test_a_sample_without_key_names_the_fix(tmp_path):
+    wrapper, _ = checkpointed(tmp_path)
+    with pytest.raises(ValueError, match="without a 'key' attribute"):
+        wrapper.transform([Sample(np.zeros(4))])
+
+
+def test_duplicate_keys_raise_before_anything_is_written(tmp_path):
+    wrapper, log = checkpointed(tmp_path)
+    samples = make_samples(4)
+    samples[3].key = samples[1].key
+    with pytest.raises(ValueError, match=re.escape("for samples 1 and 3")):
+        wrapper.transform(samples)
+    assert not (tmp_path / "features").exists()
+    assert read_calls(log) == []
+
+
+@pytest.mark.parametrize("key", ["a..b", "a/b.c", "subject 1/sample-2", "ü/日本"])
+def test_unusual_but_valid_keys(tmp_path, key):
+    assert check_key(key) == key
+    wrapper, _ = checkpointed(tmp_path)
+    out = wrapper.transform([Sample(np.ones(4), key=key)])
+    np.testing.assert_array_equal(out[0].data, np.ones(4))
+    assert os.path.isfile(tmp_path / "features" / (key + ".h5"))
+
+
+def test_none_outputs_are_not_saved(tmp_path):
+    wrapper, _ = checkpointed(tmp_path)
+    out = wrapper.transform([Sample(None, key="a"), Sample(np.ones(4), key="b")])
+    assert out[0] is None
+    assert all_files(tmp_path / "features") == ["b.h5"]
+
+
+def test_force_recomputes(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path)
+    wrapper.transform(samples)
+    wrapper.set_params(force=True)
+    wrapper.transform(samples)
+    assert count_rows(log, "transform") == 2 * len(samples)
+
+
+def test_sample_sets_checkpoint_their_samples(tmp_path, samples):
+    wrapper, log = checkpointed(tmp_path, offset=1.0)
+    sets = [SampleSet(samples[:4], key="set-a"), SampleSet(samples[4:6], key="set-b")]
+    out = wrapper.transform(sets)
+    assert [len(s) for s in out] == [4, 2]
+    assert out[1].key == "set-b"
+    np.testing.assert_allclose(out[1][0].data, samples[4].data + 1.0)
+    assert len(all_files(tmp_path / "features")) == 6
+    wrapper.transform(sets)
+    assert count_rows(log, "transform") == 6
+
+
+def test_hash_fn_spreads_keys_evenly(tmp_path):
+    keys = [f"subject_{s:04d}/sample_{i:02d}" for s in range(1000) for i in range(10)]
+    buckets = {}
+    for k in keys:
+        buckets[hash_string(k)] = buckets.get(hash_string(k), 0) + 1
+    assert len(buckets) == 1000
+    assert max(buckets.values()) < 30  # bob put up to 730 files in one folder
+    wrapper, _ = checkpointed(tmp_path, hash_fn=hash_string)
+    wrapper.transform([Sample(np.ones(4), key="a/b")])
+    assert all_files(tmp_path / "features") == [f"{hash_string('a/b')}/a/b.h5"]
+
+
+def test_other_sample_attribute_is_checkpointed(tmp_path, samples):
+    log = str(tmp_path / "log")
+    inner = SampleWrapper(
+        CountingTransformer(offset=1.0, log_path=log, stateless=True),
+        output_attribute="features",
+    )
+    wrapper = CheckpointWrapper(inner, features_dir=str(tmp_path / "f"))
+    out = wrapper.transform(samples)
+    assert not hasattr(samples[0], "features")
+    np.testing.assert_array_equal(out[0].data, samples[0].data)
+    np.testing.assert_allclose(out[0].features, samples[0].data + 1.0)
+    out = wrapper.transform(samples)
+    np.testing.assert_allclose(out[5].features, samples[5].data + 1.0)
+    assert count_rows(log, "transform") == len(samples)
+
+
+def test_custom_save_and_load_functions(tmp_path, samples):
+    def save(data, path):
+        with open(path, "wb") as f:
+            np.save(f, data)
+
+    wrapper, log = checkpointed(
+        tmp_path, offset=1.0, extension=".npy", save_func=save, load_func=np.load
+    )
+    out = wrapper.transform(samples)
+    np.testing.assert_allclose(out[2].data, samples[2].data + 1.0)
+    assert os.path.isfile(tmp_path / "features" / "s" / "00002.npy.meta.json")
+    wrapper.transform(samples)
+    assert count_rows(log, "transform") == len(samples)
+    wrapper.set_params(estimator__estimator__offset=5.0)
+    with pytest.warns(CheckpointWarning, match="stale"):
+        wrapper.transform(samples)
+
+
+def test_transient_io_errors_are_retried(tmp_path, samples):
+    attempts = []
+
+    def flaky_save(data, path):
+        attempts.append(path)
+        if len(attempts) == 1:
+            raise OSError("the NFS server blinked")
+        np.save(open(path, "wb"), data)
+
+    wrapper, _ = checkpointed(
+        tmp_path, extension=".npy", save_func=flaky_save, load_func=np.load
+    )
+    out = wrapper.transform(samples[:2])
+    assert len(attempts) == 3
+    np.testing.assert_array_equal(out[0].data, samples[0].data)
+
+
+def test_checkpoint_listing_and_cleaning(tmp_path, samples):
+    wrapper, _ = checkpointed(tmp_path)
+    wrapper.transform(samples)
+    _zero(wrapper.checkpoint_path(samples[0].key))
+    tmp = tmp_path / "features" / "s" / ".x.h5.host-1-abcd.tmp"
+    tmp.write_bytes(b"x")
+    statuses = {}
+    for _, status, _ in wrapper.iter_checkpoints():
+        statuses[status] = statuses.get(status, 0) + 1
+    assert statuses == {"valid": 19, "corrupt": 1, "temporary": 1}
+    assert len(wrapper.remove_checkpoints(dry_run=True)) == 2
+    assert tmp.exists()
+    removed = wrapper.remove_checkpoints()
+    assert {status for _, status, _ in removed} == {"corrupt", "temporary"}
+    assert not tmp.exists()
+    assert len(all_files(tmp_path / "features")) == 19
+
+
+# -- models -------------------------------------------------------------------
+def model_wrapper(tmp_path, **params):
+    log = str(tmp_path / "calls.log")
+    inner = SampleWrapper(CountingTransformer(log_path=log, **params))
+    return CheckpointWrapper(inner, model_path=str(tmp_path / "model.pkl")), log
+
+
+def test_same_params_load_the_model(tmp_path, samples):
+    wrapper, log = model_wrapper(tmp_path)
+    wrapper.fit(samples)
+    fresh, _ = model_wrapper(tmp_path)
+    estimator = fresh.estimator.estimator
+    fresh.fit(samples)
+    assert count_rows(log, "fit") == len(samples)  # one fit only
+    assert fresh.estimator.estimator is estimator  # references stay valid
+    np.testing.assert_allclose(estimator.mean_, stack(samples).mean(axis=0))
+
+
+def test_changed_params_refit_and_keep_the_new_params(tmp_path, samples):
+    wrapper, log = model_wrapper(tmp_path, offset=1.0)
+    wrapper.fit(samples)
+    changed, _ = model_wrapper(tmp_path, offset=100.0)
+    changed.fit(samples)
+    assert len(read_calls(log, "fit")) == 2
+    assert changed.estimator.estimator.offset == 100.0  # bob overwrote it
+    header = read_model_header(str(tmp_path / "model.pkl"))
+    assert "CountingTransformer" in header["class"] or "SampleWrapper" in header["class"]
+
+
+def test_truncated_model_is_refitted(tmp_path, samples):
+    wrapper, log = model_wrapper(tmp_path)
+    wrapper.fit(samples)
+    _truncate(str(tmp_path / "model.pkl"))
+    again, _ = model_wrapper(tmp_path)
+    again.fit(samples)
+    assert len(read_calls(log, "fit")) == 2
+    assert again.load_model()  # rewritten whole
+
+
+def test_force_refits_the_model(tmp_path, samples):
+    wrapper, log = model_wrapper(tmp_path)
+    wrapper.fit(samples)
+    wrapper.set_params(force=True)
+    wrapper.fit(samples)
+    assert len(read_calls(log, "fit")) == 2
+
+
+def test_model_is_written_atomically(tmp_path, samples):
+    wrapper, _ = model_wrapper(tmp_path)
+    wrapper.fit(samples)
+    assert [p.name for p in tmp_path.iterdir() if is_temporary_file(p.name)] == []
+
+
+def test_no_paths_means_plain_behaviour(tmp_path, samples):
+    wrapper = CheckpointWrapper(SampleWrapper(CountingTransformer(stateless=True)))
+    out = wrapper.fit(samples).transform(samples)
+    np.testing.assert_array_equal(stack(out), stack(samples))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_parameters_are_checked_at_use(tmp_path, samples):
+    wrapper = CheckpointWrapper(SampleWrapper(CountingTransformer()), features_dir=3)
+    with pytest.raises(TypeError, match="features_dir=3"):
+        wrapper.transform(samples)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CheckpointWrapper(None, attempts=0)  # constructing never validates
