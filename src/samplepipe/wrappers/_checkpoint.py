@@ -144,6 +144,34 @@ def sample_keys(samples, owner="CheckpointWrapper"):
     return keys
 
 
+def keys_digest(keys):
+    """SHA-256 of an ordered list of keys; its cost grows with the keys only."""
+    h = hashlib.sha256()
+    for key in keys:
+        h.update(key.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def upstream_fingerprint(samples):
+    """Lineage of ``samples``: the fingerprints of the checkpoints they load from.
+
+    Samples returned by a `CheckpointWrapper` load through a `CheckpointLoader`
+    that knows the fingerprint of the step that made them (which includes that
+    step's own upstream). Returns None for samples that come from no checkpoint.
+    """
+    found = set()
+    for s in samples:
+        loader = getattr(s, "_load", None)
+        if isinstance(loader, CheckpointLoader):
+            found.add(loader.metadata.split(":", 2)[1])
+    if not found:
+        return None
+    if len(found) == 1:
+        return found.pop()
+    return joblib.hash(sorted(found))
+
+
 def hash_string(key, n_buckets=1000):
     """A sub-folder name that spreads keys evenly over ``n_buckets`` folders.
 
@@ -614,14 +642,20 @@ class CheckpointWrapper(BaseWrapper):
                 return header.get("sha256")
         return fitted_fingerprint(self.estimator)
 
-    def fingerprint(self):
-        """Hash of what produces this step's checkpoints (see Notes)."""
+    def fingerprint(self, upstream=None):
+        """Hash of what produces this step's checkpoints (see Notes).
+
+        ``upstream`` is the fingerprint of the step that produced the inputs
+        (derived from the inputs by `transform`), so that a change upstream
+        invalidates the checkpoints downstream.
+        """
         return joblib.hash(
             (
                 FORMAT_VERSION,
                 params_fingerprint(self.estimator),
                 self._sample_attribute(),
                 self._fitted_digest(),
+                upstream,
             )
         )
 
@@ -637,12 +671,15 @@ class CheckpointWrapper(BaseWrapper):
             "cloudpickle": cloudpickle.__version__,
         }
 
-    def load_model(self):
+    def load_model(self, data=None):
         """Load ``model_path`` into the wrapped estimator if it fits this step.
 
-        Returns True when the model was loaded. The wrapped estimator objects are
-        kept (references to them stay valid) and so are this step's parameters.
-        Loading unpickles the file: only use a model_path you trust.
+        Returns True when the model was loaded: the file is intact and was
+        written by a step of the same class and parameters (and, when ``data``
+        is given, fitted on training samples whose keys have that digest). The
+        wrapped estimator objects are kept (references to them stay valid) and
+        so are this step's parameters. Loading unpickles the file: only use a
+        model_path you trust.
         """
         if self.model_path is None:
             return False
@@ -650,6 +687,8 @@ class CheckpointWrapper(BaseWrapper):
         if header is None or header.get("params") != params_fingerprint(
             self.estimator
         ):
+            return False
+        if data is not None and header.get("data") not in (None, data):
             return False
         loaded = load_model(self.model_path)
         if loaded is None:
@@ -659,9 +698,15 @@ class CheckpointWrapper(BaseWrapper):
         self.model_digest_ = header["sha256"]
         return True
 
-    def save_model(self):
-        """Write the wrapped estimator to ``model_path`` atomically."""
-        header = save_model(self.estimator, os.fspath(self.model_path), self._model_header())
+    def save_model(self, data=None):
+        """Write the wrapped estimator to ``model_path`` atomically.
+
+        ``data`` (the digest of the training keys) is recorded in the header.
+        """
+        header = self._model_header()
+        if data is not None:
+            header["data"] = data
+        header = save_model(self.estimator, os.fspath(self.model_path), header)
         self.model_digest_ = header["sha256"]
 
     def fit(self, X, y=None, **fit_params):
@@ -674,11 +719,12 @@ class CheckpointWrapper(BaseWrapper):
         self._validate_params()
         if not estimator_requires_fit(self.estimator):
             return self
-        if not self.force and self.load_model():
+        data = _training_digest(X)
+        if not self.force and self.load_model(data=data):
             return self
         self.estimator.fit(X, y, **fit_params)
         if self.model_path is not None:
-            self.save_model()
+            self.save_model(data=data)
         else:
             self.model_digest_ = fitted_fingerprint(self.estimator)
         return self
@@ -759,13 +805,15 @@ class CheckpointWrapper(BaseWrapper):
     def transform_samples(self, samples, report=None):
         """`transform` for a flat list of samples; fills ``report`` if given.
 
-        ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed`` and
-        ``paths`` (None for None outputs).
+        ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
+        ``fingerprint`` and ``files`` (``(path, size, mtime_ns)`` per sample,
+        None for None outputs).
         """
+        self._validate_params()
         keys = sample_keys(samples)
         paths = [self.checkpoint_path(k) for k in keys]
         save, load = self._funcs()
-        fingerprint = self.fingerprint()
+        fingerprint = self.fingerprint(upstream_fingerprint(samples))
         metas = [format_metadata(fingerprint, k) for k in keys]
         custom = save is not None
         statuses = [None] * len(samples)
@@ -832,7 +880,11 @@ class CheckpointWrapper(BaseWrapper):
             report["computed"] = computed
             report["loaded"] = len(samples) - len(todo)
             report["recomputed"] = sum(bad.values())
-            report["paths"] = [p if st is not None else None for p, st in zip(paths, statuses)]
+            report["fingerprint"] = fingerprint
+            report["files"] = [
+                (p, st.st_size, st.st_mtime_ns) if st is not None else None
+                for p, st in zip(paths, statuses)
+            ]
         return results
 
     @available_if(_estimator_has("transform"))
@@ -861,7 +913,7 @@ class CheckpointWrapper(BaseWrapper):
         return self.estimator.score(X, y, **kwargs)
 
     # -- housekeeping ------------------------------------------------------
-    def iter_checkpoints(self):
+    def iter_checkpoints(self, upstream=None):
         """Yield ``(path, status, size)`` for every file under ``features_dir``.
 
         ``status`` is ``valid``, ``stale``, ``corrupt``, ``foreign`` (the key
@@ -873,7 +925,7 @@ class CheckpointWrapper(BaseWrapper):
         save, load = self._funcs()
         custom = save is not None
         extension = resolve_option(self, "extension")
-        fingerprint = self.fingerprint()
+        fingerprint = self.fingerprint(upstream)
         root = os.fspath(self.features_dir)
         for folder, dirs, files in os.walk(root):
             dirs.sort()
@@ -894,10 +946,10 @@ class CheckpointWrapper(BaseWrapper):
                 yield path, status, size
 
     def remove_checkpoints(self, statuses=("stale", "corrupt", "foreign", "temporary"),
-                           dry_run=False):
+                           dry_run=False, upstream=None):
         """Remove files of the given statuses; return ``[(path, status, size)]``."""
         removed = []
-        for path, status, size in list(self.iter_checkpoints()):
+        for path, status, size in list(self.iter_checkpoints(upstream)):
             if status in statuses:
                 removed.append((path, status, size))
                 if not dry_run:
@@ -908,6 +960,17 @@ class CheckpointWrapper(BaseWrapper):
                     if os.path.exists(_sidecar(path)):
                         os.unlink(_sidecar(path))
         return removed
+
+
+def _training_digest(X):
+    """Digest of the training samples' keys, or None if they have none."""
+    if not is_sample_list(X):
+        return None
+    flat, _ = _flatten(X)
+    keys = [getattr(s, "key", None) for s in flat]
+    if any(not isinstance(k, str) for k in keys):
+        return None
+    return keys_digest(keys)
 
 
 def _write_json(path, obj):

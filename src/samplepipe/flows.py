@@ -1,0 +1,426 @@
+"""Prefect flows that fit and transform whole pipelines, batch by batch.
+
+Each step of the pipeline is wrapped for samples and checkpoints; each batch of
+samples becomes one cached task run per step (see `samplepipe.tasks`). Use
+another task runner with ``fit_pipeline.with_options(task_runner=...)``, e.g.
+``prefect_dask.DaskTaskRunner(address=...)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import os
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.futures import as_completed
+from sklearn.pipeline import Pipeline
+
+from .tasks import fit_step, samples_from_manifest, transform_step
+from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
+from .wrappers._base import estimator_requires_fit
+from .wrappers._checkpoint import _training_digest, sample_keys
+from .wrappers._sample import Sample, SampleSet
+
+
+class PipelineRunError(RuntimeError):
+    """A step of a flow failed; ``step`` names it."""
+
+    def __init__(self, msg, step):
+        super().__init__(msg)
+        self.step = step
+
+
+# ---------------------------------------------------------------------------
+# inputs
+# ---------------------------------------------------------------------------
+def load_object(spec, kwargs=None, what="object"):
+    """Resolve ``"package.module:name"`` (called with ``kwargs`` if callable)."""
+    if not isinstance(spec, str):
+        if kwargs:
+            msg = f"{what}_kwargs was given, but {what} is not an import path."
+            raise TypeError(msg)
+        return spec
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        msg = (
+            f"{what}={spec!r} is not an import path; use 'package.module:name', "
+            "e.g. 'samplepipe.examples:demo_pipeline'."
+        )
+        raise ValueError(msg)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        msg = f"{what}={spec!r}: cannot import module {module_name!r} ({exc})."
+        raise ValueError(msg) from exc
+    try:
+        obj = module
+        for part in attribute.split("."):
+            obj = getattr(obj, part)
+    except AttributeError as exc:
+        msg = f"{what}={spec!r}: module {module_name!r} has no {attribute!r}."
+        raise ValueError(msg) from exc
+    if callable(obj) and not isinstance(obj, Pipeline):
+        obj = obj(**(kwargs or {}))
+    return obj
+
+
+def _check_samples(samples, what="samples"):
+    if not isinstance(samples, list | tuple):
+        msg = (
+            f"{what} must be a list of samples, got {type(samples).__name__}; "
+            "build them with samplepipe.Sample(data, key=...)."
+        )
+        raise TypeError(msg)
+    for i, s in enumerate(samples):
+        if not isinstance(s, Sample):
+            kind = "a SampleSet" if isinstance(s, SampleSet) else type(s).__name__
+            msg = (
+                f"{what}[{i}] is {kind}; the flows take a flat list of Sample "
+                "objects."
+            )
+            raise TypeError(msg)
+    sample_keys(samples, owner=what)
+    return list(samples)
+
+
+def prepare_steps(pipeline, features_dir, model_dir):
+    """``[(name, CheckpointWrapper)]`` for each step of ``pipeline``.
+
+    Plain estimators are wrapped in `SampleWrapper` and `CheckpointWrapper`
+    (``features_dir/<name>/`` and ``model_dir/<name>.pkl``); wrapped steps keep
+    their own folders and get these where theirs are unset. ``DaskWrapper``
+    and ``ToDaskBag`` are dropped: the task runner distributes the work.
+    """
+    if not isinstance(pipeline, Pipeline):
+        msg = (
+            f"pipeline must be a scikit-learn Pipeline (or an import path to "
+            f"one), got {type(pipeline).__name__}."
+        )
+        raise TypeError(msg)
+    steps = []
+    for name, est in pipeline.steps:
+        if est is None or est == "passthrough" or isinstance(est, ToDaskBag):
+            continue
+        while isinstance(est, DaskWrapper):
+            est = est.estimator
+        if not isinstance(est, CheckpointWrapper):
+            if not getattr(est, "_is_samplepipe_wrapper", False):
+                est = SampleWrapper(est)
+            est = CheckpointWrapper(est)
+        else:
+            est = copy.copy(est)
+        if est.features_dir is None:
+            est.features_dir = os.path.join(os.fspath(features_dir), name)
+        if est.model_path is None and estimator_requires_fit(est.estimator):
+            est.model_path = os.path.join(os.fspath(model_dir), f"{name}.pkl")
+        est._validate_params()
+        steps.append((name, est))
+    if not steps:
+        msg = "pipeline has no step to run."
+        raise ValueError(msg)
+    return steps
+
+
+# ---------------------------------------------------------------------------
+# running steps
+# ---------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total, description):
+        self.total = max(total, 1)
+        self.done = 0
+        self.id = create_progress_artifact(progress=0.0, description=description)
+
+    def advance(self):
+        self.done += 1
+        update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+
+
+def _batches(n, batch_size):
+    return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def _transform_step(name, step, samples, batch_size, options, progress, rows):
+    """Run one step over all batches; return its output samples in order."""
+    t0 = time.perf_counter()
+    task = transform_step.with_options(**options)
+    futures = {}
+    for start, stop in _batches(len(samples), batch_size):
+        future = task.submit(
+            step=step, samples=samples[start:stop], name=name, start=start, stop=stop
+        )
+        futures[future] = (start, stop)
+    outputs = [None] * len(samples)
+    computed = loaded = cached = 0
+    failed = []
+    for future in as_completed(list(futures)):
+        start, stop = futures[future]
+        future.wait()
+        progress.advance()
+        state = future.state
+        if not state.is_completed():
+            failed.append((start, stop, state))
+            continue
+        manifest = future.result()
+        if state.name == "Cached":
+            cached += 1
+            loaded += stop - start
+        else:
+            computed += manifest["computed"]
+            loaded += manifest["loaded"]
+        outputs[start:stop] = samples_from_manifest(manifest, samples[start:stop], step)
+    rows.append(
+        {
+            "step": name,
+            "task": "transform",
+            "samples": len(samples),
+            "computed": computed,
+            "loaded": loaded,
+            "cached batches": cached,
+            "batches": len(futures),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+    if failed:
+        start, stop, state = failed[0]
+        try:
+            state.result()
+        except Exception as exc:  # the task's own error
+            cause = exc
+        else:
+            cause = None
+        msg = (
+            f"step {name!r} failed on {len(failed)} of {len(futures)} batches "
+            f"(first: [{start}:{stop}]: {cause!r}); the other batches are "
+            "checkpointed: run the flow again to compute only the failed ones."
+        )
+        raise PipelineRunError(msg, name) from cause
+    if any(s is None for s in outputs):
+        # samples the step returned None for are invalid: they go no further
+        outputs = [s for s in outputs if s is not None]
+    return outputs
+
+
+def _fit_step(name, step, samples, options, rows):
+    t0 = time.perf_counter()
+    future = fit_step.with_options(**options).submit(step=step, samples=samples, name=name)
+    future.wait()
+    state = future.state
+    if not state.is_completed():
+        try:
+            state.result()
+        except Exception as exc:
+            msg = f"step {name!r} failed to fit: {exc!r}"
+            raise PipelineRunError(msg, name) from exc
+    manifest = future.result()
+    # The fit may have run in another thread or on a Dask worker: load the
+    # model saved by the task into this process's step.
+    if not step.load_model(data=_training_digest(samples)):
+        msg = f"step {name!r}: the model at {step.model_path!r} could not be loaded."
+        raise PipelineRunError(msg, name)
+    fitted = state.name != "Cached" and manifest["fitted"]
+    rows.append(
+        {
+            "step": name,
+            "task": "fit",
+            "samples": len(samples),
+            "computed": len(samples) if fitted else 0,
+            "loaded": 0 if fitted else len(samples),
+            "cached batches": int(state.name == "Cached"),
+            "batches": 1,
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
+    )
+
+
+def _task_options(retries, retry_delay_seconds):
+    return {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
+
+
+def _summary(rows, title):
+    create_table_artifact(
+        table=rows,
+        key="samplepipe-summary",
+        description=f"# {title}\nPer step: samples, computed, loaded from "
+        "checkpoints, cached batches, seconds.",
+    )
+    logger = get_run_logger()
+    for row in rows:
+        logger.info(
+            "%(step)s.%(task)s: %(samples)d samples, %(computed)d computed, "
+            "%(loaded)d loaded, %(cached batches)d/%(batches)d batches cached, "
+            "%(seconds).2f s",
+            row,
+        )
+
+
+def _check_batch_size(batch_size):
+    if not isinstance(batch_size, int) or batch_size < 1:
+        msg = f"batch_size must be an int >= 1, got {batch_size!r}."
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------
+# flows
+# ---------------------------------------------------------------------------
+def _fit(pipeline, samples, features_dir, model_dir, batch_size, retries,
+         retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows):
+    pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
+    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
+    _check_batch_size(batch_size)
+    steps = prepare_steps(pipeline, features_dir, model_dir)
+    options = _task_options(retries, retry_delay_seconds)
+    n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
+    progress = _Progress(n_batches, "fit: batches transformed")
+    current = samples
+    for i, (name, step) in enumerate(steps):
+        if estimator_requires_fit(step.estimator):
+            _fit_step(name, step, current, options, rows)
+        if i + 1 < len(steps):
+            current = _transform_step(
+                name, step, current, batch_size, options, progress, rows
+            )
+    return Pipeline(steps)
+
+
+def _transform(pipeline, samples, features_dir, model_dir, batch_size, retries,
+               retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows):
+    pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
+    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
+    _check_batch_size(batch_size)
+    steps = prepare_steps(pipeline, features_dir, model_dir)
+    for name, step in steps:
+        if estimator_requires_fit(step.estimator) and not step.load_model():
+            if not step.__sklearn_is_fitted__():
+                msg = (
+                    f"step {name!r} is not fitted and has no model at "
+                    f"{step.model_path!r}; run fit_pipeline first."
+                )
+                raise PipelineRunError(msg, name)
+    options = _task_options(retries, retry_delay_seconds)
+    progress = _Progress(
+        len(steps) * len(_batches(len(samples), batch_size)), "transform: batches"
+    )
+    current = samples
+    for name, step in steps:
+        current = _transform_step(name, step, current, batch_size, options, progress, rows)
+    return current
+
+
+@flow(name="fit-pipeline", validate_parameters=False)
+def fit_pipeline(
+    pipeline: Any,
+    samples: Any,
+    features_dir: str,
+    model_dir: str,
+    batch_size: int = 1000,
+    retries: int = 2,
+    retry_delay_seconds: float = 1.0,
+    pipeline_kwargs: dict | None = None,
+    samples_kwargs: dict | None = None,
+) -> Pipeline:
+    """Fit each step on the training samples transformed by the steps before it.
+
+    Parameters
+    ----------
+    pipeline : Pipeline or str
+        A scikit-learn `Pipeline` of plain or wrapped estimators, or an import
+        path ``"package.module:factory"`` called with ``pipeline_kwargs``.
+    samples : list of Sample or str
+        Training samples with unique keys, or an import path called with
+        ``samples_kwargs``.
+    features_dir, model_dir : str
+        Checkpoints go to ``features_dir/<step>/<key>.h5`` and
+        ``model_dir/<step>.pkl``.
+    batch_size : int, default=1000
+        Samples per task run.
+    retries, retry_delay_seconds : int, float
+        Retries of a task run that failed with an I/O error (`OSError`).
+
+    Returns
+    -------
+    Pipeline
+        The fitted pipeline of `CheckpointWrapper` steps.
+    """
+    rows = []
+    try:
+        return _fit(pipeline, samples, features_dir, model_dir, batch_size, retries,
+                    retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows)
+    finally:
+        if rows:
+            _summary(rows, "fit-pipeline")
+
+
+@flow(name="transform-pipeline", validate_parameters=False)
+def transform_pipeline(
+    pipeline: Any,
+    samples: Any,
+    features_dir: str,
+    model_dir: str,
+    batch_size: int = 1000,
+    retries: int = 2,
+    retry_delay_seconds: float = 1.0,
+    pipeline_kwargs: dict | None = None,
+    samples_kwargs: dict | None = None,
+) -> list:
+    """Apply the fitted steps batch by batch, step by step.
+
+    Parameters are those of `fit_pipeline`. Returns the output samples in input
+    order, keys and metadata kept, data loading lazily from the checkpoints.
+    """
+    rows = []
+    try:
+        return _transform(pipeline, samples, features_dir, model_dir, batch_size,
+                          retries, retry_delay_seconds, pipeline_kwargs,
+                          samples_kwargs, rows)
+    finally:
+        if rows:
+            _summary(rows, "transform-pipeline")
+
+
+@flow(name="run-pipeline", validate_parameters=False)
+def run_pipeline(
+    pipeline: Any,
+    train_samples: Any,
+    samples: Any,
+    features_dir: str,
+    model_dir: str,
+    batch_size: int = 1000,
+    retries: int = 2,
+    retry_delay_seconds: float = 1.0,
+    pipeline_kwargs: dict | None = None,
+    train_samples_kwargs: dict | None = None,
+    samples_kwargs: dict | None = None,
+) -> list[dict]:
+    """Fit on ``train_samples``, then transform ``samples``; what deployments run.
+
+    Returns the per-step summary rows (JSON), the same as the table artifact.
+    """
+    rows = []
+    try:
+        fitted = _fit(pipeline, train_samples, features_dir, model_dir, batch_size,
+                      retries, retry_delay_seconds, pipeline_kwargs,
+                      train_samples_kwargs, rows)
+        _transform(fitted, samples, features_dir, model_dir, batch_size, retries,
+                   retry_delay_seconds, None, samples_kwargs, rows)
+    finally:
+        if rows:
+            _summary(rows, "run-pipeline")
+    return rows
+
+
+__all__ = [
+    "PipelineRunError",
+    "fit_pipeline",
+    "load_object",
+    "prepare_steps",
+    "run_pipeline",
+    "transform_pipeline",
+]

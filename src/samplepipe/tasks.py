@@ -1,0 +1,222 @@
+"""Wrapped pipeline steps as Prefect tasks: cache policy, manifests, retries.
+
+One task run transforms one batch of samples through one step; one task run
+fits one step. The persisted result of a task run is a small JSON *manifest*
+naming the step's checkpoint files (with their size and modification time);
+the arrays themselves live only in the HDF5 checkpoints. When a cached
+manifest no longer matches the files on disk, reading it fails, Prefect treats
+the cache entry as missing, and the task runs again: it then loads every valid
+per-sample checkpoint and computes only the missing ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import CachePolicy
+from prefect.locking.filesystem import FileSystemLockManager
+from prefect.serializers import Serializer
+from prefect.transactions import IsolationLevel
+
+from .wrappers import CheckpointWrapper, DelayedSample
+from .wrappers._base import FORMAT_VERSION
+from .wrappers._checkpoint import (
+    CheckpointLoader,
+    _with_delayed,
+    _training_digest,
+    keys_digest,
+    upstream_fingerprint,
+)
+
+MANIFEST_FORMAT = 1
+# Lock files shared by every process of this machine and user.
+LOCK_DIR = Path(tempfile.gettempdir()) / f"samplepipe-locks-{os.getuid()}"
+
+
+class StaleManifestError(ValueError):
+    """A cached manifest names files that changed or disappeared since."""
+
+
+class ManifestSerializer(Serializer):
+    """JSON manifests that check, when read, that their files are unchanged.
+
+    ``loads`` stats every file the manifest names (about 2 microseconds each)
+    and raises `StaleManifestError` if one is missing or differs in size or
+    modification time; Prefect then treats the cached result as missing.
+    """
+
+    type: str = "samplepipe-manifest"
+
+    def dumps(self, obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":")).encode()
+
+    def loads(self, blob: bytes) -> Any:
+        manifest = json.loads(blob)
+        check_manifest(manifest)
+        return manifest
+
+
+def check_manifest(manifest):
+    """Raise `StaleManifestError` unless every named file is unchanged."""
+    entries = list(manifest.get("files") or [])
+    if manifest.get("model") is not None:
+        entries.append(manifest["model"])
+    for entry in entries:
+        if entry is None:
+            continue
+        path, size, mtime_ns = entry
+        try:
+            st = os.stat(path)
+        except OSError as exc:
+            raise StaleManifestError(f"{path} is gone") from exc
+        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+            raise StaleManifestError(f"{path} changed since it was recorded")
+
+
+@dataclass
+class StepCachePolicy(CachePolicy):
+    """Cache key of a step's task run, from keys and fingerprints only.
+
+    The key hashes: the manifest format and samplepipe's checkpoint format; the
+    task (``transform`` or ``fit``); the step's fingerprint, which covers its
+    class, its parameters (recursively), the attribute it checkpoints, the
+    SHA-256 of its fitted model file (so a refit at the same path invalidates)
+    and the fingerprint of the upstream steps; ``features_dir`` and
+    ``model_path``; and the ordered keys of the batch. Sample data is never
+    hashed, so the cost grows with the number of keys only.
+    """
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
+        step = inputs["step"]
+        samples = inputs["samples"]
+        keys = [s.key for s in samples]
+        method = getattr(task_ctx.task, "name", "task") if task_ctx else "task"
+        upstream = upstream_fingerprint(samples)
+        return keys_digest(
+            [
+                f"manifest={MANIFEST_FORMAT}",
+                f"format={FORMAT_VERSION}",
+                f"task={method}",
+                f"step={step.fingerprint(upstream)}",
+                f"features_dir={os.path.abspath(os.fspath(step.features_dir or ''))}",
+                f"model_path={os.path.abspath(os.fspath(step.model_path or ''))}",
+                f"keys={keys_digest(keys)}",
+            ]
+        )
+
+
+STEP_CACHE = StepCachePolicy(
+    isolation_level=IsolationLevel.SERIALIZABLE,
+    lock_manager=FileSystemLockManager(LOCK_DIR),
+)
+
+
+def retry_on_io_error(task, task_run, state):
+    """Retry transient I/O errors (`OSError`); fail fast on anything else."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _task_options(fn):
+    return task(
+        fn,
+        cache_policy=STEP_CACHE,
+        persist_result=True,
+        result_serializer=ManifestSerializer(),
+        cache_result_in_memory=False,
+        retry_condition_fn=retry_on_io_error,
+    )
+
+
+def transform_batch(step: CheckpointWrapper, samples: list, name: str = "step",
+                    start: int = 0, stop: int | None = None):
+    """Transform one batch through one checkpointed step; return its manifest."""
+    t0 = time.perf_counter()
+    report = {}
+    step.transform_samples(samples, report=report)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "step": name,
+        "start": start,
+        "keys": [s.key for s in samples],
+        "fingerprint": report["fingerprint"],
+        "files": report["files"],
+        "computed": report["computed"],
+        "loaded": report["loaded"],
+        "seconds": time.perf_counter() - t0,
+    }
+    get_run_logger().info(
+        "%s[%d:%d]: computed %d, loaded %d from checkpoints",
+        name,
+        start,
+        start + len(samples),
+        report["computed"],
+        report["loaded"],
+    )
+    return manifest
+
+
+def fit_model(step: CheckpointWrapper, samples: list, name: str = "step"):
+    """Fit one step on all its training samples and save its model."""
+    t0 = time.perf_counter()
+    data = _training_digest(samples)
+    if step.force or not step.load_model(data=data):
+        step.estimator.fit(samples)
+        step.save_model(data=data)
+        fitted = True
+    else:
+        fitted = False
+    st = os.stat(step.model_path)
+    get_run_logger().info("%s: %s", name, "fitted" if fitted else "model loaded")
+    return {
+        "format": MANIFEST_FORMAT,
+        "step": name,
+        "model": (os.fspath(step.model_path), st.st_size, st.st_mtime_ns),
+        "sha256": step.model_digest_,
+        "fitted": fitted,
+        "n_samples": len(samples),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+transform_step = _task_options(transform_batch).with_options(
+    name="transform", task_run_name="{name}.transform[{start}:{stop}]"
+)
+transform_step.__doc__ = transform_batch.__doc__
+
+fit_step = _task_options(fit_model).with_options(
+    name="fit", task_run_name="{name}.fit"
+)
+fit_step.__doc__ = fit_model.__doc__
+
+
+def samples_from_manifest(manifest, inputs, step):
+    """Output samples of a batch: lazy loaders of its files, metadata of inputs."""
+    fingerprint = manifest["fingerprint"]
+    _, load_func = step._funcs()
+    attribute = step._sample_attribute()
+    out = []
+    for s, entry in zip(inputs, manifest["files"]):
+        if entry is None:
+            out.append(None)
+            continue
+        path, size, mtime_ns = entry
+        meta = f"{FORMAT_VERSION}:{fingerprint}:{s.key}"
+        loader = CheckpointLoader(path, meta, size, mtime_ns, load_func)
+        if attribute == "data":
+            out.append(DelayedSample(loader, parent=s))
+        else:
+            out.append(_with_delayed(s, attribute, loader))
+    return out
