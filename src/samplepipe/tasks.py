@@ -65,13 +65,15 @@ class ManifestSerializer(Serializer):
 
 def check_manifest(manifest):
     """Raise `StaleManifestError` unless every named file is unchanged."""
+    root = manifest.get("root", "")
     entries = list(manifest.get("files") or [])
     if manifest.get("model") is not None:
         entries.append(manifest["model"])
     for entry in entries:
         if entry is None:
             continue
-        path, size, mtime_ns = entry
+        name, size, mtime_ns = entry
+        path = os.path.join(root, name)
         try:
             st = os.stat(path)
         except OSError as exc:
@@ -146,13 +148,17 @@ def transform_batch(step: CheckpointWrapper, samples: list, name: str = "step",
     t0 = time.perf_counter()
     report = {}
     step.transform_samples(samples, report=report)
+    root = os.path.abspath(os.fspath(step.features_dir))
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": name,
         "start": start,
-        "keys": [s.key for s in samples],
+        "root": root,
         "fingerprint": report["fingerprint"],
-        "files": report["files"],
+        "files": [
+            None if f is None else [os.path.relpath(f[0], root), f[1], f[2]]
+            for f in report["files"]
+        ],
         "computed": report["computed"],
         "loaded": report["loaded"],
         "seconds": time.perf_counter() - t0,
@@ -183,7 +189,7 @@ def fit_model(step: CheckpointWrapper, samples: list, name: str = "step"):
     return {
         "format": MANIFEST_FORMAT,
         "step": name,
-        "model": (os.fspath(step.model_path), st.st_size, st.st_mtime_ns),
+        "model": (os.path.abspath(step.model_path), st.st_size, st.st_mtime_ns),
         "sha256": step.model_digest_,
         "fitted": fitted,
         "n_samples": len(samples),
@@ -205,6 +211,7 @@ fit_step.__doc__ = fit_model.__doc__
 def samples_from_manifest(manifest, inputs, step):
     """Output samples of a batch: lazy loaders of its files, metadata of inputs."""
     fingerprint = manifest["fingerprint"]
+    root = manifest["root"]
     _, load_func = step._funcs()
     attribute = step._sample_attribute()
     out = []
@@ -212,7 +219,8 @@ def samples_from_manifest(manifest, inputs, step):
         if entry is None:
             out.append(None)
             continue
-        path, size, mtime_ns = entry
+        name, size, mtime_ns = entry
+        path = os.path.join(root, name)
         meta = f"{FORMAT_VERSION}:{fingerprint}:{s.key}"
         loader = CheckpointLoader(path, meta, size, mtime_ns, load_func)
         if attribute == "data":

@@ -963,14 +963,19 @@ class CheckpointWrapper(BaseWrapper):
 
 
 def _training_digest(X):
-    """Digest of the training samples' keys, or None if they have none."""
+    """Digest of the training samples: their keys and their lineage.
+
+    None if the samples have no keys. The lineage (`upstream_fingerprint`)
+    changes when a step before this one changes, so a model fitted on the old
+    outputs of that step is not reused.
+    """
     if not is_sample_list(X):
         return None
     flat, _ = _flatten(X)
     keys = [getattr(s, "key", None) for s in flat]
     if any(not isinstance(k, str) for k in keys):
         return None
-    return keys_digest(keys)
+    return keys_digest([*keys, f"upstream={upstream_fingerprint(flat)}"])
 
 
 def _write_json(path, obj):

@@ -1,0 +1,207 @@
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from samplepipe import DaskWrapper, SampleWrapper, ToDaskBag, dask_tags, wrap
+from samplepipe.testing import CountingTransformer, count_rows, read_calls
+
+from .conftest import make_samples
+
+
+def pipeline(tmp_path):
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("count", CountingTransformer(offset=1.0, log_path=str(tmp_path / "count.log"))),
+            ("pca", PCA(n_components=2)),
+        ]
+    )
+
+
+def data(samples):
+    return np.stack([s.data for s in samples])
+
+
+def test_dask_pipeline_matches_plain_and_reuses_checkpoints(tmp_path, dask_client):
+    samples = make_samples(200)
+    kwargs = {
+        "features_dir": str(tmp_path / "features"),
+        "model_path": str(tmp_path / "models"),
+        "npartitions": 4,
+    }
+    dasked = wrap(["sample", "checkpoint", "dask"], pipeline(tmp_path), **kwargs)
+    dasked.fit(samples)
+    out = dasked.transform(samples).compute(scheduler=dask_client)
+    plain = pipeline(tmp_path / "x" if False else tmp_path)
+    plain_out = wrap(["sample"], plain).fit(samples).transform(samples)
+    np.testing.assert_allclose(data(out), data(plain_out), atol=1e-10)
+    assert [o.key for o in out] == [s.key for s in samples]
+    pids = {pid for pid in dask_client.run(os.getpid).values()}
+    logged = open(tmp_path / "count.log").read().split()
+    assert pids & {int(p) for p in logged[2::3]}  # work ran on the workers
+    rows = count_rows(tmp_path / "count.log", "transform")
+    fits = len(read_calls(tmp_path / "count.log", "fit"))
+    again = wrap(["sample", "checkpoint", "dask"], pipeline(tmp_path), **kwargs)
+    again.fit(samples)  # loads the model checkpoints
+    out2 = again.transform(samples).compute(scheduler=dask_client)
+    assert count_rows(tmp_path / "count.log", "transform") == rows
+    assert len(read_calls(tmp_path / "count.log", "fit")) == fits
+    np.testing.assert_allclose(data(out2), data(out))
+
+
+def test_fit_on_a_bag_equals_plain_fit(dask_client):
+    samples = make_samples(150)
+    bag = ToDaskBag(npartitions=3).transform(samples)
+    dasked = DaskWrapper(SampleWrapper(PCA(n_components=3)))
+    dasked.fit(bag)
+    plain = SampleWrapper(PCA(n_components=3)).fit(samples)
+    np.testing.assert_allclose(
+        np.abs(dasked.estimator.estimator.components_),
+        np.abs(plain.estimator.components_),
+    )
+    out = dasked.transform(bag).compute()
+    np.testing.assert_allclose(
+        np.abs(data(out)), np.abs(data(plain.transform(samples))), atol=1e-10
+    )
+
+
+def test_fit_supports_dask_array(dask_client):
+    class ArrayFit(StandardScaler):
+        def fit(self, X, y=None):
+            assert hasattr(X, "chunks")  # a dask array
+            return super().fit(X.compute())
+
+    samples = make_samples(60)
+    bag = ToDaskBag(npartitions=3).transform(samples)
+    dasked = DaskWrapper(SampleWrapper(ArrayFit()), fit_supports_dask_array=True)
+    dasked.fit(bag)
+    np.testing.assert_allclose(dasked.estimator.estimator.mean_, data(samples).mean(axis=0))
+
+
+def test_explicit_false_overrides_the_estimators_declaration(dask_client):
+    class Declares(StandardScaler):
+        def __samplepipe_tags__(self):
+            return {"fit_supports_dask_array": True}
+
+    samples = make_samples(30)
+    bag = ToDaskBag(npartitions=2).transform(samples)
+    wrapper = DaskWrapper(SampleWrapper(Declares()), fit_supports_dask_array=False)
+    wrapper.fit(bag)  # fits on samples; an array fit would need dask support
+    np.testing.assert_allclose(wrapper.estimator.estimator.mean_, data(samples).mean(axis=0))
+
+
+def test_dask_tags_collects_through_pipelines():
+    pipe = wrap(["sample", "dask"], Pipeline([("a", StandardScaler()), ("b", PCA())]),
+                transform_tag="GPU")
+    tags = dask_tags(pipe)
+    assert tags == {
+        "Dask|Sample|StandardScaler.transform": {"GPU": 1},
+        "Dask|Sample|PCA.transform": {"GPU": 1},
+    }
+
+
+def test_many_workers_write_one_features_dir(tmp_path, dask_client):
+    samples = make_samples(400)
+    log = str(tmp_path / "log")
+    step = wrap(
+        ["sample", "checkpoint", "dask"],
+        CountingTransformer(stateless=True, log_path=log),
+        features_dir=str(tmp_path / "f"),
+    )
+    # the same keys in two overlapping bags, computed at once
+    bag1 = ToDaskBag(npartitions=8).transform(samples[:300])
+    bag2 = ToDaskBag(npartitions=8).transform(samples[100:])
+    out1, out2 = dask_client.compute([step.transform(bag1), step.transform(bag2)], sync=True)
+    assert len(out1) == 300 and len(out2) == 300
+    np.testing.assert_array_equal(data(out1[100:]), data(samples[100:300]))
+    np.testing.assert_array_equal(data(out2), data(samples[100:]))
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path / "f") for f in fs]
+    assert len(files) == 400 and not [f for f in files if f.endswith(".tmp")]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def gpu_cluster(tmp_path):
+    """`dask scheduler` and two `dask worker` processes, one with GPU=1."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    bindir = os.path.dirname(sys.executable)
+    env = dict(os.environ)
+    procs = [
+        subprocess.Popen(
+            [f"{bindir}/dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+             "--no-dashboard"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+    ]
+    try:
+        for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
+            procs.append(
+                subprocess.Popen(
+                    [f"{bindir}/dask", "worker", address, "--nthreads", "1",
+                     "--host", "127.0.0.1", "--no-dashboard", "--name", name, *extra],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                )
+            )
+        from distributed import Client
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = Client(address, timeout=5)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        client.wait_for_workers(2, timeout=60)
+        yield client
+        client.close()
+    finally:
+        for p in procs[::-1]:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def test_transform_tag_runs_only_on_the_worker_with_that_resource(tmp_path, gpu_cluster):
+    client = gpu_cluster
+    log = str(tmp_path / "log")
+    pids = {
+        info["name"]: info["pid"] if "pid" in info else None
+        for info in client.scheduler_info()["workers"].values()
+    }
+    by_name = client.run(os.getpid)
+    names = {info["name"]: addr for addr, info in client.scheduler_info()["workers"].items()}
+    gpu_pid = by_name[names["gpu"]]
+    cpu_pid = by_name[names["cpu"]]
+    assert gpu_pid != cpu_pid and pids
+    step = wrap(["sample", "dask"], CountingTransformer(stateless=True, log_path=log),
+                transform_tag="GPU")
+    bag = ToDaskBag(npartitions=10).transform(make_samples(100))
+    out = step.transform(bag).compute(scheduler=client)
+    assert len(out) == 100
+    logged = {int(line.split()[2]) for line in open(log)}
+    assert logged == {gpu_pid}
+    # without the tag, both workers are used
+    plain = wrap(["sample", "dask"], CountingTransformer(stateless=True, log_path=log))
+    os.unlink(log)
+    bag = ToDaskBag(npartitions=40).transform(make_samples(400))
+    plain.transform(bag).compute(scheduler=client)
+    assert {int(line.split()[2]) for line in open(log)} == {gpu_pid, cpu_pid}

@@ -1,0 +1,303 @@
+import os
+import re
+import threading
+
+import numpy as np
+import pytest
+from sklearn.decomposition import PCA
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+
+from samplepipe.testing import CountingTransformer, count_rows, read_calls
+
+from ._prefect_helpers import artifacts, run, task_runs
+from .conftest import make_samples
+
+pytestmark = [
+    pytest.mark.usefixtures("prefect_harness"),
+    # recomputing stale checkpoints is what several tests here provoke
+    pytest.mark.filterwarnings("ignore::samplepipe.CheckpointWarning"),
+]
+
+BATCH = 250
+
+
+def counting_pipeline(tmp_path, offset=1.0, fail_marker=None, fail_on=None):
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            (
+                "count",
+                CountingTransformer(
+                    offset=offset,
+                    log_path=str(tmp_path / "count.log"),
+                    fail_marker=fail_marker,
+                    fail_on=fail_on,
+                ),
+            ),
+            ("last", CountingTransformer(log_path=str(tmp_path / "last.log"))),
+        ]
+    )
+
+
+def dirs(tmp_path):
+    return {
+        "features_dir": str(tmp_path / "features"),
+        "model_dir": str(tmp_path / "models"),
+        "batch_size": BATCH,
+    }
+
+
+def data(samples):
+    return np.stack([s.data for s in samples])
+
+
+def reference(tmp_path, train, samples, offset=1.0):
+    pipe = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("count", CountingTransformer(offset=offset)),
+            ("last", CountingTransformer()),
+        ]
+    )
+    return pipe.fit(data(train)).transform(data(samples))
+
+
+@pytest.fixture
+def fitted(tmp_path):
+    from samplepipe.flows import fit_pipeline
+
+    train = make_samples(1000)
+    fit_pipeline(counting_pipeline(tmp_path), train, **dirs(tmp_path))
+    return train
+
+
+def test_fit_then_transform_gives_scikit_learns_result(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(600, seed=3, prefix="test")
+    out = transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    assert [o.key for o in out] == [s.key for s in samples]
+    assert type(out[0]).__name__ == "DelayedSample"
+    np.testing.assert_allclose(data(out), reference(tmp_path, fitted, samples))
+    assert sorted(os.listdir(tmp_path / "models")) == ["count.pkl", "last.pkl", "scale.pkl"]
+    assert len(os.listdir(tmp_path / "features" / "last" / "test")) == 600
+
+
+def test_second_run_is_all_cached_and_computes_nothing(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(1000, seed=3, prefix="test")
+    first, _ = run(transform_pipeline, counting_pipeline(tmp_path), samples,
+                   **dirs(tmp_path))
+    rows = count_rows(tmp_path / "count.log", "transform")
+    state, flow_run_id = run(
+        transform_pipeline, counting_pipeline(tmp_path), samples, **dirs(tmp_path)
+    )
+    assert state.is_completed()
+    assert count_rows(tmp_path / "count.log", "transform") == rows
+    runs = task_runs(flow_run_id)
+    transforms = [r for r in runs if ".transform[" in r.name]
+    assert len(transforms) == 3 * 4
+    assert {r.state.name for r in transforms} == {"Cached"}
+    np.testing.assert_allclose(data(state.result()), data(first.result()))
+
+
+def test_ten_new_samples_compute_exactly_ten_per_step(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(1000, seed=3, prefix="test")
+    transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    before = {n: count_rows(tmp_path / f"{n}.log", "transform") for n in ("count", "last")}
+    more = make_samples(1010, seed=3, prefix="test")
+    out = transform_pipeline(counting_pipeline(tmp_path), more, **dirs(tmp_path))
+    for name in ("count", "last"):
+        assert count_rows(tmp_path / f"{name}.log", "transform") - before[name] == 10
+    np.testing.assert_allclose(data(out), reference(tmp_path, fitted, more))
+
+
+def test_changing_a_parameter_recomputes(tmp_path, fitted):
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    samples = make_samples(500, seed=3, prefix="test")
+    transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    before = count_rows(tmp_path / "last.log", "transform")
+    changed = counting_pipeline(tmp_path, offset=5.0)
+    fit_pipeline(changed, fitted, **dirs(tmp_path))  # count refits: new params
+    out = transform_pipeline(
+        counting_pipeline(tmp_path, offset=5.0), samples, **dirs(tmp_path)
+    )
+    # the changed step and every step after it recompute everything
+    assert count_rows(tmp_path / "last.log", "transform") - before >= 500
+    np.testing.assert_allclose(data(out), reference(tmp_path, fitted, samples, 5.0))
+
+
+def test_refitting_on_other_data_recomputes(tmp_path, fitted):
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    samples = make_samples(500, seed=3, prefix="test")
+    transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    fits = len(read_calls(tmp_path / "count.log", "fit"))
+    other = make_samples(800, seed=9, prefix="train2")
+    fit_pipeline(counting_pipeline(tmp_path), other, **dirs(tmp_path))
+    assert len(read_calls(tmp_path / "count.log", "fit")) == fits + 1
+    before = count_rows(tmp_path / "count.log", "transform")
+    out = transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    assert count_rows(tmp_path / "count.log", "transform") - before == 500
+    np.testing.assert_allclose(data(out), reference(tmp_path, other, samples))
+
+
+def test_deleting_one_checkpoint_recomputes_exactly_that_sample(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(1000, seed=3, prefix="test")
+    transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    before = count_rows(tmp_path / "count.log", "transform")
+    os.unlink(tmp_path / "features" / "count" / "test" / "00042.h5")
+    state, flow_run_id = run(
+        transform_pipeline, counting_pipeline(tmp_path), samples, **dirs(tmp_path)
+    )
+    assert count_rows(tmp_path / "count.log", "transform") - before == 1
+    names = {r.name: r.state.name for r in task_runs(flow_run_id)}
+    assert names["count.transform[0:250]"] == "Completed"
+    assert names["count.transform[250:500]"] == "Cached"
+    assert os.path.isfile(tmp_path / "features" / "count" / "test" / "00042.h5")
+
+
+def test_a_failing_batch_fails_the_run_and_a_rerun_computes_only_it(tmp_path, fitted):
+    from samplepipe.flows import PipelineRunError, fit_pipeline, transform_pipeline
+
+    samples = make_samples(1000, seed=3, prefix="test")
+    marker = tmp_path / "fail"
+    bad_value = float(StandardScaler().fit(data(fitted)).transform(data(samples))[600, 0])
+    pipe = counting_pipeline(tmp_path, fail_marker=str(marker), fail_on=bad_value)
+    fit_pipeline(pipe, fitted, **dirs(tmp_path))  # no marker yet: fits fine
+    before = count_rows(tmp_path / "count.log", "transform")
+    marker.write_text("x")
+    with pytest.raises(PipelineRunError, match=re.escape("step 'count' failed on 1 of 4")):
+        transform_pipeline(pipe, samples, **dirs(tmp_path))
+    assert count_rows(tmp_path / "count.log", "transform") - before == 750
+    marker.unlink()
+    state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
+    assert state.is_completed()
+    assert count_rows(tmp_path / "count.log", "transform") - before == 1000
+    states = {r.name: r.state.name for r in task_runs(flow_run_id)}
+    assert states["count.transform[500:750]"] == "Completed"
+    assert states["count.transform[0:250]"] == "Cached"
+    assert states["scale.transform[0:250]"] == "Cached"
+
+
+def test_io_errors_are_retried_programming_errors_are_not(tmp_path, fitted):
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    samples = make_samples(250, seed=3, prefix="test")
+    marker = tmp_path / "fail"
+    pipe = counting_pipeline(tmp_path, fail_marker=str(marker))  # OSError
+    fit_pipeline(pipe, fitted, **dirs(tmp_path))
+    marker.write_text("x")
+    timer = threading.Timer(1.0, marker.unlink)
+    timer.start()
+    try:
+        state, flow_run_id = run(transform_pipeline, pipe, samples, retries=10,
+                                 retry_delay_seconds=0.5, **dirs(tmp_path))
+    finally:
+        timer.join()
+    assert state.is_completed()
+    count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
+    assert count_run.run_count > 1  # retried until the I/O error went away
+
+    scaled = StandardScaler().fit(data(fitted)).transform(data(samples))
+    bad = counting_pipeline(tmp_path, fail_on=float(scaled[0, 0]))  # ValueError
+    bad.steps[1][1].set_params(fail_marker=None)
+    fit_pipeline(bad, fitted, **dirs(tmp_path))
+    state, flow_run_id = run(transform_pipeline, bad, samples, retries=5,
+                             retry_delay_seconds=0, **dirs(tmp_path))
+    assert state.is_failed()
+    count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
+    assert count_run.run_count == 1
+
+
+def test_persisted_results_hold_no_arrays(tmp_path):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    storage = PREFECT_LOCAL_STORAGE_PATH.value()
+    before = set(storage.glob("*")) if storage.exists() else set()
+    samples = make_samples(1000, n_features=256, seed=3, prefix="big")
+    fit_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    new = {p: p.stat().st_size for p in storage.glob("*") if p not in before}
+    assert len(new) >= 3 + 3 * 4  # 3 fits, 4 batches x 3 steps
+    data_bytes = 3 * 1000 * 256 * 8  # what the checkpoints hold
+    assert sum(new.values()) < data_bytes / 20
+
+
+def test_task_run_names_and_artifacts(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(500, seed=3, prefix="test")
+    state, flow_run_id = run(transform_pipeline, counting_pipeline(tmp_path), samples,
+                             **dirs(tmp_path))
+    names = sorted(r.name for r in task_runs(flow_run_id))
+    assert "count.transform[250:500]" in names
+    assert "scale.transform[0:250]" in names
+    found = {a.type: a for a in artifacts(flow_run_id)}
+    assert found["progress"].data == 100.0
+    table = found["table"]
+    assert table.key == "samplepipe-summary"
+    assert "computed" in str(table.data) and "count" in str(table.data)
+
+
+def test_two_concurrent_flow_runs_do_not_compute_a_batch_twice(tmp_path, fitted):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(1000, seed=3, prefix="test")
+    results, errors = [], []
+
+    def go():
+        try:
+            results.append(
+                transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+            )
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert count_rows(tmp_path / "last.log", "transform") == 1000
+    np.testing.assert_allclose(data(results[0]), data(results[1]))
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    from samplepipe.flows import fit_pipeline
+
+    samples = make_samples(10)
+    samples[7].key = samples[2].key
+    with pytest.raises(ValueError, match="for samples 2 and 7"):
+        fit_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+    with pytest.raises(ValueError, match="cannot import module 'no_such_module'"):
+        fit_pipeline("no_such_module:x", make_samples(5), **dirs(tmp_path))
+    with pytest.raises(TypeError, match="must be a list of samples"):
+        fit_pipeline(counting_pipeline(tmp_path), np.zeros((3, 2)), **dirs(tmp_path))
+    assert not (tmp_path / "features").exists()
+    assert not (tmp_path / "models").exists()
+
+
+def test_plain_estimators_and_wrapped_steps_mix(tmp_path):
+    from samplepipe import wrap
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    train = make_samples(300)
+    pca = wrap(["sample", "checkpoint"], PCA(n_components=2))
+    pipe = Pipeline([("scale", StandardScaler()), ("pca", pca)])
+    fit_pipeline(pipe, train, **dirs(tmp_path))
+    out = transform_pipeline(pipe, train, **dirs(tmp_path))
+    ref = Pipeline([("s", StandardScaler()), ("p", PCA(n_components=2))])
+    np.testing.assert_allclose(
+        np.abs(data(out)), np.abs(ref.fit_transform(data(train))), atol=1e-10
+    )
