@@ -301,3 +301,26 @@ def test_plain_estimators_and_wrapped_steps_mix(tmp_path):
     np.testing.assert_allclose(
         np.abs(data(out)), np.abs(ref.fit_transform(data(train))), atol=1e-10
     )
+
+
+def test_dask_task_runner_gives_identical_outputs(tmp_path, dask_client):
+    from prefect_dask import DaskTaskRunner
+
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    train = make_samples(300)
+    fit_pipeline(counting_pipeline(tmp_path), train, **dirs(tmp_path / "dask"))
+    fit_pipeline(counting_pipeline(tmp_path), train, **dirs(tmp_path / "threads"))
+    samples = make_samples(500, seed=3, prefix="test")
+    runner = DaskTaskRunner(address=dask_client.scheduler.address)
+    dasked = transform_pipeline.with_options(task_runner=runner)
+    state, flow_run_id = run(dasked, counting_pipeline(tmp_path), samples,
+                             **dirs(tmp_path / "dask"))
+    assert state.is_completed()
+    threads = transform_pipeline(counting_pipeline(tmp_path), samples,
+                                 **dirs(tmp_path / "threads"))
+    np.testing.assert_allclose(data(state.result()), data(threads))
+    pids = set(dask_client.run(os.getpid).values())
+    logged = {int(line.split()[2]) for line in open(tmp_path / "last.log")}
+    assert pids & logged  # the dask run's transforms ran on the workers
+    assert len(task_runs(flow_run_id)) == 3 * 2

@@ -87,6 +87,11 @@ class DaskWrapper(BaseWrapper):
     fitted state back into the local estimator, so that later transforms ship
     it to the workers. A valid model checkpoint of any `CheckpointWrapper`
     inside is loaded instead of fitting.
+
+    Resource tags are Dask annotations on the graph layers. Dask Bag's graph
+    optimisation fuses tasks and drops annotations, so compute tagged graphs
+    with ``optimize_graph=False``, e.g.
+    ``pipeline.transform(samples).compute(scheduler=client, optimize_graph=False)``.
     """
 
     def __init__(
@@ -158,32 +163,34 @@ class DaskWrapper(BaseWrapper):
         estimator = dask.delayed(self.estimator, pure=True)
         with self._annotate(self.fit_tag):
             if resolve_option(self, "fit_supports_dask_array"):
+                # dask-aware estimators (dask-ml) take the lazy arrays themselves
                 X_array, y_array = self._arrays(X)
-                fitted = dask.delayed(_fit_arrays)(estimator, X_array, y_array)
-                fitted = fitted.compute()
-            elif resolve_option(self, "fit_supports_dask_bag"):
+                _fit_arrays(self.estimator, X_array, y_array)
+                return self
+            if resolve_option(self, "fit_supports_dask_bag"):
                 args = self._batch_bags(X)
                 self.estimator.fit(args.pop("X"), **args)
                 return self
-            else:
-                parts = X.to_delayed()
-                fitted = dask.delayed(_fit_partitions)(estimator, *parts)
-                try:
-                    fitted = fitted.compute()
-                except Exception as exc:
-                    msg = f"DaskWrapper could not fit {self._name()}: {exc}"
-                    raise RuntimeError(msg) from exc
+            parts = X.to_delayed()
+            fitted = dask.delayed(_fit_partitions)(estimator, *parts)
+            try:
+                fitted = fitted.compute()
+            except Exception as exc:
+                msg = f"DaskWrapper could not fit {self._name()}: {exc}"
+                raise RuntimeError(msg) from exc
         _update_estimator(self.estimator, fitted)
         return self
 
     def _arrays(self, bag):
+        """Dask arrays X (and y) from a bag of samples, one chunk per partition."""
+        import dask
         import dask.array as da
         import numpy as np
 
-        attribute = resolve_option(self.estimator, "input_attribute") if hasattr(
-            self.estimator, "input_attribute"
-        ) else "data"
-        pairs = getattr(self.estimator, "fit_extra_arguments", None) or ()
+        attribute = getattr(self.estimator, "input_attribute", None) or "data"
+        pairs = resolve_option(self.estimator, "fit_extra_arguments") if hasattr(
+            self.estimator, "fit_extra_arguments"
+        ) else ()
         for keyword, _ in pairs:
             if keyword != "y":
                 msg = (
@@ -191,36 +198,26 @@ class DaskWrapper(BaseWrapper):
                     f"fit_extra_arguments, got {keyword!r}."
                 )
                 raise NotImplementedError(msg)
-        y_attr = dict(pairs).get("y")
+        y_attribute = dict(pairs).get("y")
 
-        def stack(part, attr):
-            values = [getattr(s, attr) for s in iter_samples(part)]
-            return np.vstack([np.atleast_1d(v) for v in values]) if attr != y_attr else (
-                np.asarray(values)
-            )
+        def stack_x(part):
+            return np.vstack([np.atleast_1d(getattr(s, attribute)) for s in iter_samples(part)])
 
-        delayed_parts = bag.to_delayed()
+        def stack_y(part):
+            return np.asarray([getattr(s, y_attribute) for s in iter_samples(part)])
+
+        parts = bag.to_delayed()
         X = da.concatenate(
-            [
-                da.from_delayed(
-                    __import__("dask").delayed(stack)(p, attribute),
-                    shape=(np.nan, np.nan),
-                    dtype=float,
-                )
-                for p in delayed_parts
-            ]
+            [da.from_delayed(dask.delayed(stack_x)(p), shape=(np.nan, np.nan),
+                             dtype=float) for p in parts],
+            allow_unknown_chunksizes=True,
         )
         y = None
-        if y_attr is not None:
+        if y_attribute is not None:
             y = da.concatenate(
-                [
-                    da.from_delayed(
-                        __import__("dask").delayed(stack)(p, y_attr),
-                        shape=(np.nan,),
-                        dtype=object,
-                    )
-                    for p in delayed_parts
-                ]
+                [da.from_delayed(dask.delayed(stack_y)(p), shape=(np.nan,),
+                                 dtype=object) for p in parts],
+                allow_unknown_chunksizes=True,
             )
         return X, y
 
