@@ -12,10 +12,9 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["DO_NOT_TRACK"] = "1"
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from samplepipe import Sample  # noqa: E402
+from samplepipe.testing import random_samples  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -47,13 +46,9 @@ def dask_client():
 
 
 def make_samples(n, n_features=4, start=0, prefix="s", seed=0):
-    """``n`` samples with keys ``<prefix>/<i>`` and a ``target`` attribute."""
-    rng = np.random.default_rng(seed)
-    data = rng.normal(size=(start + n, n_features))
-    return [
-        Sample(data[i], key=f"{prefix}/{i:05d}", target=i % 2, offset=float(i))
-        for i in range(start, start + n)
-    ]
+    """``n`` samples with keys ``<prefix>/<i>`` and ``target``/``offset``."""
+    return random_samples(n, n_features=n_features, seed=seed, prefix=prefix,
+                          start=start)
 
 
 @pytest.fixture

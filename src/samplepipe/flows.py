@@ -132,15 +132,23 @@ def prepare_steps(pipeline, features_dir, model_dir):
 # ---------------------------------------------------------------------------
 # running steps
 # ---------------------------------------------------------------------------
+# Called as ``callback(done, total, description)`` after each batch, in the
+# flow's process; the command line draws its progress bar with it.
+progress_callbacks = []
+
+
 class _Progress:
     def __init__(self, total, description):
         self.total = max(total, 1)
         self.done = 0
+        self.description = description
         self.id = create_progress_artifact(progress=0.0, description=description)
 
     def advance(self):
         self.done += 1
         update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+        for callback in progress_callbacks:
+            callback(self.done, self.total, self.description)
 
 
 def _batches(n, batch_size):

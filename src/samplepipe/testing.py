@@ -98,3 +98,36 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.requires_fit = not self.stateless
         return tags
+
+
+def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None):
+    """A three-step pipeline whose last two steps log to ``log_dir``.
+
+    Importable by path (``"samplepipe.testing:counting_pipeline"``) for
+    deployment tests. ``fail_marker``/``fail_on`` make step ``count`` fail
+    (see `CountingTransformer`).
+    """
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("count", CountingTransformer(offset=offset,
+                                          log_path=os.path.join(log_dir, "count.log"),
+                                          fail_marker=fail_marker, fail_on=fail_on)),
+            ("last", CountingTransformer(log_path=os.path.join(log_dir, "last.log"))),
+        ]
+    )
+
+
+def random_samples(n, n_features=4, seed=0, prefix="s", start=0):
+    """``n`` samples of normal noise with keys ``<prefix>/<i>`` and a target."""
+    from .wrappers import Sample
+
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(start + n, n_features))
+    return [
+        Sample(data[i], key=f"{prefix}/{i:05d}", target=i % 2, offset=float(i))
+        for i in range(start, start + n)
+    ]
