@@ -1,0 +1,228 @@
+"""Deployments against a real `prefect server start` on 127.0.0.1."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from sklearn.preprocessing import StandardScaler
+
+from samplepipe.testing import count_rows, random_samples
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.filterwarnings("ignore::samplepipe.CheckpointWarning")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server with its own PREFECT_HOME; yields its environment."""
+    home = tmp_path_factory.mktemp("prefect-server-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_LOGGING_LEVEL="WARNING",
+        DO_NOT_TRACK="1",
+    )
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
+         str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((home / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        env["PREFECT_API_URL"] = url
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _client(env):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    class _Ctx:
+        def __enter__(self):
+            self._settings = temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]})
+            self._settings.__enter__()
+            self._client = get_client(sync_client=True)
+            return self._client.__enter__()
+
+        def __exit__(self, *exc):
+            self._client.__exit__(*exc)
+            self._settings.__exit__(*exc)
+
+    return _Ctx()
+
+
+def _flow_runs(env, deployment_name):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with _client(env) as client:
+        return client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name]))
+        )
+
+
+def _wait(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _serve(env, tmp_path, name, extra):
+    args = [
+        str(BIN / "samplepipe"), "serve", "--name", name,
+        "--pipeline", "samplepipe.testing:counting_pipeline",
+        "--pipeline-kwargs", json.dumps(extra.pop("pipeline_kwargs")),
+        "--train-samples", "samplepipe.testing:random_samples",
+        "--train-samples-kwargs", json.dumps({"n": 300}),
+        "--samples", "samplepipe.testing:random_samples",
+        "--samples-kwargs", json.dumps({"n": 400, "seed": 3, "prefix": "test"}),
+        "--features-dir", str(tmp_path / "features"),
+        "--model-dir", str(tmp_path / "models"),
+        "--batch-size", "100",
+        *[str(a) for a in extra.pop("args", [])],
+    ]
+    log = open(tmp_path / f"serve-{name}.log", "w")
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=tmp_path)
+
+
+def test_scheduled_run_completes_with_tasks_and_artifacts(server, tmp_path):
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    proc = _serve(server, tmp_path, "sched",
+                  {"pipeline_kwargs": {"log_dir": str(tmp_path)}, "args": ["--interval", 5]})
+    try:
+        completed = _wait(
+            lambda: [r for r in _flow_runs(server, "sched-run") if r.state.is_completed()],
+            240, "a completed scheduled run",
+        )
+    finally:
+        _stop(proc)
+    flow_run = completed[0]
+    assert flow_run.auto_scheduled
+    with _client(server) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    names = {r.name for r in runs}
+    assert {"count.fit", "count.transform[0:100]", "last.transform[300:400]"} <= names
+    assert {a.type for a in found} >= {"table", "progress"}
+    assert count_rows(tmp_path / "last.log", "transform") >= 400
+
+
+def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
+    server, tmp_path
+):
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Scheduled
+
+    train = random_samples(300)
+    test = random_samples(400, seed=3, prefix="test")
+    scaler = StandardScaler().fit(np.stack([s.data for s in train]))
+    bad = float(scaler.transform(np.stack([s.data for s in test]))[250, 0])
+    marker = tmp_path / "fail"
+    kwargs = {"log_dir": str(tmp_path), "fail_marker": str(marker), "fail_on": bad}
+    proc = _serve(server, tmp_path, "retry", {"pipeline_kwargs": kwargs})
+    try:
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+            _wait(lambda: {"retry-fit", "retry-transform"}
+                  <= {d.name for d in _deployments(server)}, 90, "served deployments")
+            fit = run_deployment("fit-pipeline/retry-fit", timeout=180)
+            assert fit.state.is_completed(), fit.state
+            marker.write_text("x")
+            before = count_rows(tmp_path / "count.log", "transform")
+            failed = run_deployment("transform-pipeline/retry-transform", timeout=180)
+            assert failed.state.is_failed(), failed.state
+            assert count_rows(tmp_path / "count.log", "transform") - before == 300
+            marker.unlink()
+            with _client(server) as client:  # what the UI's Retry button does
+                client.set_flow_run_state(
+                    failed.id, Scheduled(name="AwaitingRetry"), force=True
+                )
+            done = _wait(
+                lambda: [r for r in _flow_runs(server, "retry-transform")
+                         if r.id == failed.id and r.state.is_completed()],
+                180, "the retried run",
+            )
+    finally:
+        _stop(proc)
+    assert done[0].run_count >= 2
+    assert count_rows(tmp_path / "count.log", "transform") - before == 400
+
+
+def _deployments(env):
+    with _client(env) as client:
+        return client.read_deployments()
+
+
+def test_prefect_deploy_all_registers_the_deployments(server, tmp_path):
+    subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", "samplepipe-process", "--type",
+         "process"],
+        env=server, check=True, capture_output=True, timeout=120,
+    )
+    result = subprocess.run(
+        [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
+        env=server, cwd=REPO / "deployments", capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    deployments = {d.name: d for d in _deployments(server)}
+    assert {"samplepipe-demo-run", "samplepipe-demo-fit",
+            "samplepipe-demo-transform"} <= set(deployments)
+    run = deployments["samplepipe-demo-run"]
+    assert run.work_pool_name == "samplepipe-process"
+    assert run.entrypoint == "flows.py:run_pipeline"
+    assert run.parameters["samples_kwargs"] == {"subset": "test"}
+    assert [s.schedule.cron for s in run.schedules] == ["0 2 * * *"]
