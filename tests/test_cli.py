@@ -1,0 +1,98 @@
+"""The samplepipe command line, run as a user runs it (a real subprocess)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+SMALL = [
+    "--train-samples-kwargs", '{"subset": "train", "n": 300}',
+    "--samples-kwargs", '{"subset": "test", "n": 100}',
+    "--batch-size", "100",
+]
+
+
+def cli(*args, cwd, env=None, check=True):
+    result = subprocess.run(
+        [str(BIN / "samplepipe"), *args], cwd=cwd, env=env, capture_output=True,
+        text=True, timeout=300,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout + result.stderr)
+    return result
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The demo run twice in a fresh PREFECT_HOME, on Prefect's embedded default."""
+    cwd = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    first = cli("run", *SMALL, cwd=cwd, env=env)
+    features = cwd / "samplepipe-demo" / "features"
+    files = {p: p.stat().st_mtime_ns for p in features.rglob("*.h5")}
+    second = cli("run", *SMALL, cwd=cwd, env=env)
+    return cwd, env, first, second, files
+
+
+@pytest.mark.parametrize("command", ["run", "serve", "status", "clean"])
+def test_help(tmp_path, command):
+    out = cli(command, "--help", cwd=tmp_path).stdout
+    assert "Usage: samplepipe " + command in out
+    assert "--features-dir" in out
+
+
+def test_first_run_computes_and_second_computes_nothing(demo):
+    cwd, _, first, second, files = demo
+    assert "scores" in first.stdout and "Computed" in first.stdout
+    assert "Nothing computed" in second.stdout
+    assert len(files) == 2 * 400 + 100  # scale and pca: train + test; scores: test
+    assert {p: p.stat().st_mtime_ns for p in files} == files  # untouched
+    assert sorted(os.listdir(cwd / "samplepipe-demo" / "models")) == [
+        "pca.pkl", "scale.pkl", "scores.pkl"
+    ]
+
+
+def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
+    cwd, env, *_ = demo
+    features = cwd / "samplepipe-demo" / "features"
+    victim = features / "pca" / "digits" / "00007.h5"
+    victim.write_bytes(b"garbage")
+    leftover = features / "scale" / "digits" / ".00003.h5.host-1-abcdef12.tmp"
+    leftover.write_bytes(b"partial")
+    status = cli("status", cwd=cwd, env=env).stdout
+    pca_row = next(line for line in status.splitlines() if "│ pca" in line)
+    cells = [c.strip() for c in pca_row.split("│") if c.strip()]
+    assert cells[:4] == ["pca", "present", "399", "0"]  # valid, stale
+    assert cells[4] == "1"  # corrupt
+    dry = cli("clean", "--dry-run", cwd=cwd, env=env).stdout
+    assert "2 file(s)" in dry and victim.exists()
+    refused = cli("clean", cwd=cwd, env=env, check=False)
+    assert refused.returncode == 1 and victim.exists()
+    cli("clean", "--yes", cwd=cwd, env=env)
+    assert not victim.exists() and not leftover.exists()
+    status = cli("status", cwd=cwd, env=env).stdout
+    pca_row = next(line for line in status.splitlines() if "│ pca" in line)
+    assert [c.strip() for c in pca_row.split("│") if c.strip()][2:5] == ["399", "0", "0"]
+
+
+def test_run_fails_with_the_step_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    (tmp_path / "fail").write_text("x")  # step "count" raises OSError while it exists
+    result = cli("run", "samplepipe.testing:counting_pipeline",
+                 "--pipeline-kwargs", '{"log_dir": ".", "fail_marker": "fail"}',
+                 "--train-samples", "samplepipe.testing:random_samples",
+                 "--train-samples-kwargs", '{"n": 20}',
+                 "--samples", "samplepipe.testing:random_samples",
+                 "--samples-kwargs", '{"n": 20, "seed": 1, "prefix": "t"}',
+                 "--retries", "0", cwd=tmp_path, env=env, check=False)
+    assert result.returncode == 1
+    assert "FAILED at step count" in " ".join(result.stderr.split())
+    bad = cli("run", "no.such.module:pipe", cwd=tmp_path, env=env, check=False)
+    assert bad.returncode == 1
+    assert "cannot import module 'no.such.module'" in " ".join(bad.stderr.split())
