@@ -1,24 +1,8 @@
-"""Shared fixtures. Prefect's settings are fixed here, before prefect is imported."""
+"""Shared fixtures (Prefect's environment is set in the root conftest.py)."""
 
-import os
-import shutil
-import tempfile
+import pytest
 
-# Prefect reads these when it is first imported: keep its home (and SQLite
-# database) in a throw-away folder and never phone home.
-_PREFECT_HOME = tempfile.mkdtemp(prefix="samplepipe-prefect-home-")
-os.environ["PREFECT_HOME"] = _PREFECT_HOME
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-os.environ["DO_NOT_TRACK"] = "1"
-
-import pytest  # noqa: E402
-
-from samplepipe.testing import random_samples  # noqa: E402
-
-
-def pytest_sessionfinish(session, exitstatus):
-    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+from samplepipe.testing import random_samples
 
 
 @pytest.fixture(scope="session")

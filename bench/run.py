@@ -1,0 +1,373 @@
+"""samplepipe benchmarks: checkpointing and orchestration cost, side by side.
+
+    python bench/run.py            # the full run recorded in bench/RESULTS.md
+    python bench/run.py --quick    # smaller sizes, for a smoke test
+
+Every figure is measured in this one run on this machine; ratios compare
+figures of the same run. Nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="samplepipe-bench-prefect-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
+
+import h5py  # noqa: E402
+import numpy as np  # noqa: E402
+
+ROWS = []
+
+
+def timed(fn, repeat=1):
+    best = float("inf")
+    result = None
+    for _ in range(repeat):
+        gc.collect()
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def record(section, name, seconds, n=None, note=""):
+    row = {"section": section, "name": name, "seconds": seconds, "n": n, "note": note}
+    ROWS.append(row)
+    rate = f"{n / seconds:10.0f}/s" if n else " " * 12
+    print(f"  {name:58s} {seconds:9.3f} s {rate} {note}", flush=True)
+    return seconds
+
+
+def ratio(label, a, b):
+    value = a / b
+    ROWS.append({"section": "ratio", "name": label, "ratio": value})
+    print(f"  {label:58s} {value:9.2f}x", flush=True)
+    return value
+
+
+def make_samples(n, d, prefix="s", start=0, seed=0):
+    from samplepipe import Sample
+
+    rng = np.random.default_rng(seed)
+    data = rng.normal(size=(n, d))
+    return [Sample(data[i], key=f"{prefix}/{start + i:06d}") for i in range(n)]
+
+
+def cheap_step():
+    from samplepipe import SampleWrapper
+    from samplepipe.testing import CountingTransformer
+
+    return SampleWrapper(CountingTransformer(offset=1.0, stateless=True))
+
+
+def read_all(samples):
+    total = 0.0
+    for s in samples:
+        total += float(s.data[0])
+    return total
+
+
+# ---------------------------------------------------------------------------
+def bench_checkpoint(n, d, work):
+    """Section 1 (a)-(e): one cheap transformer over n x d samples."""
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from samplepipe import CheckpointWrapper
+    from samplepipe.testing import CountingTransformer
+    from samplepipe.wrappers import _checkpoint
+
+    print(f"\n1. {n} samples x {d} float64 through a cheap transformer")
+    samples = make_samples(n, d)
+    step = cheap_step()
+    plain = record("1", "(a) no checkpoint: SampleWrapper.transform", timed(
+        lambda: step.transform(samples), repeat=3)[0], n)
+
+    folder = os.path.join(work, "raw")
+    os.makedirs(folder)
+    X = np.stack([s.data for s in samples]) + 1.0
+
+    def raw_write():
+        for i, s in enumerate(samples):
+            with h5py.File(os.path.join(folder, f"{i}.h5"), "w") as f:
+                f["array"] = X[i]
+
+    def raw_read():
+        total = 0.0
+        for i in range(len(samples)):
+            with h5py.File(os.path.join(folder, f"{i}.h5"), "r") as f:
+                total += float(f["array"][()][0])
+        return total
+
+    raw_w = record("1", "(b) raw h5py: write one file per sample", timed(raw_write)[0], n)
+    raw_r = record("1", "(b) raw h5py: read one file per sample", timed(raw_read)[0], n)
+
+    features = os.path.join(work, "ckpt")
+    wrapper = CheckpointWrapper(cheap_step(), features_dir=features)
+    first = record("1", "(c) CheckpointWrapper first run (compute + write)",
+                   timed(lambda: wrapper.transform(samples))[0], n)
+
+    def rerun():
+        return read_all(wrapper.transform(samples))
+
+    again = record("1", "(d) CheckpointWrapper re-run, data read (same process)",
+                   timed(rerun)[0], n)
+
+    def rerun_fresh():
+        _checkpoint._validated.clear()  # as a new process: validate every file
+        return read_all(CheckpointWrapper(cheap_step(), features_dir=features).transform(samples))
+
+    fresh = record("1", "(d') re-run, data read (new process: files validated)",
+                   timed(rerun_fresh)[0], n)
+
+    from joblib import Memory
+
+    memory = Memory(os.path.join(work, "joblib"), verbose=0)
+    Xin = np.stack([s.data for s in samples])
+
+    def sk_pipeline():
+        return Pipeline(
+            [("cheap", CountingTransformer(offset=1.0, stateless=True)),
+             ("last", FunctionTransformer())],
+            memory=memory,
+        )
+
+    sk_first = record("1", "(e) sklearn Pipeline(memory=...) first fit_transform",
+                      timed(lambda: sk_pipeline().fit_transform(Xin))[0], n)
+    sk_cached = record("1", "(e) sklearn Pipeline(memory=...) cached fit_transform",
+                       timed(lambda: sk_pipeline().fit_transform(Xin))[0], n)
+    print()
+    ratio("(c)/(b) CheckpointWrapper first run / raw h5py write", first, raw_w)
+    ratio("(d)/(b) re-run with data read / raw h5py read", again, raw_r)
+    ratio("(d')/(b) new-process re-run / raw h5py read", fresh, raw_r)
+    ratio("(c)/(a) first run / no checkpoint", first, plain)
+    ratio("(c)/(e) first run / sklearn memory first run", first, sk_first)
+    ratio("(d)/(e) re-run / sklearn memory cached run", again, sk_cached)
+    print(f"  first run: {n / first:.0f} samples/s; re-run: {n / again:.0f} samples/s")
+    return {"first": first, "again": again, "samples": samples, "features": features}
+
+
+def bench_flow(n, d, work, ckpt):
+    """Section 1 (f) and 2: the Prefect flow against CheckpointWrapper alone."""
+    from sklearn.pipeline import Pipeline
+
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.testing import CountingTransformer, count_rows
+
+    print(f"\n1 (f). transform_pipeline flow, {n} x {d}, batches of 1000")
+    samples = ckpt["samples"]
+    log = os.path.join(work, "flow.log")
+
+    def pipe():
+        return Pipeline([("cheap", CountingTransformer(offset=1.0, stateless=True,
+                                                       log_path=log))])
+
+    kw = {"features_dir": os.path.join(work, "flow"), "model_dir": os.path.join(work, "m"),
+          "batch_size": 1000}
+    transform_pipeline(pipe(), make_samples(10, d, prefix="warm"), **kw)  # warm-up
+    first = record("1", "(f) flow first run (compute + write)", timed(
+        lambda: transform_pipeline(pipe(), samples, **kw))[0], n)
+    cached = record("1", "(f) flow fully cached run, data read", timed(
+        lambda: read_all(transform_pipeline(pipe(), samples, **kw)))[0], n)
+    print()
+    ratio("(f) flow first run / CheckpointWrapper first run", first, ckpt["first"])
+    ratio("(f) flow cached run / CheckpointWrapper re-run", cached, ckpt["again"])
+
+    print(f"\n2. incremental: {n} checkpointed, 100 new")
+    more = samples + make_samples(100, d, start=n, seed=1)
+    before = count_rows(log, "transform")
+    t = record("2", "flow: 100 new samples among the rest",
+               timed(lambda: transform_pipeline(pipe(), more, **kw))[0], len(more))
+    computed = count_rows(log, "transform") - before
+    print(f"  computed {computed} samples")
+    ROWS.append({"section": "2", "name": "computed", "value": computed})
+    from samplepipe import CheckpointWrapper
+
+    wrapper = CheckpointWrapper(cheap_step(), features_dir=ckpt["features"])
+    record("2", "CheckpointWrapper: 100 new samples among the rest",
+           timed(lambda: wrapper.transform(more))[0], len(more))
+    return t
+
+
+def bench_cache_key(sizes):
+    """Section 3: cost of the cache key; it never reads sample data."""
+    from samplepipe import CheckpointWrapper, Sample
+    from samplepipe.tasks import STEP_CACHE
+
+    print("\n3. cache key cost")
+    step = CheckpointWrapper(cheap_step(), features_dir="unused")
+
+    class Ctx:  # what compute_key reads of Prefect's task run context
+        class task:
+            name = "transform"
+
+    tiny = np.zeros(4)
+    big = np.zeros(1024 * 1024 // 8)  # 1 MB, shared: memory stays small
+    for n in sizes:
+        for label, data in (("tiny", tiny), ("1 MB", big)):
+            samples = [Sample(data, key=f"subject/{i:07d}") for i in range(n)]
+            seconds, _ = timed(
+                lambda s=samples: STEP_CACHE.compute_key(Ctx, {"step": step, "samples": s}, {}),
+                repeat=3,
+            )
+            record("3", f"cache key, {n} keys, {label} samples", seconds, n)
+
+
+def scale_child(n, d, batch_size, work):
+    """Run in a subprocess: one flow over n lazily generated samples; print JSON."""
+    from prefect.testing.utilities import prefect_test_harness
+    from sklearn.pipeline import Pipeline
+
+    from samplepipe import DelayedSample
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.testing import CountingTransformer
+
+    def loader(i):
+        def load():
+            return np.random.default_rng(i).normal(size=d)
+
+        return load
+
+    samples = [DelayedSample(loader(i), key=f"s/{i:06d}") for i in range(n)]
+    pipe = Pipeline([("cheap", CountingTransformer(offset=1.0, stateless=True))])
+    kw = {"features_dir": os.path.join(work, "f"), "model_dir": os.path.join(work, "m"),
+          "batch_size": batch_size}
+    with prefect_test_harness(server_startup_timeout=90):
+        transform_pipeline(pipe, samples[:10], **kw)  # warm-up (and server start)
+        gc.collect()
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_now = _rss()
+        t0 = time.perf_counter()
+        out = transform_pipeline(pipe, samples, **kw)
+        seconds = time.perf_counter() - t0
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"n": n, "d": d, "seconds": seconds, "outputs": len(out),
+                      "peak_kib": peak, "baseline_peak_kib": baseline,
+                      "rss_before_kib": rss_now}))
+
+
+def _rss():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def bench_scale(points, work):
+    """Section 4: time per sample and peak memory of the flow, in child processes."""
+    print("\n4. scale: transform_pipeline over lazily generated samples")
+    for n, d, batch in points:
+        folder = tempfile.mkdtemp(dir=work)
+        out = subprocess.run(
+            [sys.executable, __file__, "--scale-child", str(n), str(d), str(batch), folder],
+            capture_output=True, text=True, check=True,
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        grew = (result["peak_kib"] - result["rss_before_kib"]) / 1024
+        batch_mb = batch * d * 8 / 2**20
+        record("4", f"{n} x {d}, batches of {batch}", result["seconds"], n,
+               f"{1e6 * result['seconds'] / n:.0f} us/sample; peak RSS +{grew:.0f} MiB "
+               f"over the start (one batch of data: {batch_mb:.0f} MiB)")
+        ROWS.append({"section": "4", "name": f"memory {n}x{d}", "peak_growth_mib": grew,
+                     "batch_mib": batch_mb})
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def bench_dask(n, d, work):
+    """Section 5: the same checkpointed transform on a 2-worker cluster."""
+    from distributed import Client, LocalCluster
+
+    from samplepipe import ToDaskBag, wrap
+
+    print(f"\n5. Dask: checkpointed transform of {n} x {d}")
+    samples = make_samples(n, d)
+    single = wrap(["checkpoint"], cheap_step(), features_dir=os.path.join(work, "d1"))
+    one = record("5", "one process (CheckpointWrapper)", timed(
+        lambda: single.transform(samples))[0], n)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, host="127.0.0.1") as cluster, \
+            Client(cluster) as client:
+        dasked = wrap(["checkpoint", "dask"], cheap_step(),
+                      features_dir=os.path.join(work, "d2"))
+
+        def run():
+            bag = ToDaskBag(npartitions=8).transform(samples)
+            return dasked.transform(bag).compute(scheduler=client)
+
+        two = record("5", "2-worker LocalCluster (incl. shipping samples)",
+                     timed(run)[0], n)
+    ratio("2 workers / one process", two, one)
+
+
+def versions():
+    import cloudpickle
+    import dask
+    import joblib
+    import prefect
+    import sklearn
+
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
+        "scikit-learn": sklearn.__version__,
+        "prefect": prefect.__version__,
+        "dask": dask.__version__,
+        "joblib": joblib.__version__,
+        "cloudpickle": cloudpickle.__version__,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument("--scale-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.scale_child:
+        n, d, batch, folder = args.scale_child
+        scale_child(int(n), int(d), int(batch), folder)
+        return
+    n = 2000 if args.quick else 10_000
+    print(f"samplepipe benchmarks, {time.strftime('%Y-%m-%d %H:%M')} UTC, "
+          f"{platform.machine()}, {os.cpu_count()} cores")
+    print(json.dumps(versions()))
+    work = tempfile.mkdtemp(prefix="samplepipe-bench-")
+    try:
+        ckpt = bench_checkpoint(n, 128, work)
+        from prefect.testing.utilities import prefect_test_harness
+
+        t0 = time.perf_counter()
+        with prefect_test_harness(server_startup_timeout=90):
+            record("1", "Prefect embedded server start (one-off, excluded)",
+                   time.perf_counter() - t0)
+            bench_flow(n, 128, work, ckpt)
+        bench_cache_key([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
+        points = ([(1000, 128, 500), (2000, 4096, 500)] if args.quick else
+                  [(1000, 128, 1000), (10_000, 128, 1000), (100_000, 128, 1000),
+                   (10_000, 4096, 1000)])
+        bench_scale(points, work)
+        bench_dask(n, 128, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions(), "rows": ROWS}, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()

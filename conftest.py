@@ -1,0 +1,22 @@
+"""Root pytest configuration: Prefect settings fixed before prefect is imported.
+
+Applies to the tests, the module doctests and the README doctests alike.
+"""
+
+import os
+import shutil
+import tempfile
+
+# Keep Prefect's home (and SQLite database) in a throw-away folder, and never
+# phone home. Prefect reads these when it is first imported.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="samplepipe-prefect-home-")
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["DO_NOT_TRACK"] = "1"
+for _name in [n for n in os.environ if n in ("PREFECT_API_URL", "PREFECT_API_KEY")]:
+    del os.environ[_name]
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
