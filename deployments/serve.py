@@ -1,6 +1,6 @@
 """Serve the demo deployments without a work pool (same as `samplepipe serve`).
 
-    python deployments/serve.py --interval 3600
+python deployments/serve.py --interval 3600
 """
 
 import sys

@@ -378,7 +378,9 @@ def test_changed_params_refit_and_keep_the_new_params(tmp_path, samples):
     assert len(read_calls(log, "fit")) == 2
     assert changed.estimator.estimator.offset == 100.0  # bob overwrote it
     header = read_model_header(str(tmp_path / "model.pkl"))
-    assert "CountingTransformer" in header["class"] or "SampleWrapper" in header["class"]
+    assert (
+        "CountingTransformer" in header["class"] or "SampleWrapper" in header["class"]
+    )
 
 
 def test_truncated_model_is_refitted(tmp_path, samples):

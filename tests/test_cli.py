@@ -9,16 +9,23 @@ import pytest
 
 BIN = Path(sys.executable).parent
 SMALL = [
-    "--train-samples-kwargs", '{"subset": "train", "n": 300}',
-    "--samples-kwargs", '{"subset": "test", "n": 100}',
-    "--batch-size", "100",
+    "--train-samples-kwargs",
+    '{"subset": "train", "n": 300}',
+    "--samples-kwargs",
+    '{"subset": "test", "n": 100}',
+    "--batch-size",
+    "100",
 ]
 
 
 def cli(*args, cwd, env=None, check=True):
     result = subprocess.run(
-        [str(BIN / "samplepipe"), *args], cwd=cwd, env=env, capture_output=True,
-        text=True, timeout=300,
+        [str(BIN / "samplepipe"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if check and result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
@@ -30,7 +37,9 @@ def demo(tmp_path_factory):
     """The demo run twice in a fresh PREFECT_HOME, on Prefect's embedded default."""
     cwd = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
+    )
     first = cli("run", *SMALL, cwd=cwd, env=env)
     features = cwd / "samplepipe-demo" / "features"
     files = {p: p.stat().st_mtime_ns for p in features.rglob("*.h5")}
@@ -52,7 +61,9 @@ def test_first_run_computes_and_second_computes_nothing(demo):
     assert len(files) == 2 * 400 + 100  # scale and pca: train + test; scores: test
     assert {p: p.stat().st_mtime_ns for p in files} == files  # untouched
     assert sorted(os.listdir(cwd / "samplepipe-demo" / "models")) == [
-        "pca.pkl", "scale.pkl", "scores.pkl"
+        "pca.pkl",
+        "scale.pkl",
+        "scores.pkl",
     ]
 
 
@@ -76,21 +87,39 @@ def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
     assert not victim.exists() and not leftover.exists()
     status = cli("status", cwd=cwd, env=env).stdout
     pca_row = next(line for line in status.splitlines() if "│ pca" in line)
-    assert [c.strip() for c in pca_row.split("│") if c.strip()][2:5] == ["399", "0", "0"]
+    assert [c.strip() for c in pca_row.split("│") if c.strip()][2:5] == [
+        "399",
+        "0",
+        "0",
+    ]
 
 
 def test_run_fails_with_the_step_named(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / ".prefect"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(tmp_path / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+    )
     (tmp_path / "fail").write_text("x")  # step "count" raises OSError while it exists
-    result = cli("run", "samplepipe.testing:counting_pipeline",
-                 "--pipeline-kwargs", '{"log_dir": ".", "fail_marker": "fail"}',
-                 "--train-samples", "samplepipe.testing:random_samples",
-                 "--train-samples-kwargs", '{"n": 20}',
-                 "--samples", "samplepipe.testing:random_samples",
-                 "--samples-kwargs", '{"n": 20, "seed": 1, "prefix": "t"}',
-                 "--retries", "0", cwd=tmp_path, env=env, check=False)
+    result = cli(
+        "run",
+        "samplepipe.testing:counting_pipeline",
+        "--pipeline-kwargs",
+        '{"log_dir": ".", "fail_marker": "fail"}',
+        "--train-samples",
+        "samplepipe.testing:random_samples",
+        "--train-samples-kwargs",
+        '{"n": 20}',
+        "--samples",
+        "samplepipe.testing:random_samples",
+        "--samples-kwargs",
+        '{"n": 20, "seed": 1, "prefix": "t"}',
+        "--retries",
+        "0",
+        cwd=tmp_path,
+        env=env,
+        check=False,
+    )
     assert result.returncode == 1
     assert "FAILED at step count" in " ".join(result.stderr.split())
     bad = cli("run", "no.such.module:pipe", cwd=tmp_path, env=env, check=False)

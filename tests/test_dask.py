@@ -20,7 +20,10 @@ def pipeline(tmp_path):
     return Pipeline(
         [
             ("scale", StandardScaler()),
-            ("count", CountingTransformer(offset=1.0, log_path=str(tmp_path / "count.log"))),
+            (
+                "count",
+                CountingTransformer(offset=1.0, log_path=str(tmp_path / "count.log")),
+            ),
             ("pca", PCA(n_components=2)),
         ]
     )
@@ -40,11 +43,11 @@ def test_dask_pipeline_matches_plain_and_reuses_checkpoints(tmp_path, dask_clien
     dasked = wrap(["sample", "checkpoint", "dask"], pipeline(tmp_path), **kwargs)
     dasked.fit(samples)
     out = dasked.transform(samples).compute(scheduler=dask_client)
-    plain = pipeline(tmp_path / "x" if False else tmp_path)
+    plain = pipeline(tmp_path)
     plain_out = wrap(["sample"], plain).fit(samples).transform(samples)
     np.testing.assert_allclose(data(out), data(plain_out), atol=1e-10)
     assert [o.key for o in out] == [s.key for s in samples]
-    pids = {pid for pid in dask_client.run(os.getpid).values()}
+    pids = set(dask_client.run(os.getpid).values())
     logged = open(tmp_path / "count.log").read().split()
     assert pids & {int(p) for p in logged[2::3]}  # work ran on the workers
     rows = count_rows(tmp_path / "count.log", "transform")
@@ -83,7 +86,9 @@ def test_fit_supports_dask_array(dask_client):
     bag = ToDaskBag(npartitions=3).transform(samples)
     dasked = DaskWrapper(SampleWrapper(ArrayFit()), fit_supports_dask_array=True)
     dasked.fit(bag)
-    np.testing.assert_allclose(dasked.estimator.estimator.mean_, data(samples).mean(axis=0))
+    np.testing.assert_allclose(
+        dasked.estimator.estimator.mean_, data(samples).mean(axis=0)
+    )
 
 
 def test_explicit_false_overrides_the_estimators_declaration(dask_client):
@@ -95,12 +100,17 @@ def test_explicit_false_overrides_the_estimators_declaration(dask_client):
     bag = ToDaskBag(npartitions=2).transform(samples)
     wrapper = DaskWrapper(SampleWrapper(Declares()), fit_supports_dask_array=False)
     wrapper.fit(bag)  # fits on samples; an array fit would need dask support
-    np.testing.assert_allclose(wrapper.estimator.estimator.mean_, data(samples).mean(axis=0))
+    np.testing.assert_allclose(
+        wrapper.estimator.estimator.mean_, data(samples).mean(axis=0)
+    )
 
 
 def test_dask_tags_collects_through_pipelines():
-    pipe = wrap(["sample", "dask"], Pipeline([("a", StandardScaler()), ("b", PCA())]),
-                transform_tag="GPU")
+    pipe = wrap(
+        ["sample", "dask"],
+        Pipeline([("a", StandardScaler()), ("b", PCA())]),
+        transform_tag="GPU",
+    )
     tags = dask_tags(pipe)
     assert tags == {
         "Dask|Sample|StandardScaler.transform": {"GPU": 1},
@@ -119,7 +129,9 @@ def test_many_workers_write_one_features_dir(tmp_path, dask_client):
     # the same keys in two overlapping bags, computed at once
     bag1 = ToDaskBag(npartitions=8).transform(samples[:300])
     bag2 = ToDaskBag(npartitions=8).transform(samples[100:])
-    out1, out2 = dask_client.compute([step.transform(bag1), step.transform(bag2)], sync=True)
+    out1, out2 = dask_client.compute(
+        [step.transform(bag1), step.transform(bag2)], sync=True
+    )
     assert len(out1) == 300 and len(out2) == 300
     np.testing.assert_array_equal(data(out1[100:]), data(samples[100:300]))
     np.testing.assert_array_equal(data(out2), data(samples[100:]))
@@ -142,18 +154,40 @@ def gpu_cluster(tmp_path):
     env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [f"{bindir}/dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
-             "--no-dashboard"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            [
+                f"{bindir}/dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
     ]
     try:
         for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
             procs.append(
                 subprocess.Popen(
-                    [f"{bindir}/dask", "worker", address, "--nthreads", "1",
-                     "--host", "127.0.0.1", "--no-dashboard", "--name", name, *extra],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                    [
+                        f"{bindir}/dask",
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--host",
+                        "127.0.0.1",
+                        "--no-dashboard",
+                        "--name",
+                        name,
+                        *extra,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    env=env,
                 )
             )
         from distributed import Client
@@ -180,7 +214,9 @@ def gpu_cluster(tmp_path):
                 p.kill()
 
 
-def test_transform_tag_runs_only_on_the_worker_with_that_resource(tmp_path, gpu_cluster):
+def test_transform_tag_runs_only_on_the_worker_with_that_resource(
+    tmp_path, gpu_cluster
+):
     client = gpu_cluster
     log = str(tmp_path / "log")
     pids = {
@@ -188,12 +224,17 @@ def test_transform_tag_runs_only_on_the_worker_with_that_resource(tmp_path, gpu_
         for info in client.scheduler_info()["workers"].values()
     }
     by_name = client.run(os.getpid)
-    names = {info["name"]: addr for addr, info in client.scheduler_info()["workers"].items()}
+    names = {
+        info["name"]: addr for addr, info in client.scheduler_info()["workers"].items()
+    }
     gpu_pid = by_name[names["gpu"]]
     cpu_pid = by_name[names["cpu"]]
     assert gpu_pid != cpu_pid and pids
-    step = wrap(["sample", "dask"], CountingTransformer(stateless=True, log_path=log),
-                transform_tag="GPU")
+    step = wrap(
+        ["sample", "dask"],
+        CountingTransformer(stateless=True, log_path=log),
+        transform_tag="GPU",
+    )
     bag = ToDaskBag(npartitions=10).transform(make_samples(100))
     # Bag's graph optimisation fuses tasks and drops their annotations
     out = step.transform(bag).compute(scheduler=client, optimize_graph=False)

@@ -1,76 +1,23 @@
 """Deployments against a real `prefect server start` on 127.0.0.1."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from sklearn.preprocessing import StandardScaler
 
 from samplepipe.testing import count_rows, random_samples
 
+from .conftest import stop_process as _stop
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.filterwarnings("ignore::samplepipe.CheckpointWarning")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real Prefect server with its own PREFECT_HOME; yields its environment."""
-    home = tmp_path_factory.mktemp("prefect-server-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(home),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_LOGGING_LEVEL="WARNING",
-        DO_NOT_TRACK="1",
-    )
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-         str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError((home / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        env["PREFECT_API_URL"] = url
-        yield env
-    finally:
-        _stop(proc)
-        log.close()
 
 
 def _client(env):
@@ -79,7 +26,9 @@ def _client(env):
 
     class _Ctx:
         def __enter__(self):
-            self._settings = temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]})
+            self._settings = temporary_settings(
+                {PREFECT_API_URL: env["PREFECT_API_URL"]}
+            )
             self._settings.__enter__()
             self._client = get_client(sync_client=True)
             return self._client.__enter__()
@@ -96,7 +45,9 @@ def _flow_runs(env, deployment_name):
 
     with _client(env) as client:
         return client.read_flow_runs(
-            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment_name]))
+            deployment_filter=DeploymentFilter(
+                name=DeploymentFilterName(any_=[deployment_name])
+            )
         )
 
 
@@ -112,24 +63,38 @@ def _wait(predicate, timeout, what):
 
 def _serve(env, tmp_path, name, extra):
     args = [
-        str(BIN / "samplepipe"), "serve", "--name", name,
-        "--pipeline", "samplepipe.testing:counting_pipeline",
-        "--pipeline-kwargs", json.dumps(extra.pop("pipeline_kwargs")),
-        "--train-samples", "samplepipe.testing:random_samples",
-        "--train-samples-kwargs", json.dumps({"n": 300}),
-        "--samples", "samplepipe.testing:random_samples",
-        "--samples-kwargs", json.dumps({"n": 400, "seed": 3, "prefix": "test"}),
-        "--features-dir", str(tmp_path / "features"),
-        "--model-dir", str(tmp_path / "models"),
-        "--batch-size", "100",
+        str(BIN / "samplepipe"),
+        "serve",
+        "--name",
+        name,
+        "--pipeline",
+        "samplepipe.testing:counting_pipeline",
+        "--pipeline-kwargs",
+        json.dumps(extra.pop("pipeline_kwargs")),
+        "--train-samples",
+        "samplepipe.testing:random_samples",
+        "--train-samples-kwargs",
+        json.dumps({"n": 300}),
+        "--samples",
+        "samplepipe.testing:random_samples",
+        "--samples-kwargs",
+        json.dumps({"n": 400, "seed": 3, "prefix": "test"}),
+        "--features-dir",
+        str(tmp_path / "features"),
+        "--model-dir",
+        str(tmp_path / "models"),
+        "--batch-size",
+        "100",
         *[str(a) for a in extra.pop("args", [])],
     ]
     log = open(tmp_path / f"serve-{name}.log", "w")
-    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=tmp_path)
+    return subprocess.Popen(
+        args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+    )
 
 
-def test_scheduled_run_completes_with_tasks_and_artifacts(server, tmp_path):
+def test_scheduled_run_completes_with_tasks_and_artifacts(prefect_server, tmp_path):
+    server = prefect_server
     from prefect.client.schemas.filters import (
         ArtifactFilter,
         ArtifactFilterFlowRunId,
@@ -137,12 +102,19 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(server, tmp_path):
         FlowRunFilterId,
     )
 
-    proc = _serve(server, tmp_path, "sched",
-                  {"pipeline_kwargs": {"log_dir": str(tmp_path)}, "args": ["--interval", 5]})
+    proc = _serve(
+        server,
+        tmp_path,
+        "sched",
+        {"pipeline_kwargs": {"log_dir": str(tmp_path)}, "args": ["--interval", 5]},
+    )
     try:
         completed = _wait(
-            lambda: [r for r in _flow_runs(server, "sched-run") if r.state.is_completed()],
-            240, "a completed scheduled run",
+            lambda: [
+                r for r in _flow_runs(server, "sched-run") if r.state.is_completed()
+            ],
+            240,
+            "a completed scheduled run",
         )
     finally:
         _stop(proc)
@@ -153,7 +125,9 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(server, tmp_path):
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
         )
         found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])
+            )
         )
     names = {r.name for r in runs}
     assert {"count.fit", "count.transform[0:100]", "last.transform[300:400]"} <= names
@@ -162,8 +136,9 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(server, tmp_path):
 
 
 def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
-    server, tmp_path
+    prefect_server, tmp_path
 ):
+    server = prefect_server
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Scheduled
@@ -177,8 +152,14 @@ def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
     proc = _serve(server, tmp_path, "retry", {"pipeline_kwargs": kwargs})
     try:
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
-            _wait(lambda: {"retry-fit", "retry-transform"}
-                  <= {d.name for d in _deployments(server)}, 90, "served deployments")
+            _wait(
+                lambda: (
+                    {"retry-fit", "retry-transform"}
+                    <= {d.name for d in _deployments(server)}
+                ),
+                90,
+                "served deployments",
+            )
             fit = run_deployment("fit-pipeline/retry-fit", timeout=180)
             assert fit.state.is_completed(), fit.state
             marker.write_text("x")
@@ -192,9 +173,13 @@ def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
                     failed.id, Scheduled(name="AwaitingRetry"), force=True
                 )
             done = _wait(
-                lambda: [r for r in _flow_runs(server, "retry-transform")
-                         if r.id == failed.id and r.state.is_completed()],
-                180, "the retried run",
+                lambda: [
+                    r
+                    for r in _flow_runs(server, "retry-transform")
+                    if r.id == failed.id and r.state.is_completed()
+                ],
+                180,
+                "the retried run",
             )
     finally:
         _stop(proc)
@@ -207,20 +192,37 @@ def _deployments(env):
         return client.read_deployments()
 
 
-def test_prefect_deploy_all_registers_the_deployments(server, tmp_path):
+def test_prefect_deploy_all_registers_the_deployments(prefect_server, tmp_path):
+    server = prefect_server
     subprocess.run(
-        [str(BIN / "prefect"), "work-pool", "create", "samplepipe-process", "--type",
-         "process"],
-        env=server, check=True, capture_output=True, timeout=120,
+        [
+            str(BIN / "prefect"),
+            "work-pool",
+            "create",
+            "samplepipe-process",
+            "--type",
+            "process",
+        ],
+        env=server,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     result = subprocess.run(
         [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
-        env=server, cwd=REPO / "deployments", capture_output=True, text=True, timeout=300,
+        env=server,
+        cwd=REPO / "deployments",
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     deployments = {d.name: d for d in _deployments(server)}
-    assert {"samplepipe-demo-run", "samplepipe-demo-fit",
-            "samplepipe-demo-transform"} <= set(deployments)
+    assert {
+        "samplepipe-demo-run",
+        "samplepipe-demo-fit",
+        "samplepipe-demo-transform",
+    } <= set(deployments)
     run = deployments["samplepipe-demo-run"]
     assert run.work_pool_name == "samplepipe-process"
     assert run.entrypoint == "flows.py:run_pipeline"

@@ -80,7 +80,11 @@ def test_fit_then_transform_gives_scikit_learns_result(tmp_path, fitted):
     assert [o.key for o in out] == [s.key for s in samples]
     assert type(out[0]).__name__ == "DelayedSample"
     np.testing.assert_allclose(data(out), reference(tmp_path, fitted, samples))
-    assert sorted(os.listdir(tmp_path / "models")) == ["count.pkl", "last.pkl", "scale.pkl"]
+    assert sorted(os.listdir(tmp_path / "models")) == [
+        "count.pkl",
+        "last.pkl",
+        "scale.pkl",
+    ]
     assert len(os.listdir(tmp_path / "features" / "last" / "test")) == 600
 
 
@@ -88,8 +92,9 @@ def test_second_run_is_all_cached_and_computes_nothing(tmp_path, fitted):
     from samplepipe.flows import transform_pipeline
 
     samples = make_samples(1000, seed=3, prefix="test")
-    first, _ = run(transform_pipeline, counting_pipeline(tmp_path), samples,
-                   **dirs(tmp_path))
+    first, _ = run(
+        transform_pipeline, counting_pipeline(tmp_path), samples, **dirs(tmp_path)
+    )
     rows = count_rows(tmp_path / "count.log", "transform")
     state, flow_run_id = run(
         transform_pipeline, counting_pipeline(tmp_path), samples, **dirs(tmp_path)
@@ -108,7 +113,9 @@ def test_ten_new_samples_compute_exactly_ten_per_step(tmp_path, fitted):
 
     samples = make_samples(1000, seed=3, prefix="test")
     transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
-    before = {n: count_rows(tmp_path / f"{n}.log", "transform") for n in ("count", "last")}
+    before = {
+        n: count_rows(tmp_path / f"{n}.log", "transform") for n in ("count", "last")
+    }
     more = make_samples(1010, seed=3, prefix="test")
     out = transform_pipeline(counting_pipeline(tmp_path), more, **dirs(tmp_path))
     for name in ("count", "last"):
@@ -169,12 +176,16 @@ def test_a_failing_batch_fails_the_run_and_a_rerun_computes_only_it(tmp_path, fi
 
     samples = make_samples(1000, seed=3, prefix="test")
     marker = tmp_path / "fail"
-    bad_value = float(StandardScaler().fit(data(fitted)).transform(data(samples))[600, 0])
+    bad_value = float(
+        StandardScaler().fit(data(fitted)).transform(data(samples))[600, 0]
+    )
     pipe = counting_pipeline(tmp_path, fail_marker=str(marker), fail_on=bad_value)
     fit_pipeline(pipe, fitted, **dirs(tmp_path))  # no marker yet: fits fine
     before = count_rows(tmp_path / "count.log", "transform")
     marker.write_text("x")
-    with pytest.raises(PipelineRunError, match=re.escape("step 'count' failed on 1 of 4")):
+    with pytest.raises(
+        PipelineRunError, match=re.escape("step 'count' failed on 1 of 4")
+    ):
         transform_pipeline(pipe, samples, **dirs(tmp_path))
     assert count_rows(tmp_path / "count.log", "transform") - before == 750
     marker.unlink()
@@ -198,8 +209,14 @@ def test_io_errors_are_retried_programming_errors_are_not(tmp_path, fitted):
     timer = threading.Timer(1.0, marker.unlink)
     timer.start()
     try:
-        state, flow_run_id = run(transform_pipeline, pipe, samples, retries=10,
-                                 retry_delay_seconds=0.5, **dirs(tmp_path))
+        state, flow_run_id = run(
+            transform_pipeline,
+            pipe,
+            samples,
+            retries=10,
+            retry_delay_seconds=0.5,
+            **dirs(tmp_path),
+        )
     finally:
         timer.join()
     assert state.is_completed()
@@ -210,8 +227,14 @@ def test_io_errors_are_retried_programming_errors_are_not(tmp_path, fitted):
     bad = counting_pipeline(tmp_path, fail_on=float(scaled[0, 0]))  # ValueError
     bad.steps[1][1].set_params(fail_marker=None)
     fit_pipeline(bad, fitted, **dirs(tmp_path))
-    state, flow_run_id = run(transform_pipeline, bad, samples, retries=5,
-                             retry_delay_seconds=0, **dirs(tmp_path))
+    state, flow_run_id = run(
+        transform_pipeline,
+        bad,
+        samples,
+        retries=5,
+        retry_delay_seconds=0,
+        **dirs(tmp_path),
+    )
     assert state.is_failed()
     count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
     assert count_run.run_count == 1
@@ -237,8 +260,9 @@ def test_task_run_names_and_artifacts(tmp_path, fitted):
     from samplepipe.flows import transform_pipeline
 
     samples = make_samples(500, seed=3, prefix="test")
-    state, flow_run_id = run(transform_pipeline, counting_pipeline(tmp_path), samples,
-                             **dirs(tmp_path))
+    state, flow_run_id = run(
+        transform_pipeline, counting_pipeline(tmp_path), samples, **dirs(tmp_path)
+    )
     names = sorted(r.name for r in task_runs(flow_run_id))
     assert "count.transform[250:500]" in names
     assert "scale.transform[0:250]" in names
@@ -258,7 +282,9 @@ def test_two_concurrent_flow_runs_do_not_compute_a_batch_twice(tmp_path, fitted)
     def go():
         try:
             results.append(
-                transform_pipeline(counting_pipeline(tmp_path), samples, **dirs(tmp_path))
+                transform_pipeline(
+                    counting_pipeline(tmp_path), samples, **dirs(tmp_path)
+                )
             )
         except Exception as exc:  # surfaced below
             errors.append(exc)
@@ -314,13 +340,42 @@ def test_dask_task_runner_gives_identical_outputs(tmp_path, dask_client):
     samples = make_samples(500, seed=3, prefix="test")
     runner = DaskTaskRunner(address=dask_client.scheduler.address)
     dasked = transform_pipeline.with_options(task_runner=runner)
-    state, flow_run_id = run(dasked, counting_pipeline(tmp_path), samples,
-                             **dirs(tmp_path / "dask"))
+    state, flow_run_id = run(
+        dasked, counting_pipeline(tmp_path), samples, **dirs(tmp_path / "dask")
+    )
     assert state.is_completed()
-    threads = transform_pipeline(counting_pipeline(tmp_path), samples,
-                                 **dirs(tmp_path / "threads"))
+    threads = transform_pipeline(
+        counting_pipeline(tmp_path), samples, **dirs(tmp_path / "threads")
+    )
     np.testing.assert_allclose(data(state.result()), data(threads))
     pids = set(dask_client.run(os.getpid).values())
     logged = {int(line.split()[2]) for line in open(tmp_path / "last.log")}
     assert pids & logged  # the dask run's transforms ran on the workers
     assert len(task_runs(flow_run_id)) == 3 * 2
+
+
+def test_the_api_stores_summaries_not_samples(tmp_path):
+    from prefect.client.orchestration import get_client
+
+    from samplepipe import DelayedSample
+    from samplepipe.flows import transform_pipeline
+
+    # 6,000 delayed samples would JSON-encode to more than the API's 512 KB
+    samples = [
+        DelayedSample(lambda: np.zeros(4), key=f"lazy/{i:05d}", subject=f"x{i}")
+        for i in range(6000)
+    ]
+    pipe = Pipeline([("count", CountingTransformer(stateless=True))])
+    state, flow_run_id = run(
+        transform_pipeline,
+        pipe,
+        samples,
+        batch_size=3000,
+        **{k: v for k, v in dirs(tmp_path).items() if k != "batch_size"},
+    )
+    assert state.is_completed()
+    with get_client(sync_client=True) as client:
+        parameters = client.read_flow_run(flow_run_id).parameters
+    assert parameters["samples"] == "<6000 samples: lazy/00000 ... lazy/05999>"
+    assert parameters["pipeline"].startswith("Pipeline(")
+    assert parameters["batch_size"] == 3000

@@ -19,8 +19,12 @@ from samplepipe.testing import CountingTransformer, count_rows
 
 
 def test_builds_the_first_class_from_kwargs():
-    est = wrap([CountingTransformer, "sample", "checkpoint"], offset=2.0,
-               features_dir="f", transform_extra_arguments=[])
+    est = wrap(
+        [CountingTransformer, "sample", "checkpoint"],
+        offset=2.0,
+        features_dir="f",
+        transform_extra_arguments=[],
+    )
     assert isinstance(est, CheckpointWrapper)
     assert est.features_dir == "f"
     assert isinstance(est.estimator, SampleWrapper)

@@ -4,50 +4,9 @@ The flows and tasks live in `samplepipe.flows` and `samplepipe.tasks` (they
 import Prefect); importing `samplepipe` itself does not.
 """
 
-from .wrappers import (
-    CheckpointLoader,
-    CheckpointWarning,
-    CheckpointWrapper,
-    DaskWrapper,
-    DelayedSample,
-    DelayedSampleSet,
-    DelayedSampleSetCached,
-    Sample,
-    SampleBatch,
-    SampleSet,
-    SampleWrapper,
-    ToDaskBag,
-    check_key,
-    dask_tags,
-    estimator_options,
-    estimator_requires_fit,
-    hash_string,
-    load_hdf5,
-    save_hdf5,
-    wrap,
-)
+from . import wrappers
+from .wrappers import *  # noqa: F403  (the public API, listed in wrappers.__all__)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CheckpointLoader",
-    "CheckpointWarning",
-    "CheckpointWrapper",
-    "DaskWrapper",
-    "DelayedSample",
-    "DelayedSampleSet",
-    "DelayedSampleSetCached",
-    "Sample",
-    "SampleBatch",
-    "SampleSet",
-    "SampleWrapper",
-    "ToDaskBag",
-    "check_key",
-    "dask_tags",
-    "estimator_options",
-    "estimator_requires_fit",
-    "hash_string",
-    "load_hdf5",
-    "save_hdf5",
-    "wrap",
-]
+__all__ = list(wrappers.__all__)

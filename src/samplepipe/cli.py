@@ -31,7 +31,7 @@ def _json(value, option):
     try:
         obj = json.loads(value)
     except json.JSONDecodeError as exc:
-        msg = f"{option} must be a JSON object, e.g. '{{\"subset\": \"test\"}}': {exc}"
+        msg = f'{option} must be a JSON object, e.g. \'{{"subset": "test"}}\': {exc}'
         raise SystemExit(f"error: {msg}") from exc
     if not isinstance(obj, dict):
         raise SystemExit(f"error: {option} must be a JSON object, got {value!r}")
@@ -45,12 +45,33 @@ def _quiet_prefect():
 
 def _table(rows, title):
     table = Table(title=title)
-    for column in ("step", "task", "samples", "computed", "loaded", "cached batches",
-                   "seconds"):
-        table.add_column(column, justify="left" if column in ("step", "task") else "right")
+    for column in (
+        "step",
+        "task",
+        "samples",
+        "computed",
+        "loaded",
+        "cached batches",
+        "seconds",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("step", "task") else "right"
+        )
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("step", "task", "samples", "computed",
-                                              "loaded", "cached batches", "seconds")))
+        table.add_row(
+            *(
+                str(row[c])
+                for c in (
+                    "step",
+                    "task",
+                    "samples",
+                    "computed",
+                    "loaded",
+                    "cached batches",
+                    "seconds",
+                )
+            )
+        )
     return table
 
 
@@ -107,9 +128,14 @@ def run(
         "train_samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
     }
     t0 = time.perf_counter()
-    with Progress(TextColumn("{task.description}"), BarColumn(),
-                  TextColumn("{task.completed}/{task.total} batches"),
-                  TimeElapsedColumn(), console=err, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} batches"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
         bars = {}
 
         def advance(done, total, description):
@@ -120,8 +146,15 @@ def run(
         flows.progress_callbacks.append(advance)
         try:
             state = flows.run_pipeline(
-                pipeline, train_samples, samples, features_dir, model_dir,
-                batch_size=batch_size, retries=retries, return_state=True, **kwargs,
+                pipeline,
+                train_samples,
+                samples,
+                features_dir,
+                model_dir,
+                batch_size=batch_size,
+                retries=retries,
+                return_state=True,
+                **kwargs,
             )
         finally:
             flows.progress_callbacks.remove(advance)
@@ -140,15 +173,18 @@ def run(
     if computed == 0:
         console.print("Nothing computed: every step was loaded from its checkpoints.")
     else:
-        console.print(f"Computed {computed} step outputs; checkpoints in {features_dir}.")
+        console.print(
+            f"Computed {computed} step outputs; checkpoints in {features_dir}."
+        )
     return 0
 
 
 def _steps(pipeline, pipeline_kwargs, features_dir, model_dir):
     from .flows import load_object, prepare_steps
 
-    pipeline = load_object(pipeline, _json(pipeline_kwargs, "--pipeline-kwargs"),
-                           "pipeline")
+    pipeline = load_object(
+        pipeline, _json(pipeline_kwargs, "--pipeline-kwargs"), "pipeline"
+    )
     return prepare_steps(pipeline, features_dir, model_dir)
 
 
@@ -188,10 +224,13 @@ def status(
     table = Table(title=f"checkpoints in {features_dir}")
     columns = ("valid", "stale", "corrupt", "foreign", "temporary")
     for column in ("step", "model", *columns, "bytes"):
-        table.add_column(column, justify="left" if column in ("step", "model") else "right")
+        table.add_column(
+            column, justify="left" if column in ("step", "model") else "right"
+        )
     totals = Counter()
-    for name, step, files in _scan(_steps(pipeline, pipeline_kwargs, features_dir,
-                                          model_dir)):
+    for name, step, files in _scan(
+        _steps(pipeline, pipeline_kwargs, features_dir, model_dir)
+    ):
         counts = Counter(status for _, status, _ in files)
         totals.update(counts)
         if step.model_path is None:
@@ -233,8 +272,9 @@ def clean(
     """
     doomed = [
         (path, status, size)
-        for _, _, files in _scan(_steps(pipeline, pipeline_kwargs, features_dir,
-                                        model_dir))
+        for _, _, files in _scan(
+            _steps(pipeline, pipeline_kwargs, features_dir, model_dir)
+        )
         for path, status, size in files
         if status in ("stale", "corrupt", "foreign", "temporary")
     ]
@@ -326,9 +366,14 @@ def serve(
         "batch_size": batch_size,
         "retries": retries,
     }
-    train = {"samples": train_samples,
-             "samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs")}
-    test = {"samples": samples, "samples_kwargs": _json(samples_kwargs, "--samples-kwargs")}
+    train = {
+        "samples": train_samples,
+        "samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
+    }
+    test = {
+        "samples": samples,
+        "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
+    }
     schedule = {}
     if cron is not None:
         schedule["cron"] = cron
@@ -336,10 +381,12 @@ def serve(
         schedule["interval"] = interval
     options = {"entrypoint_type": EntrypointType.MODULE_PATH}
     deployments = [
-        fit_pipeline.to_deployment(f"{name}-fit", parameters={**common, **train},
-                                   **options),
-        transform_pipeline.to_deployment(f"{name}-transform",
-                                         parameters={**common, **test}, **options),
+        fit_pipeline.to_deployment(
+            f"{name}-fit", parameters={**common, **train}, **options
+        ),
+        transform_pipeline.to_deployment(
+            f"{name}-transform", parameters={**common, **test}, **options
+        ),
         run_pipeline.to_deployment(
             f"{name}-run",
             parameters={

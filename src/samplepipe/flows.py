@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -83,8 +83,7 @@ def _check_samples(samples, what="samples"):
         if not isinstance(s, Sample):
             kind = "a SampleSet" if isinstance(s, SampleSet) else type(s).__name__
             msg = (
-                f"{what}[{i}] is {kind}; the flows take a flat list of Sample "
-                "objects."
+                f"{what}[{i}] is {kind}; the flows take a flat list of Sample objects."
             )
             raise TypeError(msg)
     sample_keys(samples, owner=what)
@@ -218,7 +217,9 @@ def _transform_step(name, step, samples, batch_size, options, progress, rows):
 
 def _fit_step(name, step, samples, options, rows):
     t0 = time.perf_counter()
-    future = fit_step.with_options(**options).submit(step=step, samples=samples, name=name)
+    future = fit_step.with_options(**options).submit(
+        step=step, samples=samples, name=name
+    )
     future.wait()
     state = future.state
     if not state.is_completed():
@@ -269,6 +270,16 @@ def _summary(rows, title):
         )
 
 
+def _summarized(title, work, *args):
+    """Run ``work(*args, rows)``; publish the summary table even when it fails."""
+    rows = []
+    try:
+        return work(*args, rows)
+    finally:
+        if rows:
+            _summary(rows, title)
+
+
 def _check_batch_size(batch_size):
     if not isinstance(batch_size, int) or batch_size < 1:
         msg = f"batch_size must be an int >= 1, got {batch_size!r}."
@@ -278,8 +289,62 @@ def _check_batch_size(batch_size):
 # ---------------------------------------------------------------------------
 # flows
 # ---------------------------------------------------------------------------
-def _fit(pipeline, samples, features_dir, model_dir, batch_size, retries,
-         retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows):
+def summarize_parameter(value):
+    """What the Prefect API stores of a flow parameter: JSON, and small.
+
+    Prefect sends flow parameters to its API (which refuses more than 512 KB).
+    Lists of samples become ``"<N samples: first-key ... last-key>"`` and
+    estimators their repr; JSON values (import paths, dicts) pass unchanged.
+    """
+    if (
+        isinstance(value, list | tuple)
+        and value
+        and all(isinstance(s, Sample | SampleSet) for s in value[:1])
+    ):
+        first, last = (getattr(s, "key", "?") for s in (value[0], value[-1]))
+        return f"<{len(value)} samples: {first} ... {last}>"
+    if hasattr(value, "get_params"):
+        return repr(value)[:2000]
+    return value
+
+
+class SampleFlow(Flow):
+    """A Prefect flow that stores only summaries of in-memory parameters."""
+
+    def serialize_parameters(self, parameters):
+        return super().serialize_parameters(
+            {k: summarize_parameter(v) for k, v in parameters.items()}
+        )
+
+    def with_options(self, **kwargs):
+        new = super().with_options(**kwargs)
+        new.__class__ = SampleFlow
+        return new
+
+
+def sample_flow(**kwargs):
+    """``@flow`` for samplepipe's flows (see `SampleFlow`)."""
+
+    def decorate(fn):
+        new = flow(**kwargs)(fn)
+        new.__class__ = SampleFlow
+        return new
+
+    return decorate
+
+
+def _fit(
+    pipeline,
+    samples,
+    features_dir,
+    model_dir,
+    batch_size,
+    retries,
+    retry_delay_seconds,
+    pipeline_kwargs,
+    samples_kwargs,
+    rows,
+):
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
     _check_batch_size(batch_size)
@@ -298,8 +363,18 @@ def _fit(pipeline, samples, features_dir, model_dir, batch_size, retries,
     return Pipeline(steps)
 
 
-def _transform(pipeline, samples, features_dir, model_dir, batch_size, retries,
-               retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows):
+def _transform(
+    pipeline,
+    samples,
+    features_dir,
+    model_dir,
+    batch_size,
+    retries,
+    retry_delay_seconds,
+    pipeline_kwargs,
+    samples_kwargs,
+    rows,
+):
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
     _check_batch_size(batch_size)
@@ -318,11 +393,13 @@ def _transform(pipeline, samples, features_dir, model_dir, batch_size, retries,
     )
     current = samples
     for name, step in steps:
-        current = _transform_step(name, step, current, batch_size, options, progress, rows)
+        current = _transform_step(
+            name, step, current, batch_size, options, progress, rows
+        )
     return current
 
 
-@flow(name="fit-pipeline", validate_parameters=False)
+@sample_flow(name="fit-pipeline", validate_parameters=False)
 def fit_pipeline(
     pipeline: Any,
     samples: Any,
@@ -357,16 +434,22 @@ def fit_pipeline(
     Pipeline
         The fitted pipeline of `CheckpointWrapper` steps.
     """
-    rows = []
-    try:
-        return _fit(pipeline, samples, features_dir, model_dir, batch_size, retries,
-                    retry_delay_seconds, pipeline_kwargs, samples_kwargs, rows)
-    finally:
-        if rows:
-            _summary(rows, "fit-pipeline")
+    return _summarized(
+        "fit-pipeline",
+        _fit,
+        pipeline,
+        samples,
+        features_dir,
+        model_dir,
+        batch_size,
+        retries,
+        retry_delay_seconds,
+        pipeline_kwargs,
+        samples_kwargs,
+    )
 
 
-@flow(name="transform-pipeline", validate_parameters=False)
+@sample_flow(name="transform-pipeline", validate_parameters=False)
 def transform_pipeline(
     pipeline: Any,
     samples: Any,
@@ -383,17 +466,22 @@ def transform_pipeline(
     Parameters are those of `fit_pipeline`. Returns the output samples in input
     order, keys and metadata kept, data loading lazily from the checkpoints.
     """
-    rows = []
-    try:
-        return _transform(pipeline, samples, features_dir, model_dir, batch_size,
-                          retries, retry_delay_seconds, pipeline_kwargs,
-                          samples_kwargs, rows)
-    finally:
-        if rows:
-            _summary(rows, "transform-pipeline")
+    return _summarized(
+        "transform-pipeline",
+        _transform,
+        pipeline,
+        samples,
+        features_dir,
+        model_dir,
+        batch_size,
+        retries,
+        retry_delay_seconds,
+        pipeline_kwargs,
+        samples_kwargs,
+    )
 
 
-@flow(name="run-pipeline", validate_parameters=False)
+@sample_flow(name="run-pipeline", validate_parameters=False)
 def run_pipeline(
     pipeline: Any,
     train_samples: Any,
@@ -411,17 +499,35 @@ def run_pipeline(
 
     Returns the per-step summary rows (JSON), the same as the table artifact.
     """
-    rows = []
-    try:
-        fitted = _fit(pipeline, train_samples, features_dir, model_dir, batch_size,
-                      retries, retry_delay_seconds, pipeline_kwargs,
-                      train_samples_kwargs, rows)
-        _transform(fitted, samples, features_dir, model_dir, batch_size, retries,
-                   retry_delay_seconds, None, samples_kwargs, rows)
-    finally:
-        if rows:
-            _summary(rows, "run-pipeline")
-    return rows
+
+    def fit_then_transform(rows):
+        fitted = _fit(
+            pipeline,
+            train_samples,
+            features_dir,
+            model_dir,
+            batch_size,
+            retries,
+            retry_delay_seconds,
+            pipeline_kwargs,
+            train_samples_kwargs,
+            rows,
+        )
+        _transform(
+            fitted,
+            samples,
+            features_dir,
+            model_dir,
+            batch_size,
+            retries,
+            retry_delay_seconds,
+            None,
+            samples_kwargs,
+            rows,
+        )
+        return rows
+
+    return _summarized("run-pipeline", fit_then_transform)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,8 +30,8 @@ from .wrappers import CheckpointWrapper, DelayedSample
 from .wrappers._base import FORMAT_VERSION
 from .wrappers._checkpoint import (
     CheckpointLoader,
-    _with_delayed,
     _training_digest,
+    _with_delayed,
     keys_digest,
     upstream_fingerprint,
 )
@@ -114,9 +115,72 @@ class StepCachePolicy(CachePolicy):
         )
 
 
+class CrashSafeFileLocks(FileSystemLockManager):
+    """Prefect's file locks, where a lock of a dead process counts as released.
+
+    Prefect's `FileSystemLockManager` keeps a lock until its holder releases it
+    (or its hold timeout passes), and a holder is an anonymous UUID: a flow run
+    killed while holding a lock would make every later run of that batch wait
+    forever. This manager also writes the holding process (host and pid) into
+    the lock file; a lock whose process no longer exists on this host is
+    removed. Locks of other hosts are kept. A lock file without a process
+    (written by another lock manager, or cut short by a crash) counts as stale
+    once it is older than `STALE_SECONDS`.
+    """
+
+    STALE_SECONDS = 60.0
+
+    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
+        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
+        if acquired:
+            info = self._locks[key]
+            expiration = info.get("expiration")
+            record = {
+                "holder": holder,
+                "expiration": str(expiration) if expiration is not None else None,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+            }
+            path = Path(info["path"])
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        return acquired
+
+    def _holder_is_dead(self, key):
+        path = self._lock_path_for_key(key)
+        try:
+            record = json.loads(path.read_text() or "{}")
+            age = time.time() - path.stat().st_mtime
+        except (OSError, ValueError):
+            return False
+        if "pid" not in record:
+            return age > self.STALE_SECONDS
+        if record.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    def is_locked(self, key: str, use_cache: bool = False) -> bool:
+        try:
+            locked = super().is_locked(key, use_cache=use_cache)
+        except ValueError:  # the lock file is being written right now
+            return True
+        if locked and not use_cache and self._holder_is_dead(key):
+            self._lock_path_for_key(key).unlink(missing_ok=True)
+            self._locks.pop(key, None)
+            return False
+        return locked
+
+
 STEP_CACHE = StepCachePolicy(
     isolation_level=IsolationLevel.SERIALIZABLE,
-    lock_manager=FileSystemLockManager(LOCK_DIR),
+    lock_manager=CrashSafeFileLocks(LOCK_DIR),
 )
 
 
@@ -142,8 +206,13 @@ def _task_options(fn):
     )
 
 
-def transform_batch(step: CheckpointWrapper, samples: list, name: str = "step",
-                    start: int = 0, stop: int | None = None):
+def transform_batch(
+    step: CheckpointWrapper,
+    samples: list,
+    name: str = "step",
+    start: int = 0,
+    stop: int | None = None,
+):
     """Transform one batch through one checkpointed step; return its manifest."""
     t0 = time.perf_counter()
     report = {}
@@ -202,9 +271,7 @@ transform_step = _task_options(transform_batch).with_options(
 )
 transform_step.__doc__ = transform_batch.__doc__
 
-fit_step = _task_options(fit_model).with_options(
-    name="fit", task_run_name="{name}.fit"
-)
+fit_step = _task_options(fit_model).with_options(name="fit", task_run_name="{name}.fit")
 fit_step.__doc__ = fit_model.__doc__
 
 

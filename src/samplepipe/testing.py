@@ -59,8 +59,9 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         If True, ``fit`` is not needed (scikit-learn ``requires_fit`` False).
     """
 
-    def __init__(self, offset=0.0, log_path=None, fail_marker=None, fail_on=None,
-                 stateless=False):
+    def __init__(
+        self, offset=0.0, log_path=None, fail_marker=None, fail_on=None, stateless=False
+    ):
         self.offset = offset
         self.log_path = log_path
         self.fail_marker = fail_marker
@@ -113,9 +114,15 @@ def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None):
     return Pipeline(
         [
             ("scale", StandardScaler()),
-            ("count", CountingTransformer(offset=offset,
-                                          log_path=os.path.join(log_dir, "count.log"),
-                                          fail_marker=fail_marker, fail_on=fail_on)),
+            (
+                "count",
+                CountingTransformer(
+                    offset=offset,
+                    log_path=os.path.join(log_dir, "count.log"),
+                    fail_marker=fail_marker,
+                    fail_on=fail_on,
+                ),
+            ),
             ("last", CountingTransformer(log_path=os.path.join(log_dir, "last.log"))),
         ]
     )

@@ -143,9 +143,11 @@ def estimator_requires_fit(estimator):
 
 def qualified_name(obj):
     """``module.QualName`` of a class, function, or an instance's class."""
-    cls = obj if isinstance(obj, type) or callable(obj) and hasattr(
-        obj, "__qualname__"
-    ) else type(obj)
+    cls = (
+        obj
+        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__")
+        else type(obj)
+    )
     return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
 
 
@@ -161,7 +163,10 @@ def _describe(value):
     if isinstance(value, list | tuple):
         return (type(value).__name__, [_describe(v) for v in value])
     if isinstance(value, dict):
-        return ("dict", {str(k): _describe(v) for k, v in sorted(value.items(), key=str)})
+        return (
+            "dict",
+            {str(k): _describe(v) for k, v in sorted(value.items(), key=str)},
+        )
     if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
         return ("callable", qualified_name(value))
     return value

@@ -28,7 +28,7 @@ from ._base import (
     qualified_name,
     resolve_option,
 )
-from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
+from ._sample import DelayedSample, Sample, is_sample_list
 from ._sample_wrapper import BaseWrapper, _estimator_has, _flatten, _unflatten
 
 ATTRIBUTE = "samplepipe"
@@ -440,6 +440,7 @@ def save_model(estimator, path, header):
     folder = os.path.dirname(path)
     if folder:
         os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder or ".")
     atomic_write(path, write, fsync=True)
     return header
 
@@ -593,7 +594,9 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise ValueError(msg)
         if self.hash_fn is not None and not callable(self.hash_fn):
-            msg = f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
+            msg = (
+                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
+            )
             raise TypeError(msg)
 
     def _sample_attribute(self):
@@ -684,9 +687,7 @@ class CheckpointWrapper(BaseWrapper):
         if self.model_path is None:
             return False
         header = read_model_header(self.model_path)
-        if header is None or header.get("params") != params_fingerprint(
-            self.estimator
-        ):
+        if header is None or header.get("params") != params_fingerprint(self.estimator):
             return False
         if data is not None and header.get("data") not in (None, data):
             return False
@@ -748,11 +749,14 @@ class CheckpointWrapper(BaseWrapper):
                     atomic_write(path, lambda tmp: save(data, tmp))
                 st = os.stat(path)
                 if save is not None:
-                    side = {"metadata": metadata, "size": st.st_size,
-                            "mtime_ns": st.st_mtime_ns}
+                    side = {
+                        "metadata": metadata,
+                        "size": st.st_size,
+                        "mtime_ns": st.st_mtime_ns,
+                    }
                     atomic_write(
                         _sidecar(path),
-                        lambda tmp: _write_json(tmp, side),
+                        lambda tmp, side=side: _write_json(tmp, side),
                     )
                 _remember(path, st, metadata)
                 return st
@@ -819,8 +823,10 @@ class CheckpointWrapper(BaseWrapper):
         statuses = [None] * len(samples)
         todo, bad = [], {}
         for i, (path, meta) in enumerate(zip(paths, metas)):
-            status, st = ("missing", None) if self.force else checkpoint_status(
-                path, meta, custom
+            status, st = (
+                ("missing", None)
+                if self.force
+                else checkpoint_status(path, meta, custom)
             )
             if status == "valid":
                 statuses[i] = st
@@ -935,9 +941,13 @@ class CheckpointWrapper(BaseWrapper):
                 if is_temporary_file(name):
                     yield path, "temporary", size
                     continue
-                if not name.endswith(extension) or (custom and name.endswith(".meta.json")):
+                if not name.endswith(extension) or (
+                    custom and name.endswith(".meta.json")
+                ):
                     continue
-                rel = os.path.relpath(path, root)[: -len(extension)].replace(os.sep, "/")
+                rel = os.path.relpath(path, root)[: -len(extension)].replace(
+                    os.sep, "/"
+                )
                 if self.hash_fn is not None:
                     rel = rel.split("/", 1)[-1]
                 status, _ = checkpoint_status(
@@ -945,8 +955,12 @@ class CheckpointWrapper(BaseWrapper):
                 )
                 yield path, status, size
 
-    def remove_checkpoints(self, statuses=("stale", "corrupt", "foreign", "temporary"),
-                           dry_run=False, upstream=None):
+    def remove_checkpoints(
+        self,
+        statuses=("stale", "corrupt", "foreign", "temporary"),
+        dry_run=False,
+        upstream=None,
+    ):
         """Remove files of the given statuses; return ``[(path, status, size)]``."""
         removed = []
         for path, status, size in list(self.iter_checkpoints(upstream)):
@@ -993,4 +1007,3 @@ def _with_delayed(sample, attribute, loader):
         object.__delattr__(new, attribute)
     new._delayed_attributes[attribute] = loader
     return new
-

@@ -188,9 +188,11 @@ class DaskWrapper(BaseWrapper):
         import numpy as np
 
         attribute = getattr(self.estimator, "input_attribute", None) or "data"
-        pairs = resolve_option(self.estimator, "fit_extra_arguments") if hasattr(
-            self.estimator, "fit_extra_arguments"
-        ) else ()
+        pairs = (
+            resolve_option(self.estimator, "fit_extra_arguments")
+            if hasattr(self.estimator, "fit_extra_arguments")
+            else ()
+        )
         for keyword, _ in pairs:
             if keyword != "y":
                 msg = (
@@ -201,31 +203,39 @@ class DaskWrapper(BaseWrapper):
         y_attribute = dict(pairs).get("y")
 
         def stack_x(part):
-            return np.vstack([np.atleast_1d(getattr(s, attribute)) for s in iter_samples(part)])
+            return np.vstack(
+                [np.atleast_1d(getattr(s, attribute)) for s in iter_samples(part)]
+            )
 
         def stack_y(part):
             return np.asarray([getattr(s, y_attribute) for s in iter_samples(part)])
 
         parts = bag.to_delayed()
         X = da.concatenate(
-            [da.from_delayed(dask.delayed(stack_x)(p), shape=(np.nan, np.nan),
-                             dtype=float) for p in parts],
+            [
+                da.from_delayed(
+                    dask.delayed(stack_x)(p), shape=(np.nan, np.nan), dtype=float
+                )
+                for p in parts
+            ],
             allow_unknown_chunksizes=True,
         )
         y = None
         if y_attribute is not None:
             y = da.concatenate(
-                [da.from_delayed(dask.delayed(stack_y)(p), shape=(np.nan,),
-                                 dtype=object) for p in parts],
+                [
+                    da.from_delayed(
+                        dask.delayed(stack_y)(p), shape=(np.nan,), dtype=object
+                    )
+                    for p in parts
+                ],
                 allow_unknown_chunksizes=True,
             )
         return X, y
 
     def _batch_bags(self, bag):
         attribute = getattr(self.estimator, "input_attribute", None) or "data"
-        args = {
-            "X": bag.map_partitions(lambda p: [SampleBatch(list(p), attribute)])
-        }
+        args = {"X": bag.map_partitions(lambda p: [SampleBatch(list(p), attribute)])}
         for keyword, attr in getattr(self.estimator, "fit_extra_arguments", None) or ():
             args[keyword] = bag.map_partitions(
                 lambda p, a=attr: [SampleBatch(list(p), a)]

@@ -152,9 +152,7 @@ class Sample(_SampleBase):
             return False
         if not _values_equal(self.data, other.data):
             return False
-        return all(
-            _values_equal(getattr(self, n), getattr(other, n)) for n in names
-        )
+        return all(_values_equal(getattr(self, n), getattr(other, n)) for n in names)
 
     __hash__ = _SampleBase.__hash__
 

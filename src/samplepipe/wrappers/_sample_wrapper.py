@@ -253,7 +253,9 @@ class SampleWrapper(BaseWrapper):
         flat, _ = _flatten(X)
         values, valid = self._inputs(flat)
         kwargs = self._extra_kwargs("fit_extra_arguments", flat, valid)
-        self.estimator.fit(stack_values(values[i] for i in valid), **kwargs, **fit_params)
+        self.estimator.fit(
+            stack_values(values[i] for i in valid), **kwargs, **fit_params
+        )
         return self
 
     def _dispatch(self, method, X, **kwargs):

@@ -122,12 +122,12 @@ def _wrap_pipeline(bases, pipeline, kwargs):
     from ._dask import DaskWrapper, ToDaskBag
 
     kwargs = dict(kwargs)
-    bag_kwargs = {k: kwargs.pop(k) for k in ("npartitions", "partition_size") if k in kwargs}
+    bag_kwargs = {
+        k: kwargs.pop(k) for k in ("npartitions", "partition_size") if k in kwargs
+    }
     uses_dask = DaskWrapper in bases
     if bag_kwargs and not uses_dask:
-        msg = (
-            f"wrap got {sorted(bag_kwargs)}, which only apply with 'dask' in bases."
-        )
+        msg = f"wrap got {sorted(bag_kwargs)}, which only apply with 'dask' in bases."
         raise ValueError(msg)
     steps = []
     for name, step in pipeline.steps:

@@ -1,0 +1,18 @@
+"""Figures the reliability tests add up for tests/reliability/README.md."""
+
+import json
+import os
+from collections import Counter
+
+STATS = Counter()
+
+
+def add(**counts):
+    STATS.update(counts)
+
+
+def dump():
+    path = os.environ.get("SAMPLEPIPE_RELIABILITY_STATS")
+    if path:
+        with open(path, "w") as f:
+            json.dump(dict(STATS), f, indent=1, sort_keys=True)

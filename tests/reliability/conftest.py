@@ -1,0 +1,5 @@
+from ._stats import dump
+
+
+def pytest_sessionfinish(session, exitstatus):
+    dump()

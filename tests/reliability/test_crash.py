@@ -1,0 +1,207 @@
+"""SIGKILL at random moments: nothing finished is lost, nothing invalid loads.
+
+The number of kills per loop is ``SAMPLEPIPE_KILLS`` (default 20).
+"""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from samplepipe import CheckpointWrapper
+from samplepipe.testing import count_rows, random_samples
+from samplepipe.wrappers._checkpoint import (
+    checkpoint_status,
+    format_metadata,
+    is_temporary_file,
+    load_hdf5,
+    load_model,
+)
+
+from . import _stats
+from ._child import transformer
+
+CHILD = Path(__file__).with_name("_child.py")
+KILLS = int(os.environ.get("SAMPLEPIPE_KILLS", "20"))
+N = 3000
+
+
+def start(*args, env=None):
+    proc = subprocess.Popen(
+        [sys.executable, str(CHILD), *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline()
+    assert line.strip() == "READY", line + proc.stderr.read()
+    return proc
+
+
+def kill_at_random(proc, rng, longest):
+    time.sleep(rng.uniform(0.0, longest))
+    finished = proc.poll() is not None
+    if not finished:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    return not finished
+
+
+def check_folder(features, fingerprint, expected):
+    """Every checkpoint present is valid and holds the right data."""
+    files = temps = 0
+    for folder, _, names in os.walk(features):
+        for name in names:
+            path = os.path.join(folder, name)
+            if is_temporary_file(name):
+                temps += 1
+                continue
+            key = os.path.relpath(path, features)[: -len(".h5")]
+            status, _ = checkpoint_status(path, format_metadata(fingerprint, key))
+            assert status == "valid", (path, status)
+            np.testing.assert_array_equal(load_hdf5(path), expected[key])
+            files += 1
+    return files, temps
+
+
+def test_killed_transforms_lose_nothing_and_resume(tmp_path):
+    rng = random.Random(1234)
+    features, log = tmp_path / "features", tmp_path / "calls.log"
+    samples = random_samples(N, n_features=16, seed=7)
+    expected = {s.key: s.data + 1.0 for s in samples}
+    wrapper = CheckpointWrapper(transformer(str(log)), features_dir=str(features))
+    fingerprint = wrapper.fingerprint()
+    kills = checked = 0
+    for _ in range(KILLS):
+        proc = start("transform", features, log, N)
+        kills += kill_at_random(proc, rng, longest=2.5)
+        files, temps = check_folder(features, fingerprint, expected)
+        checked += files
+        assert temps <= 1  # only the file being written when the kill came
+    done = sum(
+        1
+        for _, _, names in os.walk(features)
+        for n in names
+        if not is_temporary_file(n)
+    )
+    before = count_rows(log, "transform")
+    out = wrapper.transform(samples)
+    assert count_rows(log, "transform") - before == N - done
+    for s, o in zip(samples, out):
+        np.testing.assert_array_equal(o.data, expected[s.key])
+    files, temps = check_folder(features, fingerprint, expected)
+    assert (files, temps) == (N, 0)
+    assert kills >= KILLS // 2  # most runs really were killed mid-way
+    _stats.add(
+        transform_kills=kills, transform_files_checked=checked + files, transform_lost=0
+    )
+
+
+def test_killed_model_saves_never_leave_a_broken_model(tmp_path):
+    rng = random.Random(99)
+    path = tmp_path / "models" / "model.pkl"
+    kills = intact = 0
+    for _ in range(max(KILLS // 2, 5)):
+        proc = start("model", path)
+        kills += kill_at_random(proc, rng, longest=2.0)
+        if path.exists():
+            loaded = load_model(str(path))
+            assert loaded is not None, "a truncated or corrupt model file is in place"
+            intact += 1
+    temps = [p for p in path.parent.iterdir() if is_temporary_file(p.name)]
+    assert len(temps) <= 1
+    proc = start("model", path)  # the next save removes what crashed writers left
+    kill_at_random(proc, rng, longest=1.5)
+    leftovers = [p for p in path.parent.iterdir() if is_temporary_file(p.name)]
+    assert len(leftovers) <= 1  # at most the one written when this last kill came
+    assert intact >= 1
+    _stats.add(model_kills=kills, model_files_checked=intact, model_lost=0)
+
+
+def test_killed_flow_runs_resume_computing_only_the_missing(tmp_path, prefect_server):
+    server_env = prefect_server
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from sklearn.pipeline import Pipeline
+
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.testing import CountingTransformer
+
+    rng = random.Random(7)
+    features, log = tmp_path / "features", tmp_path / "calls.log"
+    samples = random_samples(N, n_features=16, seed=7)
+    expected = {s.key: s.data + 1.0 for s in samples}
+    kills = checked = 0
+    for _ in range(max(KILLS // 4, 3)):
+        proc = start("flow", features, log, N, env=server_env)
+        kills += kill_at_random(proc, rng, longest=6.0)
+        for folder, _, names in os.walk(features / "step"):
+            for name in names:
+                if name.endswith(".h5"):
+                    p = os.path.join(folder, name)
+                    key = os.path.relpath(p, features / "step")[:-3]
+                    np.testing.assert_array_equal(load_hdf5(p), expected[key])
+                    checked += 1
+    done = sum(
+        1 for _, _, names in os.walk(features) for n in names if n.endswith(".h5")
+    )
+    before = count_rows(log, "transform")
+    pipe = Pipeline(
+        [("step", CountingTransformer(offset=1.0, stateless=True, log_path=str(log)))]
+    )
+    with temporary_settings({PREFECT_API_URL: server_env["PREFECT_API_URL"]}):
+        out = transform_pipeline(
+            pipe,
+            samples,
+            features_dir=str(features),
+            model_dir=str(features),
+            batch_size=250,
+        )
+    assert count_rows(log, "transform") - before == N - done
+    for s, o in zip(samples, out):
+        np.testing.assert_array_equal(o.data, expected[s.key])
+    assert not [
+        n for _, _, names in os.walk(features) for n in names if is_temporary_file(n)
+    ]
+    _stats.add(flow_kills=kills, flow_files_checked=checked + N, flow_lost=0)
+
+
+LOCKER = """
+import os, sys
+from pathlib import Path
+from samplepipe.tasks import CrashSafeFileLocks
+locks = CrashSafeFileLocks(Path(sys.argv[1]))
+assert locks.acquire_lock("batch-key", holder="the-dead-one")
+print("LOCKED", flush=True)
+os._exit(0)  # dies holding the lock, as a SIGKILLed flow run would
+"""
+
+
+def test_a_lock_held_by_a_dead_process_is_released(tmp_path):
+    from samplepipe.tasks import CrashSafeFileLocks
+
+    out = subprocess.run(
+        [sys.executable, "-c", LOCKER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "LOCKED" in out.stdout
+    assert (tmp_path / "batch-key.lock").exists()
+    locks = CrashSafeFileLocks(tmp_path)
+    assert not locks.is_locked("batch-key")
+    assert locks.acquire_lock("batch-key", holder="me", acquire_timeout=5)
+    assert locks.is_lock_holder("batch-key", "me")
+    # a live holder keeps its lock
+    other = CrashSafeFileLocks(tmp_path)
+    assert other.is_locked("batch-key")
+    assert not other.acquire_lock("batch-key", holder="someone", acquire_timeout=0.3)
+    locks.release_lock("batch-key", "me")
+    assert not other.is_locked("batch-key")
