@@ -421,3 +421,22 @@ def test_parameters_are_checked_at_use(tmp_path, samples):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         CheckpointWrapper(None, attempts=0)  # constructing never validates
+
+
+def test_many_threads_load_checkpoints_at_once(tmp_path):
+    # h5py crashed (segmentation fault) when threads opened and closed files at
+    # once (h5py issue #2920); samplepipe serialises its HDF5 calls.
+    from concurrent.futures import ThreadPoolExecutor
+
+    samples = make_samples(400)
+    wrapper, _ = checkpointed(tmp_path, offset=1.0)
+    out = wrapper.transform(samples)
+    expected = stack(samples) + 1.0
+
+    def load(offset):
+        return [o.data for o in out[offset::4] for _ in range(3)]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        loaded = list(pool.map(load, range(4)))
+    for offset, values in enumerate(loaded):
+        np.testing.assert_array_equal(np.stack(values[::3]), expected[offset::4])

@@ -283,6 +283,15 @@ def remove_stale_temporaries(folder, max_age=3600.0):
 # ---------------------------------------------------------------------------
 # default HDF5 format
 # ---------------------------------------------------------------------------
+# One process-wide lock around every h5py call of samplepipe. h5py runs one
+# call at a time anyway (its global lock), but opening and closing files from
+# several threads at once crashed the interpreter here (h5py 3.16 with HDF5
+# 2.0: a segmentation fault in File.close while another thread read a file,
+# under Prefect's thread pool; h5py issue #2920 reports the same crash).
+# Taking the lock costs no parallelism.
+H5_LOCK = threading.RLock()
+
+
 def save_hdf5(data, path, metadata=None):
     """Write ``data`` as dataset ``array`` of an HDF5 file, with ``metadata``.
 
@@ -300,7 +309,7 @@ def save_hdf5(data, path, metadata=None):
                 "for such data."
             )
             raise TypeError(msg)
-    with h5py.File(path, "w", libver="latest") as f:
+    with H5_LOCK, h5py.File(path, "w", libver="latest") as f:
         f.create_dataset(DATASET, data=value)
         if metadata is not None:
             f.attrs[ATTRIBUTE] = metadata
@@ -308,7 +317,7 @@ def save_hdf5(data, path, metadata=None):
 
 def load_hdf5(path):
     """Read dataset ``array`` of an HDF5 file written by `save_hdf5`."""
-    with h5py.File(path, "r") as f:
+    with H5_LOCK, h5py.File(path, "r") as f:
         dataset = f[DATASET]
         if dataset.dtype.kind in "OS" and h5py.check_string_dtype(dataset.dtype):
             return dataset.asstr()[()]
@@ -317,7 +326,7 @@ def load_hdf5(path):
 
 def _read_metadata(path):
     """The metadata string of a checkpoint file, or None; raise OSError if corrupt."""
-    with h5py.File(path, "r") as f:
+    with H5_LOCK, h5py.File(path, "r") as f:
         value = f.attrs.get(ATTRIBUTE)
         if DATASET not in f:
             return None
