@@ -56,10 +56,14 @@ class ManifestSerializer(Serializer):
     type: str = "samplepipe-manifest"
 
     def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, BaseException):  # Prefect persists a failed run's error
+            obj = {"exception": type(obj).__name__, "message": str(obj)}
         return json.dumps(obj, separators=(",", ":")).encode()
 
     def loads(self, blob: bytes) -> Any:
         manifest = json.loads(blob)
+        if "exception" in manifest:
+            return RuntimeError(f"{manifest['exception']}: {manifest['message']}")
         check_manifest(manifest)
         return manifest
 
@@ -129,6 +133,16 @@ class CrashSafeFileLocks(FileSystemLockManager):
     """
 
     STALE_SECONDS = 60.0
+    # Prefect creates a lock file empty and writes it at once: an empty file
+    # older than this was left by a process killed in between.
+    EMPTY_STALE_SECONDS = 5.0
+
+    def _get_lock_info(self, key, use_cache=True):
+        try:
+            return super()._get_lock_info(key, use_cache=use_cache)
+        except ValueError:  # empty or cut short: held by an unknown process
+            return {"holder": "", "expiration": None,
+                    "path": self._lock_path_for_key(key)}
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
         acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
@@ -150,10 +164,14 @@ class CrashSafeFileLocks(FileSystemLockManager):
     def _holder_is_dead(self, key):
         path = self._lock_path_for_key(key)
         try:
-            record = json.loads(path.read_text() or "{}")
+            text = path.read_text()
             age = time.time() - path.stat().st_mtime
-        except (OSError, ValueError):
+        except OSError:
             return False
+        try:
+            record = json.loads(text)
+        except ValueError:
+            return age > self.EMPTY_STALE_SECONDS
         if "pid" not in record:
             return age > self.STALE_SECONDS
         if record.get("host") != socket.gethostname():
@@ -167,10 +185,7 @@ class CrashSafeFileLocks(FileSystemLockManager):
         return False
 
     def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        try:
-            locked = super().is_locked(key, use_cache=use_cache)
-        except ValueError:  # the lock file is being written right now
-            return True
+        locked = super().is_locked(key, use_cache=use_cache)
         if locked and not use_cache and self._holder_is_dead(key):
             self._lock_path_for_key(key).unlink(missing_ok=True)
             self._locks.pop(key, None)

@@ -212,3 +212,16 @@ def test_a_lock_held_by_a_dead_process_is_released(tmp_path):
     assert not other.acquire_lock("batch-key", holder="someone", acquire_timeout=0.3)
     locks.release_lock("batch-key", "me")
     assert not other.is_locked("batch-key")
+
+
+def test_an_empty_lock_file_left_by_a_crash_is_released(tmp_path):
+    from samplepipe.tasks import CrashSafeFileLocks
+
+    lock = tmp_path / "batch-key.lock"
+    lock.write_text("")  # killed between creating and writing the lock
+    locks = CrashSafeFileLocks(tmp_path)
+    assert locks.is_locked("batch-key")  # it might be being written right now
+    old = time.time() - 2 * CrashSafeFileLocks.EMPTY_STALE_SECONDS
+    os.utime(lock, (old, old))
+    assert not locks.is_locked("batch-key")
+    assert locks.acquire_lock("batch-key", holder="me", acquire_timeout=5)
