@@ -292,11 +292,13 @@ def remove_stale_temporaries(folder, max_age=3600.0):
 H5_LOCK = threading.RLock()
 
 
-def save_hdf5(data, path, metadata=None):
-    """Write ``data`` as dataset ``array`` of an HDF5 file, with ``metadata``.
+def hdf5_image(data, metadata=None):
+    """The bytes of an HDF5 file holding ``data`` as dataset ``array``.
 
-    Arrays, NumPy scalars, numbers and strings are supported; anything else
-    needs a ``save_func``.
+    The file is built in memory (HDF5's ``core`` driver): the disk is then
+    written by plain Python I/O, so a full disk or an I/O error is an ordinary
+    `OSError` and never leaves the HDF5 library with a half-closed file (which
+    crashed the interpreter at exit after ENOSPC).
     """
     if isinstance(data, str):
         value = data
@@ -309,10 +311,24 @@ def save_hdf5(data, path, metadata=None):
                 "for such data."
             )
             raise TypeError(msg)
-    with H5_LOCK, h5py.File(path, "w", libver="latest") as f:
+    name = f"samplepipe-{threading.get_ident()}-{id(value)}"
+    with H5_LOCK, h5py.File(name, "w", driver="core", backing_store=False) as f:
         f.create_dataset(DATASET, data=value)
         if metadata is not None:
             f.attrs[ATTRIBUTE] = metadata
+        f.flush()
+        return f.id.get_file_image()
+
+
+def save_hdf5(data, path, metadata=None):
+    """Write ``data`` as dataset ``array`` of an HDF5 file, with ``metadata``.
+
+    Arrays, NumPy scalars, numbers and strings are supported; anything else
+    needs a ``save_func``.
+    """
+    image = hdf5_image(data, metadata)
+    with open(path, "wb") as f:
+        f.write(image)
 
 
 def load_hdf5(path):
