@@ -154,21 +154,37 @@ def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _transform_step(name, step, samples, batch_size, options, progress, rows):
-    """Run one step over all batches; return its output samples in order."""
+def _transform_step(
+    name, step, samples, batch_size, options, progress, rows, in_flight=2
+):
+    """Run one step over all batches; return its output samples in order.
+
+    At most ``in_flight`` batches run at once, so memory stays bounded by a
+    few batches whatever the size of the data set.
+    """
     t0 = time.perf_counter()
     task = transform_step.with_options(**options)
-    futures = {}
-    for start, stop in _batches(len(samples), batch_size):
-        future = task.submit(
-            step=step, samples=samples[start:stop], name=name, start=start, stop=stop
-        )
-        futures[future] = (start, stop)
+    pending = list(_batches(len(samples), batch_size))
+    n_batches = len(pending)
+    running = {}
     outputs = [None] * len(samples)
     computed = loaded = cached = 0
     failed = []
-    for future in as_completed(list(futures)):
-        start, stop = futures[future]
+
+    def submit():
+        start, stop = pending.pop(0)
+        future = task.submit(
+            step=step, samples=samples[start:stop], name=name, start=start, stop=stop
+        )
+        running[future] = (start, stop)
+
+    while pending and len(running) < in_flight:
+        submit()
+    while running:
+        future = next(as_completed(list(running)))
+        start, stop = running.pop(future)
+        if pending:
+            submit()
         future.wait()
         progress.advance()
         state = future.state
@@ -191,7 +207,7 @@ def _transform_step(name, step, samples, batch_size, options, progress, rows):
             "computed": computed,
             "loaded": loaded,
             "cached batches": cached,
-            "batches": len(futures),
+            "batches": n_batches,
             "seconds": round(time.perf_counter() - t0, 3),
         }
     )
@@ -204,7 +220,7 @@ def _transform_step(name, step, samples, batch_size, options, progress, rows):
         else:
             cause = None
         msg = (
-            f"step {name!r} failed on {len(failed)} of {len(futures)} batches "
+            f"step {name!r} failed on {len(failed)} of {n_batches} batches "
             f"(first: [{start}:{stop}]: {cause!r}); the other batches are "
             "checkpointed: run the flow again to compute only the failed ones."
         )
@@ -280,9 +296,12 @@ def _summarized(title, work, *args):
             _summary(rows, title)
 
 
-def _check_batch_size(batch_size):
+def _check_batch_size(batch_size, in_flight=1):
     if not isinstance(batch_size, int) or batch_size < 1:
         msg = f"batch_size must be an int >= 1, got {batch_size!r}."
+        raise ValueError(msg)
+    if not isinstance(in_flight, int) or in_flight < 1:
+        msg = f"max_batches_in_flight must be an int >= 1, got {in_flight!r}."
         raise ValueError(msg)
 
 
@@ -343,11 +362,12 @@ def _fit(
     retry_delay_seconds,
     pipeline_kwargs,
     samples_kwargs,
+    in_flight,
     rows,
 ):
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    _check_batch_size(batch_size)
+    _check_batch_size(batch_size, in_flight)
     steps = prepare_steps(pipeline, features_dir, model_dir)
     options = _task_options(retries, retry_delay_seconds)
     n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
@@ -358,7 +378,14 @@ def _fit(
             _fit_step(name, step, current, options, rows)
         if i + 1 < len(steps):
             current = _transform_step(
-                name, step, current, batch_size, options, progress, rows
+                name,
+                step,
+                current,
+                batch_size,
+                options,
+                progress,
+                rows,
+                in_flight,
             )
     return Pipeline(steps)
 
@@ -373,11 +400,12 @@ def _transform(
     retry_delay_seconds,
     pipeline_kwargs,
     samples_kwargs,
+    in_flight,
     rows,
 ):
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    _check_batch_size(batch_size)
+    _check_batch_size(batch_size, in_flight)
     steps = prepare_steps(pipeline, features_dir, model_dir)
     for name, step in steps:
         if estimator_requires_fit(step.estimator) and not step.load_model():
@@ -394,7 +422,14 @@ def _transform(
     current = samples
     for name, step in steps:
         current = _transform_step(
-            name, step, current, batch_size, options, progress, rows
+            name,
+            step,
+            current,
+            batch_size,
+            options,
+            progress,
+            rows,
+            in_flight,
         )
     return current
 
@@ -410,6 +445,7 @@ def fit_pipeline(
     retry_delay_seconds: float = 1.0,
     pipeline_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
+    max_batches_in_flight: int = 2,
 ) -> Pipeline:
     """Fit each step on the training samples transformed by the steps before it.
 
@@ -428,6 +464,9 @@ def fit_pipeline(
         Samples per task run.
     retries, retry_delay_seconds : int, float
         Retries of a task run that failed with an I/O error (`OSError`).
+    max_batches_in_flight : int, default=2
+        Batches of one step that run at once; memory stays bounded by about
+        this many batches (and their outputs), whatever the data set's size.
 
     Returns
     -------
@@ -446,6 +485,7 @@ def fit_pipeline(
         retry_delay_seconds,
         pipeline_kwargs,
         samples_kwargs,
+        max_batches_in_flight,
     )
 
 
@@ -460,6 +500,7 @@ def transform_pipeline(
     retry_delay_seconds: float = 1.0,
     pipeline_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
+    max_batches_in_flight: int = 2,
 ) -> list:
     """Apply the fitted steps batch by batch, step by step.
 
@@ -478,6 +519,7 @@ def transform_pipeline(
         retry_delay_seconds,
         pipeline_kwargs,
         samples_kwargs,
+        max_batches_in_flight,
     )
 
 
@@ -494,6 +536,7 @@ def run_pipeline(
     pipeline_kwargs: dict | None = None,
     train_samples_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
+    max_batches_in_flight: int = 2,
 ) -> list[dict]:
     """Fit on ``train_samples``, then transform ``samples``; what deployments run.
 
@@ -511,6 +554,7 @@ def run_pipeline(
             retry_delay_seconds,
             pipeline_kwargs,
             train_samples_kwargs,
+            max_batches_in_flight,
             rows,
         )
         _transform(
@@ -523,6 +567,7 @@ def run_pipeline(
             retry_delay_seconds,
             None,
             samples_kwargs,
+            max_batches_in_flight,
             rows,
         )
         return rows

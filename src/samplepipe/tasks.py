@@ -141,8 +141,11 @@ class CrashSafeFileLocks(FileSystemLockManager):
         try:
             return super()._get_lock_info(key, use_cache=use_cache)
         except ValueError:  # empty or cut short: held by an unknown process
-            return {"holder": "", "expiration": None,
-                    "path": self._lock_path_for_key(key)}
+            return {
+                "holder": "",
+                "expiration": None,
+                "path": self._lock_path_for_key(key),
+            }
 
     def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
         acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
