@@ -352,6 +352,23 @@ def sample_flow(**kwargs):
     return decorate
 
 
+def _prepare(
+    pipeline,
+    samples,
+    features_dir,
+    model_dir,
+    batch_size,
+    pipeline_kwargs,
+    samples_kwargs,
+    in_flight,
+):
+    """Check every input before any work; return the wrapped steps and samples."""
+    pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
+    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
+    _check_batch_size(batch_size, in_flight)
+    return prepare_steps(pipeline, features_dir, model_dir), samples
+
+
 def _fit(
     pipeline,
     samples,
@@ -365,10 +382,16 @@ def _fit(
     in_flight,
     rows,
 ):
-    pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
-    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    _check_batch_size(batch_size, in_flight)
-    steps = prepare_steps(pipeline, features_dir, model_dir)
+    steps, samples = _prepare(
+        pipeline,
+        samples,
+        features_dir,
+        model_dir,
+        batch_size,
+        pipeline_kwargs,
+        samples_kwargs,
+        in_flight,
+    )
     options = _task_options(retries, retry_delay_seconds)
     n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
     progress = _Progress(n_batches, "fit: batches transformed")
@@ -403,10 +426,16 @@ def _transform(
     in_flight,
     rows,
 ):
-    pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
-    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    _check_batch_size(batch_size, in_flight)
-    steps = prepare_steps(pipeline, features_dir, model_dir)
+    steps, samples = _prepare(
+        pipeline,
+        samples,
+        features_dir,
+        model_dir,
+        batch_size,
+        pipeline_kwargs,
+        samples_kwargs,
+        in_flight,
+    )
     for name, step in steps:
         if estimator_requires_fit(step.estimator) and not step.load_model():
             if not step.__sklearn_is_fitted__():
