@@ -290,13 +290,10 @@ def clean(
             return 1
         if input("Remove them? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
+    from .wrappers._checkpoint import remove_checkpoint_file
+
     for path, _, _ in doomed:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        if os.path.exists(path + ".meta.json"):
-            os.unlink(path + ".meta.json")
+        remove_checkpoint_file(path)
     console.print(f"Removed {len(doomed)} file(s).")
     return 0
 

@@ -356,6 +356,15 @@ def _sidecar(path):
     return os.path.join(folder, f"{name}.meta.json")
 
 
+def remove_checkpoint_file(path):
+    """Remove a checkpoint file and its ``.meta.json`` sidecar, if present."""
+    for target in (path, _sidecar(path)):
+        try:
+            os.unlink(target)
+        except FileNotFoundError:
+            pass
+
+
 def format_metadata(fingerprint, key):
     return f"{FORMAT_VERSION}:{fingerprint}:{key}"
 
@@ -992,12 +1001,7 @@ class CheckpointWrapper(BaseWrapper):
             if status in statuses:
                 removed.append((path, status, size))
                 if not dry_run:
-                    try:
-                        os.unlink(path)
-                    except FileNotFoundError:
-                        pass
-                    if os.path.exists(_sidecar(path)):
-                        os.unlink(_sidecar(path))
+                    remove_checkpoint_file(path)
         return removed
 
 
