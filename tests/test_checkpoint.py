@@ -16,7 +16,8 @@ from samplepipe import (
     hash_string,
 )
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
-from samplepipe.wrappers._checkpoint import is_temporary_file, read_model_header
+from samplepipe.storage import VALIDATED, Identity, is_temporary_file, read_model_header
+from samplepipe.storage.files import HOST_TAG
 
 from .conftest import make_samples
 
@@ -54,9 +55,10 @@ def test_transform_writes_one_file_per_key_and_loads_lazily(tmp_path, samples):
     assert out[0].target == samples[0].target
     with h5py.File(tmp_path / "features" / "s" / "00000.h5") as f:
         np.testing.assert_allclose(f["array"][()], samples[0].data + 1.0)
-        version, fingerprint, key = f.attrs["samplepipe"].split(":", 2)
-    assert (version, key) == ("1", "s/00000")
-    assert fingerprint == wrapper.fingerprint()
+        identity, checksum, kind = Identity.parse(f.attrs["samplepipe"])
+    assert (identity.format, identity.key, kind) == (2, "s/00000", "a")
+    assert identity.step == wrapper.step_identity()
+    assert identity == wrapper.identities(samples[:1])[0]
 
 
 def test_second_transform_computes_nothing(tmp_path, samples):
@@ -70,9 +72,7 @@ def test_second_transform_computes_nothing(tmp_path, samples):
 def test_fresh_wrapper_in_another_process_state_reuses_files(tmp_path, samples):
     wrapper, log = checkpointed(tmp_path)
     wrapper.transform(samples)
-    from samplepipe.wrappers import _checkpoint
-
-    _checkpoint._validated.clear()  # as in a new process: validate from the files
+    VALIDATED.clear()  # as in a new process: validate from the files
     again, _ = checkpointed(tmp_path)
     again.transform(samples)
     assert count_rows(log, "transform") == len(samples)
@@ -125,8 +125,8 @@ def _garbage(path):
 
 def _foreign_key(path):
     with h5py.File(path, "r+") as f:
-        version, fp, _ = f.attrs["samplepipe"].split(":", 2)
-        f.attrs["samplepipe"] = f"{version}:{fp}:s/99999"
+        head = f.attrs["samplepipe"].rsplit(":", 1)[0]
+        f.attrs["samplepipe"] = f"{head}:s/99999"
 
 
 @pytest.mark.parametrize(
@@ -181,7 +181,7 @@ def test_temporary_files_of_crashed_writers_are_removed(tmp_path, samples):
     dead = folder / ".00000.h5.otherhost-999999-abcd1234.tmp"
     dead.write_bytes(b"partial")
     os.utime(dead, (0, 0))  # very old
-    crashed_here = folder / f".00001.h5.{os.uname().nodename}-999999-abcd1234.tmp"
+    crashed_here = folder / f".00001.h5.{HOST_TAG}-999999-abcd1234.tmp"
     crashed_here.write_bytes(b"partial")  # pid 999999 does not exist
     wrapper.transform(samples)
     assert not dead.exists()
@@ -199,7 +199,7 @@ def test_temporary_files_of_crashed_writers_are_removed(tmp_path, samples):
         ("a/../../b", "'..' components"),
         ("a\\b", "backslash"),
         ("a\x00b", "NUL"),
-        ("C:x", "drive prefix"),
+        ("a\x85b", "control characters"),
         ("a/./b", "normalised"),
         ("a//b", "normalised"),
         ("a/", "normalised"),
@@ -235,7 +235,9 @@ def test_duplicate_keys_raise_before_anything_is_written(tmp_path):
     assert read_calls(log) == []
 
 
-@pytest.mark.parametrize("key", ["a..b", "a/b.c", "subject 1/sample-2", "ü/日本"])
+@pytest.mark.parametrize(
+    "key", ["a..b", "a/b.c", "subject 1/sample-2", "ü/日本", "a:b", "C:x"]
+)
 def test_unusual_but_valid_keys(tmp_path, key):
     assert check_key(key) == key
     wrapper, _ = checkpointed(tmp_path)
@@ -244,11 +246,15 @@ def test_unusual_but_valid_keys(tmp_path, key):
     assert os.path.isfile(tmp_path / "features" / (key + ".h5"))
 
 
-def test_none_outputs_are_not_saved(tmp_path):
-    wrapper, _ = checkpointed(tmp_path)
-    out = wrapper.transform([Sample(None, key="a"), Sample(np.ones(4), key="b")])
-    assert out[0] is None
+def test_none_outputs_are_not_saved_and_stay_in_line(tmp_path):
+    wrapper, log = checkpointed(tmp_path)
+    out = wrapper.transform(
+        [Sample(None, key="a", subject=1), Sample(np.ones(4), key="b")]
+    )
+    assert out[0] == Sample(None, key="a", subject=1)
+    assert [o.key for o in out] == ["a", "b"]
     assert all_files(tmp_path / "features") == ["b.h5"]
+    assert read_calls(log, "transform") == [("transform", 1)]  # None not passed
 
 
 def test_force_recomputes(tmp_path, samples):
@@ -338,7 +344,7 @@ def test_checkpoint_listing_and_cleaning(tmp_path, samples):
     wrapper, _ = checkpointed(tmp_path)
     wrapper.transform(samples)
     _zero(wrapper.checkpoint_path(samples[0].key))
-    tmp = tmp_path / "features" / "s" / ".x.h5.host-1-abcd.tmp"
+    tmp = tmp_path / "features" / "s" / f".x.h5.{HOST_TAG}-999999-abcd.tmp"
     tmp.write_bytes(b"x")
     statuses = {}
     for _, status, _ in wrapper.iter_checkpoints():

@@ -204,21 +204,27 @@ def test_io_errors_are_retried_programming_errors_are_not(tmp_path, fitted):
     samples = make_samples(250, seed=3, prefix="test")
     marker = tmp_path / "fail"
     pipe = counting_pipeline(tmp_path, fail_marker=str(marker))  # OSError
+
+    class FailOnce(CountingTransformer):
+        """Raises OSError while the marker exists, and removes it: one failure."""
+
+        def _failing(self, X):
+            exc = super()._failing(X)
+            if exc is not None:
+                os.unlink(self.fail_marker)
+            return exc
+
+    pipe.steps[1] = ("count", FailOnce(**pipe.steps[1][1].get_params()))
     fit_pipeline(pipe, fitted, **dirs(tmp_path))
     marker.write_text("x")
-    timer = threading.Timer(1.0, marker.unlink)
-    timer.start()
-    try:
-        state, flow_run_id = run(
-            transform_pipeline,
-            pipe,
-            samples,
-            retries=10,
-            retry_delay_seconds=0.5,
-            **dirs(tmp_path),
-        )
-    finally:
-        timer.join()
+    state, flow_run_id = run(
+        transform_pipeline,
+        pipe,
+        samples,
+        retries=10,
+        retry_delay_seconds=0.5,
+        **dirs(tmp_path),
+    )
     assert state.is_completed()
     count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
     assert count_run.run_count > 1  # retried until the I/O error went away
@@ -253,7 +259,8 @@ def test_persisted_results_hold_no_arrays(tmp_path):
     new = {p: p.stat().st_size for p in storage.glob("*") if p not in before}
     assert len(new) >= 3 + 3 * 4  # 3 fits, 4 batches x 3 steps
     data_bytes = 3 * 1000 * 256 * 8  # what the checkpoints hold
-    assert sum(new.values()) < data_bytes / 20
+    # about 110 bytes per sample (name, stamp, input identity): no arrays
+    assert sum(new.values()) < data_bytes / 10
 
 
 def test_task_run_names_and_artifacts(tmp_path, fitted):

@@ -1,4 +1,5 @@
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from samplepipe import (
     Sample,
     SampleBatch,
     SampleSet,
+    flatten_samplesets,
 )
 
 
@@ -199,3 +201,53 @@ def test_samples_pickle():
     assert pickle.loads(pickle.dumps(s)) == s
     ss = SampleSet([s], key="set")
     assert pickle.loads(pickle.dumps(ss)) == ss
+
+
+def test_sample_set_repr_lists_its_samples_once():
+    assert (
+        repr(SampleSet([Sample(1)], key="k"))
+        == "SampleSet(samples=[Sample(data=1)], key='k')"
+    )
+    assert repr(SampleSet([], parent=Sample(0, a=1))) == "SampleSet(samples=[], a=1)"
+    assert repr(DelayedSampleSet(lambda: [Sample(1)], key="k")) == (
+        "DelayedSampleSet(key='k')"
+    )
+
+
+def test_flatten_samplesets_gives_one_set_per_sample_with_numbered_keys():
+    a0, a1, b0 = Sample(0, key="a0"), Sample(1, key="a1"), Sample(2, key="b0")
+    meta = {"tags": ["x"]}
+    sets = [
+        SampleSet([a0, a1], key="a", subject="s1", meta=meta),
+        SampleSet([b0], key="b"),
+    ]
+    flat = flatten_samplesets(sets)
+    assert [type(s) for s in flat] == [SampleSet] * 3
+    assert [s.key for s in flat] == ["a-0", "a-1", "b-0"]
+    assert [[x.key for x in s] for s in flat] == [["a0"], ["a1"], ["b0"]]
+    assert flat[1][0] is a1  # the samples themselves are not copied
+    assert (flat[0].subject, flat[1].meta) == ("s1", {"tags": ["x"]})
+    assert flat[0].meta is not meta  # metadata is deep-copied ...
+    flat[0].meta["tags"].append("y")
+    assert meta == {"tags": ["x"]}  # ... so the originals are untouched
+    assert [s.key for s in sets] == ["a", "b"] and len(sets[0]) == 2
+
+
+def test_flatten_samplesets_loads_a_delayed_set_once():
+    calls = []
+
+    def load():
+        calls.append(1)
+        return [Sample(0, key="x"), Sample(1, key="y")]
+
+    flat = flatten_samplesets([DelayedSampleSet(load, key="d", subject="s")])
+    assert len(calls) == 1
+    assert [(s.key, s.subject, s[0].key) for s in flat] == [
+        ("d-0", "s", "x"),
+        ("d-1", "s", "y"),
+    ]
+
+
+def test_flatten_samplesets_needs_set_keys():
+    with pytest.raises(ValueError, match=re.escape("flatten_samplesets got set 1")):
+        flatten_samplesets([SampleSet([Sample(0)], key="a"), SampleSet([Sample(1)])])

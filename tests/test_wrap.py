@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
@@ -13,6 +14,9 @@ from samplepipe import (
     DaskWrapper,
     SampleWrapper,
     ToDaskBag,
+    getattr_nested,
+    is_instance_nested,
+    is_pipeline_wrapped,
     wrap,
 )
 from samplepipe.testing import CountingTransformer, count_rows
@@ -101,3 +105,56 @@ def test_dask_inserts_a_bag_step_first():
     assert isinstance(wrapped.steps[0][1], ToDaskBag)
     assert wrapped.steps[0][1].npartitions == 3
     assert len(pipeline.steps) == 1
+
+
+def test_is_pipeline_wrapped_one_boolean_per_step_skipping_passthrough():
+    pipeline = Pipeline(
+        [
+            ("scale", StandardScaler()),
+            ("skip", "passthrough"),
+            ("none", None),
+            ("pca", PCA()),
+        ]
+    )
+    wrapped = wrap(["sample", "checkpoint"], pipeline, features_dir="f")
+    assert is_pipeline_wrapped(pipeline, SampleWrapper) == [False, False]
+    assert is_pipeline_wrapped(wrapped, SampleWrapper) == [True, True]
+    assert is_pipeline_wrapped(wrapped, CheckpointWrapper) == [True, True]
+    assert is_pipeline_wrapped(wrapped, DaskWrapper) == [False, False]
+    mixed = Pipeline([("a", SampleWrapper(PCA())), ("b", PCA())])
+    assert is_pipeline_wrapped(mixed, SampleWrapper) == [True, False]
+    dasked = wrap(["sample", "dask"], make_pipeline(PCA()))
+    assert is_pipeline_wrapped(dasked, DaskWrapper) == [False, True]  # ToDaskBag
+
+
+def test_is_pipeline_wrapped_rejects_a_non_pipeline():
+    with pytest.raises(ValueError, match="is_pipeline_wrapped got SampleWrapper"):
+        is_pipeline_wrapped(SampleWrapper(PCA()), SampleWrapper)
+
+
+def test_is_instance_nested_follows_the_attribute():
+    est = DaskWrapper(CheckpointWrapper(SampleWrapper(PCA())))
+    assert is_instance_nested(est, "estimator", DaskWrapper)
+    assert is_instance_nested(est, "estimator", SampleWrapper)
+    assert is_instance_nested(est, "estimator", PCA)
+    assert not is_instance_nested(est, "estimator", StandardScaler)
+    assert not is_instance_nested(est, "other", SampleWrapper)
+    assert is_instance_nested(est, "estimator", (StandardScaler, PCA))
+    assert not is_instance_nested(PCA(), "estimator", SampleWrapper)
+
+
+def test_getattr_nested_finds_the_first_level_with_the_attribute(samples):
+    inner = LogisticRegression(C=3.0)
+    est = DaskWrapper(
+        CheckpointWrapper(
+            SampleWrapper(inner, input_attribute="features"), model_path="m.pkl"
+        )
+    )
+    assert getattr_nested(est, "model_path") == "m.pkl"
+    assert getattr_nested(est, "C") == 3.0
+    assert getattr_nested(est, "fit_tag") is None  # DaskWrapper's own, None
+    assert getattr_nested(est, "input_attribute") == "features"
+    assert getattr_nested(est, "no_such_attribute") is None
+    assert getattr_nested(est, "estimator") is est.estimator
+    SampleWrapper(inner, fit_extra_arguments=[("y", "target")]).fit(samples)
+    assert getattr_nested(est, "coef_") is inner.coef_

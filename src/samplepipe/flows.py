@@ -23,10 +23,15 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from sklearn.pipeline import Pipeline
 
-from .tasks import fit_step, samples_from_manifest, transform_step
+from .storage import check_step_name, combine, fitted_digest, sample_keys
+from .tasks import (
+    StaleManifestError,
+    fit_step,
+    samples_from_manifest,
+    transform_step,
+)
 from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
 from .wrappers._base import estimator_requires_fit
-from .wrappers._checkpoint import _training_digest, sample_keys
 from .wrappers._sample import Sample, SampleSet
 
 
@@ -106,6 +111,7 @@ def prepare_steps(pipeline, features_dir, model_dir):
         raise TypeError(msg)
     steps = []
     for name, est in pipeline.steps:
+        check_step_name(name)
         if est is None or est == "passthrough" or isinstance(est, ToDaskBag):
             continue
         while isinstance(est, DaskWrapper):
@@ -163,42 +169,51 @@ def _transform_step(
     few batches whatever the size of the data set.
     """
     t0 = time.perf_counter()
-    task = transform_step.with_options(**options)
+    task = transform_step.with_options(**options, refresh_cache=bool(step.force))
+    refresh = transform_step.with_options(**options, refresh_cache=True)
     pending = list(_batches(len(samples), batch_size))
     n_batches = len(pending)
     running = {}
     outputs = [None] * len(samples)
-    computed = loaded = cached = 0
+    computed = loaded = cached = n_failed = 0
     failed = []
 
-    def submit():
-        start, stop = pending.pop(0)
-        future = task.submit(
+    def submit(batch=None, again=False):
+        start, stop = batch or pending.pop(0)
+        future = (refresh if again else task).submit(
             step=step, samples=samples[start:stop], name=name, start=start, stop=stop
         )
-        running[future] = (start, stop)
+        running[future] = (start, stop, again)
 
     while pending and len(running) < in_flight:
         submit()
     while running:
         future = next(as_completed(list(running)))
-        start, stop = running.pop(future)
-        if pending:
-            submit()
+        start, stop, again = running.pop(future)
         future.wait()
-        progress.advance()
         state = future.state
         if not state.is_completed():
             failed.append((start, stop, state))
-            continue
-        manifest = future.result()
-        if state.name == "Cached":
-            cached += 1
-            loaded += stop - start
         else:
-            computed += manifest["computed"]
-            loaded += manifest["loaded"]
-        outputs[start:stop] = samples_from_manifest(manifest, samples[start:stop], step)
+            manifest = future.result()
+            try:
+                batch = samples_from_manifest(manifest, samples[start:stop], step)
+            except StaleManifestError:
+                if again:
+                    raise
+                submit((start, stop), again=True)  # a damaged cache entry: redo
+                continue
+            outputs[start:stop] = batch
+            if state.name == "Cached":
+                cached += 1
+                loaded += stop - start - sum(f is None for f in manifest["files"])
+            else:
+                computed += manifest["computed"]
+                loaded += manifest["loaded"]
+            n_failed += sum(f is None for f in manifest["files"])
+        if pending:
+            submit()
+        progress.advance()
     rows.append(
         {
             "step": name,
@@ -206,6 +221,7 @@ def _transform_step(
             "samples": len(samples),
             "computed": computed,
             "loaded": loaded,
+            "failed": n_failed,
             "cached batches": cached,
             "batches": n_batches,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -225,16 +241,13 @@ def _transform_step(
             "checkpointed: run the flow again to compute only the failed ones."
         )
         raise PipelineRunError(msg, name) from cause
-    if any(s is None for s in outputs):
-        # samples the step returned None for are invalid: they go no further
-        outputs = [s for s in outputs if s is not None]
     return outputs
 
 
-def _fit_step(name, step, samples, options, rows):
+def _fit_step(name, step, samples, options, rows, upstream):
     t0 = time.perf_counter()
-    future = fit_step.with_options(**options).submit(
-        step=step, samples=samples, name=name
+    future = fit_step.with_options(**options, refresh_cache=bool(step.force)).submit(
+        step=step, samples=samples, name=name, upstream=upstream
     )
     future.wait()
     state = future.state
@@ -247,7 +260,7 @@ def _fit_step(name, step, samples, options, rows):
     manifest = future.result()
     # The fit may have run in another thread or on a Dask worker: load the
     # model saved by the task into this process's step.
-    if not step.load_model(data=_training_digest(samples)):
+    if not step.load_model(data=step.training_digest(samples), upstream=upstream):
         msg = f"step {name!r}: the model at {step.model_path!r} could not be loaded."
         raise PipelineRunError(msg, name)
     fitted = state.name != "Cached" and manifest["fitted"]
@@ -258,6 +271,7 @@ def _fit_step(name, step, samples, options, rows):
             "samples": len(samples),
             "computed": len(samples) if fitted else 0,
             "loaded": 0 if fitted else len(samples),
+            "failed": 0,
             "cached batches": int(state.name == "Cached"),
             "batches": 1,
             "seconds": round(time.perf_counter() - t0, 3),
@@ -274,13 +288,14 @@ def _summary(rows, title):
         table=rows,
         key="samplepipe-summary",
         description=f"# {title}\nPer step: samples, computed, loaded from "
-        "checkpoints, cached batches, seconds.",
+        "checkpoints, failed (None outputs, kept in line), cached batches, seconds.",
     )
     logger = get_run_logger()
     for row in rows:
         logger.info(
             "%(step)s.%(task)s: %(samples)d samples, %(computed)d computed, "
-            "%(loaded)d loaded, %(cached batches)d/%(batches)d batches cached, "
+            "%(loaded)d loaded, %(failed)d failed, "
+            "%(cached batches)d/%(batches)d batches cached, "
             "%(seconds).2f s",
             row,
         )
@@ -396,9 +411,11 @@ def _fit(
     n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
     progress = _Progress(n_batches, "fit: batches transformed")
     current = samples
+    upstream = []
     for i, (name, step) in enumerate(steps):
         if estimator_requires_fit(step.estimator):
-            _fit_step(name, step, current, options, rows)
+            _fit_step(name, step, current, options, rows, combine(*upstream))
+        upstream.append(step.step_identity())
         if i + 1 < len(steps):
             current = _transform_step(
                 name,
@@ -411,6 +428,36 @@ def _fit(
                 in_flight,
             )
     return Pipeline(steps)
+
+
+def _load_models(steps):
+    """Give each step its fitted state, all of one consistent fit.
+
+    A step fitted in memory (the pipeline `fit_pipeline` returned) keeps its
+    state. Otherwise its model file is loaded if it was fitted after exactly
+    the steps before it as they are now; a model fitted after other upstream
+    models (a fit that failed half way) is refused.
+    """
+    upstream = []
+    for name, step in steps:
+        if estimator_requires_fit(step.estimator):
+            if step.__sklearn_is_fitted__():
+                if getattr(step, "fitted_digest_", None) is None:
+                    step.fitted_digest_ = fitted_digest(step.estimator)
+            elif not step.load_model(upstream=combine(*upstream)):
+                if step.load_model():
+                    msg = (
+                        f"step {name!r}: the model at {step.model_path!r} was fitted "
+                        "after other versions of the steps before it (did a fit "
+                        "fail half way?); run fit_pipeline again."
+                    )
+                else:
+                    msg = (
+                        f"step {name!r} is not fitted and has no model at "
+                        f"{step.model_path!r}; run fit_pipeline first."
+                    )
+                raise PipelineRunError(msg, name)
+        upstream.append(step.step_identity())
 
 
 def _transform(
@@ -436,14 +483,7 @@ def _transform(
         samples_kwargs,
         in_flight,
     )
-    for name, step in steps:
-        if estimator_requires_fit(step.estimator) and not step.load_model():
-            if not step.__sklearn_is_fitted__():
-                msg = (
-                    f"step {name!r} is not fitted and has no model at "
-                    f"{step.model_path!r}; run fit_pipeline first."
-                )
-                raise PipelineRunError(msg, name)
+    _load_models(steps)
     options = _task_options(retries, retry_delay_seconds)
     progress = _Progress(
         len(steps) * len(_batches(len(samples), batch_size)), "transform: batches"

@@ -26,17 +26,18 @@ from prefect.locking.filesystem import FileSystemLockManager
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 
-from .wrappers import CheckpointWrapper, DelayedSample
-from .wrappers._base import FORMAT_VERSION
-from .wrappers._checkpoint import (
+from .storage import (
+    FORMAT_VERSION,
     CheckpointLoader,
-    _training_digest,
-    _with_delayed,
+    Identity,
+    Stamp,
+    estimator_identity,
     keys_digest,
-    upstream_fingerprint,
 )
+from .wrappers import CheckpointWrapper
+from .wrappers._checkpoint import failed_output, lazy_output
 
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = Path(tempfile.gettempdir()) / f"samplepipe-locks-{os.getuid()}"
 
@@ -69,7 +70,13 @@ class ManifestSerializer(Serializer):
 
 
 def check_manifest(manifest):
-    """Raise `StaleManifestError` unless every named file is unchanged."""
+    """Raise `StaleManifestError` unless every named file is unchanged.
+
+    A file is unchanged when its size, modification time, inode and change
+    time are those recorded (a file swapped for another one is noticed).
+    """
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise StaleManifestError("manifest of another samplepipe version")
     root = manifest.get("root", "")
     entries = list(manifest.get("files") or [])
     if manifest.get("model") is not None:
@@ -77,46 +84,54 @@ def check_manifest(manifest):
     for entry in entries:
         if entry is None:
             continue
-        name, size, mtime_ns = entry
+        name, recorded = entry[0], Stamp(*entry[1:5])
         path = os.path.join(root, name)
         try:
-            st = os.stat(path)
+            st = Stamp.of(os.stat(path))
         except OSError as exc:
             raise StaleManifestError(f"{path} is gone") from exc
-        if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+        if st != recorded:
             raise StaleManifestError(f"{path} changed since it was recorded")
 
 
 @dataclass
 class StepCachePolicy(CachePolicy):
-    """Cache key of a step's task run, from keys and fingerprints only.
+    """Cache key of a step's task run, from identities, never from pickles.
 
-    The key hashes: the manifest format and samplepipe's checkpoint format; the
-    task (``transform`` or ``fit``); the step's fingerprint, which covers its
-    class, its parameters (recursively), the attribute it checkpoints, the
-    SHA-256 of its fitted model file (so a refit at the same path invalidates)
-    and the fingerprint of the upstream steps; ``features_dir`` and
-    ``model_path``; and the ordered keys of the batch. Sample data is never
-    hashed, so the cost grows with the number of keys only.
+    For ``transform``, the key hashes: the manifest and checkpoint formats; the
+    step's identity (its code, parameters, checkpointed attribute, file format
+    and fitted state, see `CheckpointWrapper.step_identity`); ``features_dir``
+    and ``model_path``; and each sample's key and input identity (the identity
+    of the checkpoint it loads from, or a digest of its in-memory data and
+    metadata). For ``fit``, the step's code and parameters, the digest of the
+    training samples and of the steps before it. A cache hit is therefore
+    exactly a batch whose checkpoints a fresh run would reproduce.
     """
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         step = inputs["step"]
         samples = inputs["samples"]
-        keys = [s.key for s in samples]
         method = getattr(task_ctx.task, "name", "task") if task_ctx else "task"
-        upstream = upstream_fingerprint(samples)
-        return keys_digest(
-            [
-                f"manifest={MANIFEST_FORMAT}",
-                f"format={FORMAT_VERSION}",
-                f"task={method}",
-                f"step={step.fingerprint(upstream)}",
-                f"features_dir={os.path.abspath(os.fspath(step.features_dir or ''))}",
-                f"model_path={os.path.abspath(os.fspath(step.model_path or ''))}",
-                f"keys={keys_digest(keys)}",
+        parts = [
+            f"manifest={MANIFEST_FORMAT}",
+            f"format={FORMAT_VERSION}",
+            f"task={method}",
+            f"features_dir={os.path.abspath(os.fspath(step.features_dir or ''))}",
+            f"model_path={os.path.abspath(os.fspath(step.model_path or ''))}",
+        ]
+        if method == "fit":
+            parts += [
+                f"estimator={estimator_identity(step.estimator)}",
+                f"data={step.training_digest(samples)}",
+                f"upstream={inputs.get('upstream')}",
             ]
-        )
+        else:
+            identities = step.identities(samples)
+            parts.append(f"step={identities[0].step if identities else ''}")
+            parts.append(
+                "samples=" + keys_digest(f"{i.key}={i.inputs}" for i in identities)
+            )
+        return keys_digest(parts)
 
 
 class CrashSafeFileLocks(FileSystemLockManager):
@@ -241,43 +256,55 @@ def transform_batch(
         "step": name,
         "start": start,
         "root": root,
-        "fingerprint": report["fingerprint"],
+        "identity": report["step"],
         "files": [
-            None if f is None else [os.path.relpath(f[0], root), f[1], f[2]]
-            for f in report["files"]
+            None if f is None else [os.path.relpath(f[0], root), *f[1], inputs]
+            for f, inputs in zip(report["files"], report["inputs"])
         ],
         "computed": report["computed"],
         "loaded": report["loaded"],
+        "failed": report["failed"],
         "seconds": time.perf_counter() - t0,
     }
     get_run_logger().info(
-        "%s[%d:%d]: computed %d, loaded %d from checkpoints",
+        "%s[%d:%d]: computed %d, loaded %d from checkpoints, %d failed (None)",
         name,
         start,
         start + len(samples),
         report["computed"],
         report["loaded"],
+        report["failed"],
     )
     return manifest
 
 
-def fit_model(step: CheckpointWrapper, samples: list, name: str = "step"):
-    """Fit one step on all its training samples and save its model."""
+def fit_model(
+    step: CheckpointWrapper,
+    samples: list,
+    name: str = "step",
+    upstream: str | None = None,
+):
+    """Fit one step on all its training samples and save its model.
+
+    ``upstream`` (the digest of the steps before this one) is recorded in the
+    model file, so that a transform never mixes this model with other upstream
+    models.
+    """
     t0 = time.perf_counter()
-    data = _training_digest(samples)
-    if step.force or not step.load_model(data=data):
+    data = step.training_digest(samples)
+    if step.force or not step.load_model(data=data, upstream=upstream):
         step.estimator.fit(samples)
-        step.save_model(data=data)
+        step.save_model(data=data, upstream=upstream)
         fitted = True
     else:
         fitted = False
-    st = os.stat(step.model_path)
+    st = Stamp.of(os.stat(step.model_path))
     get_run_logger().info("%s: %s", name, "fitted" if fitted else "model loaded")
     return {
         "format": MANIFEST_FORMAT,
         "step": name,
-        "model": (os.path.abspath(step.model_path), st.st_size, st.st_mtime_ns),
-        "sha256": step.model_digest_,
+        "model": (os.path.abspath(step.model_path), *st),
+        "state": step.fitted_digest_,
         "fitted": fitted,
         "n_samples": len(samples),
         "seconds": time.perf_counter() - t0,
@@ -294,22 +321,29 @@ fit_step.__doc__ = fit_model.__doc__
 
 
 def samples_from_manifest(manifest, inputs, step):
-    """Output samples of a batch: lazy loaders of its files, metadata of inputs."""
-    fingerprint = manifest["fingerprint"]
+    """Output samples of a batch: lazy loaders of its files, metadata of inputs.
+
+    Raises `StaleManifestError` unless the manifest names exactly this batch's
+    files, in order.
+    """
     root = manifest["root"]
+    entries = manifest["files"]
+    if len(entries) != len(inputs):
+        msg = f"manifest names {len(entries)} files for {len(inputs)} samples"
+        raise StaleManifestError(msg)
     _, load_func = step._funcs()
     attribute = step._sample_attribute()
     out = []
-    for s, entry in zip(inputs, manifest["files"]):
+    for s, entry in zip(inputs, entries):
         if entry is None:
-            out.append(None)
+            out.append(failed_output(s, attribute))
             continue
-        name, size, mtime_ns = entry
+        name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry
         path = os.path.join(root, name)
-        meta = f"{FORMAT_VERSION}:{fingerprint}:{s.key}"
-        loader = CheckpointLoader(path, meta, size, mtime_ns, load_func)
-        if attribute == "data":
-            out.append(DelayedSample(loader, parent=s))
-        else:
-            out.append(_with_delayed(s, attribute, loader))
+        if os.path.normpath(path) != os.path.abspath(step.checkpoint_path(s.key)):
+            msg = f"manifest names {path!r} for sample {s.key!r}"
+            raise StaleManifestError(msg)
+        identity = Identity(manifest["identity"], inputs_digest, s.key)
+        stamp_ = Stamp(size, mtime_ns, ino, ctime_ns)
+        out.append(lazy_output(s, attribute, CheckpointLoader(path, identity, stamp_, load_func)))
     return out

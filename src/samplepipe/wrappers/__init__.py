@@ -20,6 +20,12 @@ from ._sample import (
     SampleSet,
 )
 from ._sample_wrapper import SampleWrapper
+from ._utils import (
+    flatten_samplesets,
+    getattr_nested,
+    is_instance_nested,
+    is_pipeline_wrapped,
+)
 from ._wrap import wrap
 
 __all__ = [
@@ -39,7 +45,11 @@ __all__ = [
     "dask_tags",
     "estimator_options",
     "estimator_requires_fit",
+    "flatten_samplesets",
+    "getattr_nested",
     "hash_string",
+    "is_instance_nested",
+    "is_pipeline_wrapped",
     "load_hdf5",
     "save_hdf5",
     "wrap",

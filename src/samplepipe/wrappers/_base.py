@@ -1,18 +1,11 @@
-"""Helpers shared by the wrappers: option defaults, fit detection, fingerprints."""
+"""Helpers shared by the wrappers: option defaults, fit detection, names."""
 
 from __future__ import annotations
 
-import hashlib
-import pickle
-
-import joblib
-import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
 from sklearn.utils import get_tags
-
-FORMAT_VERSION = 1
 
 # Library defaults of the options an estimator may declare for itself through
 # ``__samplepipe_tags__``. Every wrapper parameter of the same name that is left
@@ -28,6 +21,7 @@ DEFAULT_OPTIONS = {
     "checkpoint_features": True,
     "fit_supports_dask_array": False,
     "fit_supports_dask_bag": False,
+    "version": None,
 }
 
 # bob.pipelines' tag names, still read from legacy ``_more_tags()`` dicts.
@@ -141,81 +135,6 @@ def estimator_requires_fit(estimator):
         return True
 
 
-def qualified_name(obj):
-    """``module.QualName`` of a class, function, or an instance's class."""
-    cls = (
-        obj
-        if isinstance(obj, type) or callable(obj) and hasattr(obj, "__qualname__")
-        else type(obj)
-    )
-    return f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls)}"
-
-
-def _describe(value):
-    """A structure joblib can hash that stands for ``value``'s configuration."""
-    if isinstance(value, BaseEstimator):
-        params = value.get_params(deep=False)
-        return (
-            "estimator",
-            qualified_name(value),
-            {k: _describe(v) for k, v in sorted(params.items())},
-        )
-    if isinstance(value, list | tuple):
-        return (type(value).__name__, [_describe(v) for v in value])
-    if isinstance(value, dict):
-        return (
-            "dict",
-            {str(k): _describe(v) for k, v in sorted(value.items(), key=str)},
-        )
-    if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
-        return ("callable", qualified_name(value))
-    return value
-
-
-def _safe_hash(obj):
-    try:
-        return joblib.hash(obj)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        # Objects pickle cannot find by name (classes defined in __main__ or a
-        # doctest): hash their repr instead.
-        return joblib.hash(repr(obj))
-
-
-def params_fingerprint(estimator):
-    """Hash of an estimator's class and parameters, recursively.
-
-    Works for classes that pickle cannot find by name.
-    """
-    return _safe_hash(_describe(estimator))
-
-
-def fitted_state(estimator):
-    """The fitted attributes (``name_``) of ``estimator`` and the ones inside it."""
-    state = {}
-    for k, v in sorted(vars(estimator).items()):
-        if k.endswith("_") and not k.startswith("_"):
-            state[k] = v
-        elif isinstance(v, BaseEstimator):
-            state[k] = fitted_state(v)
-        elif isinstance(v, list) and any(
-            isinstance(s, tuple) and len(s) == 2 and isinstance(s[1], BaseEstimator)
-            for s in v
-        ):
-            state[k] = [fitted_state(s[1]) for s in v if isinstance(s, tuple)]
-    return state
-
-
-def fitted_fingerprint(estimator):
-    """Hash of the fitted state of ``estimator`` (arrays hashed by content)."""
-    state = fitted_state(estimator)
-    try:
-        return joblib.hash(state)
-    except (pickle.PicklingError, TypeError, AttributeError):
-        import cloudpickle
-
-        return hashlib.sha256(cloudpickle.dumps(state)).hexdigest()
-
-
 def short_name(estimator, width=30):
     """``Sample|Checkpoint|MyTransformer``: the wrappers and the estimator."""
     parts = []
@@ -225,7 +144,3 @@ def short_name(estimator, width=30):
             name = name.removesuffix("Wrapper")
         parts.append(name)
     return "|".join(parts)[:width]
-
-
-def is_array_like(x):
-    return isinstance(x, np.ndarray) or hasattr(x, "__array__")

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 from sklearn.utils.metaestimators import available_if
 
-from ._base import estimator_requires_fit, inner_estimators, resolve_option
-from ._checkpoint import _update_estimator
-from ._sample import SampleBatch, iter_samples
-from ._sample_wrapper import BaseWrapper, _estimator_has
+from ..storage.models import update_estimator
+from ._base import estimator_requires_fit, inner_estimators, resolve_option, short_name
+from ._sample import SampleBatch, is_sample_list, iter_samples
+from ._sample_wrapper import BaseWrapper, SampleWrapper, _estimator_has
 
 
 class ToDaskBag(TransformerMixin, BaseEstimator):
@@ -49,6 +50,14 @@ class ToDaskBag(TransformerMixin, BaseEstimator):
         return tags
 
 
+def _is_bag(X):
+    if not hasattr(X, "__dask_graph__"):
+        return False
+    import dask.bag
+
+    return isinstance(X, dask.bag.Bag)
+
+
 def _call_partition(partition, estimator, method):
     return getattr(estimator, method)(list(partition))
 
@@ -64,6 +73,36 @@ def _fit_arrays(estimator, X, y=None):
     return estimator.fit(X, y=y)
 
 
+def _stack_partition(partition, attribute, y_attribute):
+    """``(X, y)`` arrays of one partition; samples whose input is None are left out.
+
+    Scalars become vectors of length 1; ``(None, None)`` for no valid sample.
+    """
+    xs, ys = [], []
+    for s in iter_samples(partition):
+        value = getattr(s, attribute)
+        if value is None:
+            continue
+        xs.append(np.atleast_1d(value))
+        if y_attribute is not None:
+            ys.append(getattr(s, y_attribute))
+    if not xs:
+        return None, None
+    return np.stack(xs), (np.asarray(ys) if y_attribute is not None else None)
+
+
+def _shape_dtype(array):
+    return None if array is None else (array.shape, array.dtype)
+
+
+def _sample_options(estimator):
+    """``input_attribute`` and ``fit_extra_arguments`` of the SampleWrapper inside."""
+    for est in inner_estimators(estimator):
+        if isinstance(est, SampleWrapper):
+            return est._option("input_attribute"), est._option("fit_extra_arguments")
+    return "data", ()
+
+
 class DaskWrapper(BaseWrapper):
     """Run a sample-aware estimator on Dask bags, partition by partition.
 
@@ -75,18 +114,33 @@ class DaskWrapper(BaseWrapper):
         A worker resource (e.g. ``"GPU"``) that fit or transform tasks need one
         unit of; start workers with ``--resources GPU=1``.
     fit_supports_dask_array : bool, default=None
-        Fit on a Dask array of the samples' data (for dask-ml estimators).
+        Fit on a Dask array of the samples' data (for dask-ml estimators), and
+        a Dask array ``y`` when ``fit_extra_arguments`` names ``"y"``.
     fit_supports_dask_bag : bool, default=None
         Fit on bags of `SampleBatch` (X and each extra fit argument).
 
     Notes
     -----
-    ``transform`` (and ``predict``, ...) return a lazy bag. ``fit`` runs one
-    task that fits on the whole training set (scikit-learn estimators need it in
-    one place) unless the estimator fits on Dask collections, then copies the
-    fitted state back into the local estimator, so that later transforms ship
-    it to the workers. A valid model checkpoint of any `CheckpointWrapper`
-    inside is loaded instead of fitting.
+    ``transform`` (and ``predict``, ...) return a lazy bag for a bag.
+    ``fit`` runs one task that fits on the whole training set (scikit-learn
+    estimators need it in one place) unless the estimator fits on Dask
+    collections, then copies the fitted state back into the local estimator, so
+    that later transforms ship it to the workers. A `CheckpointWrapper` inside
+    decides in that task whether its model checkpoint fits these training
+    samples (then it loads the model instead of fitting); samples loaded from
+    checkpoints are lazy, so this reads no data.
+
+    With ``fit_supports_dask_array``, the training arrays are persisted on the
+    workers first (one pass over the data; they must fit in the cluster's
+    memory) so that the arrays given to ``fit`` have known chunk sizes and the
+    samples' own dtype, as dask-ml estimators need. Samples whose input is None
+    are left out, as `SampleWrapper.fit` does.
+
+    Input that is not a Dask bag (arrays, Dask arrays) goes straight to the
+    wrapped estimator, so the wrapper is also an ordinary scikit-learn
+    estimator. A list of samples is fitted on locally by ``fit``, but given to
+    ``transform``, ``predict`` ... it raises `TypeError`: it means a pipeline
+    without its `ToDaskBag` step, whose results would not be lazy.
 
     Resource tags are Dask annotations on the graph layers. Dask Bag's graph
     optimisation fuses tasks and drops annotations, so compute tagged graphs
@@ -117,15 +171,29 @@ class DaskWrapper(BaseWrapper):
             return contextlib.nullcontext()
         return dask.annotate(resources={tag: 1})
 
-    def _map(self, method, bag):
-        import dask
-
-        if not hasattr(bag, "map_partitions"):
+    def _run(self, method, X, *args, **kwargs):
+        """A lazy bag for a bag; the estimator's own answer for other input."""
+        if _is_bag(X):
+            if any(a is not None for a in args) or kwargs:
+                msg = (
+                    f"DaskWrapper.{method} got extra arguments with a bag; with "
+                    "samples, they come from sample attributes "
+                    "(fit_extra_arguments, transform_extra_arguments)."
+                )
+                raise TypeError(msg)
+            return self._map(method, X)
+        if is_sample_list(X):
             msg = (
-                f"DaskWrapper.{method} expects a dask bag; put a ToDaskBag step first "
+                f"DaskWrapper.{method} expects a dask bag of samples, got a "
+                f"{type(X).__name__} of samples; put a ToDaskBag step first "
                 "(wrap(['dask'], pipeline) does that)."
             )
             raise TypeError(msg)
+        return getattr(self.estimator, method)(X, *args, **kwargs)
+
+    def _map(self, method, bag):
+        import dask
+
         estimator = dask.delayed(self.estimator, pure=True)
         with self._annotate(self.transform_tag):
             result = bag.map_partitions(
@@ -136,16 +204,14 @@ class DaskWrapper(BaseWrapper):
             )
         return result
 
-    def _load_checkpointed_model(self):
-        for est in inner_estimators(self.estimator):
-            load = getattr(est, "load_model", None)
-            if callable(load) and getattr(est, "model_path", None) is not None:
-                if not getattr(est, "force", False) and load():
-                    return True
-        return False
-
     def fit(self, X, y=None, **fit_params):
-        """Fit on a bag of samples; load a valid model checkpoint instead.
+        """Fit on a bag of samples (or pass plain input to the estimator).
+
+        Parameters
+        ----------
+        X : dask.bag.Bag of Sample, or array-like
+        y : None
+            Must be None for a bag: targets come from ``fit_extra_arguments``.
 
         Returns
         -------
@@ -155,44 +221,50 @@ class DaskWrapper(BaseWrapper):
 
         if not estimator_requires_fit(self.estimator):
             return self
-        if self._load_checkpointed_model():
-            return self
-        if not hasattr(X, "__dask_graph__"):
+        if not _is_bag(X):
             self.estimator.fit(X, y, **fit_params)
             return self
-        estimator = dask.delayed(self.estimator, pure=True)
-        with self._annotate(self.fit_tag):
-            if resolve_option(self, "fit_supports_dask_array"):
-                # dask-aware estimators (dask-ml) take the lazy arrays themselves
-                X_array, y_array = self._arrays(X)
+        if y is not None or fit_params:
+            msg = (
+                "DaskWrapper.fit got y or fit parameters with a bag of samples; "
+                "targets come from sample attributes: pass "
+                "fit_extra_arguments=[('y', '<attribute>')] to the SampleWrapper."
+            )
+            raise TypeError(msg)
+        if resolve_option(self, "fit_supports_dask_array"):
+            # dask-aware estimators (dask-ml) take the lazy arrays themselves
+            X_array, y_array = self._arrays(X)
+            with self._annotate(self.fit_tag):
                 _fit_arrays(self.estimator, X_array, y_array)
-                return self
-            if resolve_option(self, "fit_supports_dask_bag"):
+            return self
+        if resolve_option(self, "fit_supports_dask_bag"):
+            with self._annotate(self.fit_tag):
                 args = self._batch_bags(X)
                 self.estimator.fit(args.pop("X"), **args)
-                return self
-            parts = X.to_delayed()
-            fitted = dask.delayed(_fit_partitions)(estimator, *parts)
+            return self
+        # One task fits on all the samples. A CheckpointWrapper inside checks
+        # there whether its model checkpoint was fitted on these samples.
+        estimator = dask.delayed(self.estimator, pure=True)
+        with self._annotate(self.fit_tag):
+            fitted = dask.delayed(_fit_partitions)(estimator, *X.to_delayed())
             try:
                 fitted = fitted.compute()
             except Exception as exc:
                 msg = f"DaskWrapper could not fit {self._name()}: {exc}"
                 raise RuntimeError(msg) from exc
-        _update_estimator(self.estimator, fitted)
+        update_estimator(self.estimator, fitted)
         return self
 
     def _arrays(self, bag):
-        """Dask arrays X (and y) from a bag of samples, one chunk per partition."""
+        """Dask arrays X (and y) of a bag of samples, with known chunk sizes.
+
+        The partitions are stacked and persisted (one pass over the data), then
+        a light pass reads each stacked partition's shape and dtype.
+        """
         import dask
         import dask.array as da
-        import numpy as np
 
-        attribute = getattr(self.estimator, "input_attribute", None) or "data"
-        pairs = (
-            resolve_option(self.estimator, "fit_extra_arguments")
-            if hasattr(self.estimator, "fit_extra_arguments")
-            else ()
-        )
+        attribute, pairs = _sample_options(self.estimator)
         for keyword, _ in pairs:
             if keyword != "y":
                 msg = (
@@ -201,42 +273,49 @@ class DaskWrapper(BaseWrapper):
                 )
                 raise NotImplementedError(msg)
         y_attribute = dict(pairs).get("y")
-
-        def stack_x(part):
-            return np.vstack(
-                [np.atleast_1d(getattr(s, attribute)) for s in iter_samples(part)]
+        stacked = [
+            dask.delayed(_stack_partition, nout=2, pure=True)(p, attribute, y_attribute)
+            for p in bag.to_delayed()
+        ]
+        xs = [x for x, _ in stacked]
+        ys = [y for _, y in stacked] if y_attribute is not None else []
+        persisted = dask.persist(*xs, *ys)
+        xs, ys = persisted[: len(xs)], persisted[len(xs) :]
+        metas = dask.compute(*(dask.delayed(_shape_dtype)(a) for a in (*xs, *ys)))
+        x_metas, y_metas = metas[: len(xs)], metas[len(xs) :]
+        keep = [i for i, m in enumerate(x_metas) if m is not None]
+        if not keep:
+            msg = (
+                f"DaskWrapper could not fit {self._name()}: no sample of the bag "
+                f"has a value in {attribute!r}."
             )
+            raise ValueError(msg)
+        shapes = {x_metas[i][0][1:] for i in keep}
+        if len(shapes) > 1:
+            msg = (
+                f"DaskWrapper with fit_supports_dask_array got samples of different "
+                f"shapes {sorted(shapes)} in {attribute!r}; all must have one shape."
+            )
+            raise ValueError(msg)
 
-        def stack_y(part):
-            return np.asarray([getattr(s, y_attribute) for s in iter_samples(part)])
-
-        parts = bag.to_delayed()
-        X = da.concatenate(
-            [
-                da.from_delayed(
-                    dask.delayed(stack_x)(p), shape=(np.nan, np.nan), dtype=float
-                )
-                for p in parts
-            ],
-            allow_unknown_chunksizes=True,
-        )
-        y = None
-        if y_attribute is not None:
-            y = da.concatenate(
+        def concatenate(parts, part_metas):
+            return da.concatenate(
                 [
                     da.from_delayed(
-                        dask.delayed(stack_y)(p), shape=(np.nan,), dtype=object
+                        parts[i], shape=part_metas[i][0], dtype=part_metas[i][1]
                     )
-                    for p in parts
-                ],
-                allow_unknown_chunksizes=True,
+                    for i in keep
+                ]
             )
+
+        X = concatenate(xs, x_metas)
+        y = concatenate(ys, y_metas) if y_attribute is not None else None
         return X, y
 
     def _batch_bags(self, bag):
-        attribute = getattr(self.estimator, "input_attribute", None) or "data"
+        attribute, pairs = _sample_options(self.estimator)
         args = {"X": bag.map_partitions(lambda p: [SampleBatch(list(p), attribute)])}
-        for keyword, attr in getattr(self.estimator, "fit_extra_arguments", None) or ():
+        for keyword, attr in pairs:
             args[keyword] = bag.map_partitions(
                 lambda p, a=attr: [SampleBatch(list(p), a)]
             )
@@ -244,54 +323,98 @@ class DaskWrapper(BaseWrapper):
 
     @available_if(_estimator_has("transform"))
     def transform(self, X):
-        """A lazy bag of transformed samples."""
-        return self._map("transform", X)
+        """A lazy bag of transformed samples (plain input: the estimator's)."""
+        return self._run("transform", X)
 
     @available_if(_estimator_has("transform"))
     def fit_transform(self, X, y=None, **fit_params):
-        """Fit, then transform lazily."""
+        """Fit, then transform (lazily for a bag)."""
         return self.fit(X, y, **fit_params).transform(X)
 
     @available_if(_estimator_has("predict"))
     def predict(self, X):
-        """A lazy bag of predictions."""
-        return self._map("predict", X)
+        """A lazy bag of predictions (plain input: the estimator's)."""
+        return self._run("predict", X)
 
     @available_if(_estimator_has("predict_proba"))
     def predict_proba(self, X):
-        """A lazy bag of class probabilities."""
-        return self._map("predict_proba", X)
+        """A lazy bag of class probabilities (plain input: the estimator's)."""
+        return self._run("predict_proba", X)
+
+    @available_if(_estimator_has("predict_log_proba"))
+    def predict_log_proba(self, X):
+        """A lazy bag of log class probabilities (plain input: the estimator's)."""
+        return self._run("predict_log_proba", X)
 
     @available_if(_estimator_has("decision_function"))
     def decision_function(self, X):
-        """A lazy bag of decision function values."""
-        return self._map("decision_function", X)
+        """A lazy bag of decision function values (plain input: the estimator's)."""
+        return self._run("decision_function", X)
+
+    @available_if(_estimator_has("score_samples"))
+    def score_samples(self, X):
+        """A lazy bag of per-sample scores (plain input: the estimator's)."""
+        return self._run("score_samples", X)
 
     @available_if(_estimator_has("score"))
-    def score(self, X):
-        """A lazy bag of scores, one per partition."""
-        return self._map("score", X)
+    def score(self, X, y=None, **kwargs):
+        """A lazy bag of one score per partition (plain input: the estimator's).
+
+        For a bag, targets come from ``fit_extra_arguments``; ``y`` must be None.
+        """
+        return self._run("score", X, y, **kwargs)
 
 
-def dask_tags(estimator):
+def dask_tags(estimator: BaseEstimator) -> dict[str, dict[str, int]]:
     """Resource tags of every `DaskWrapper` in ``estimator`` (or its steps).
 
-    Returns a dict ``{"<step>.fit" | "<step>.transform": {tag: 1}}``. The tags
-    are attached to the graph as Dask annotations when the graph is built, so the
-    distributed scheduler honours them without extra arguments; this dict tells
-    which resources the workers must offer.
+    Returns
+    -------
+    tags : dict
+        ``{"<name>.fit" | "<name>.transform": {tag: 1}}``. In a `Pipeline`,
+        ``<name>`` is the step's name (``"pca.transform"``), with the names of
+        nested pipelines joined by dots (``"features.pca.fit"``), so two steps
+        of one class keep their own tags. For an estimator that is not a
+        pipeline, ``<name>`` is its layers as in log messages, uncut
+        (``"Dask|Sample|PCA.fit"``).
+
+    Notes
+    -----
+    The tags are attached to the graph as Dask annotations when the graph is
+    built, so the distributed scheduler honours them without extra arguments;
+    this dict tells which resources the workers must offer.
+
+    Examples
+    --------
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn.pipeline import Pipeline
+    >>> from samplepipe import DaskWrapper, SampleWrapper, dask_tags
+    >>> pipeline = Pipeline([
+    ...     ("gpu", DaskWrapper(SampleWrapper(PCA()), transform_tag="GPU")),
+    ...     ("cpu", DaskWrapper(SampleWrapper(PCA()), transform_tag="CPU")),
+    ... ])
+    >>> dask_tags(pipeline)
+    {'gpu.transform': {'GPU': 1}, 'cpu.transform': {'CPU': 1}}
     """
+    return _dask_tags(estimator, None)
+
+
+def _dask_tags(estimator, prefix):
     tags = {}
     if isinstance(estimator, Pipeline):
-        for _, step in estimator.steps:
+        for name, step in estimator.steps:
             if isinstance(step, BaseEstimator):
-                tags.update(dask_tags(step))
+                tags.update(
+                    _dask_tags(step, name if prefix is None else f"{prefix}.{name}")
+                )
         return tags
     for est in inner_estimators(estimator):
-        if isinstance(est, DaskWrapper):
-            name = est._name()
+        if isinstance(est, Pipeline):
+            tags.update(_dask_tags(est, prefix))
+        elif isinstance(est, DaskWrapper):
+            name = short_name(est, width=None) if prefix is None else prefix
             if est.fit_tag is not None:
-                tags[f"{name}.fit"] = {est.fit_tag: 1}
+                tags.setdefault(f"{name}.fit", {est.fit_tag: 1})
             if est.transform_tag is not None:
-                tags[f"{name}.transform"] = {est.transform_tag: 1}
+                tags.setdefault(f"{name}.transform", {est.transform_tag: 1})
     return tags

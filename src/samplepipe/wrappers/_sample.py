@@ -247,6 +247,8 @@ class SampleSet(_SampleBase, MutableSequence):
     >>> s = SampleSet([Sample(1), Sample(2)], key="subject-1")
     >>> len(s), s[1].data, s.key
     (2, 2, 'subject-1')
+    >>> SampleSet([Sample(1)], key="k")
+    SampleSet(samples=[Sample(data=1)], key='k')
     """
 
     def __init__(self, samples, parent=None, **kwargs):
@@ -254,7 +256,9 @@ class SampleSet(_SampleBase, MutableSequence):
         self._init_metadata(parent, kwargs, inherit_delayed=False)
 
     def _repr_items(self):
-        return [*super()._repr_items(), ("samples", repr(self.samples))]
+        # ``samples`` is an ordinary attribute here, listed first as it was set
+        # first; the base class already lists it (bob.pipelines' form).
+        return super()._repr_items()
 
     def __len__(self):
         return len(self.samples)

@@ -98,9 +98,14 @@ class SampleWrapper(BaseWrapper):
     ``__samplepipe_tags__()`` (see `samplepipe.estimator_options`), else the
     library default. Explicit ``False`` or ``[]`` wins over both.
 
-    Inputs whose ``X`` is ``None`` are not given to the estimator and get ``None``
-    back in their place. Plain arrays (not samples) pass straight through to the
-    estimator, so the wrapper is also an ordinary scikit-learn estimator.
+    Failed samples stay in line (as in bob.pipelines): an input whose ``X`` is
+    ``None`` is not given to the estimator, and comes out at its position as a
+    new sample that keeps all its metadata (``key`` ...) with the output
+    attribute set to ``None``; so does an input for which the estimator returned
+    ``None``. Outputs always line up with the inputs, also inside sample sets.
+    ``fit`` and ``score`` leave such inputs out. Plain arrays (not samples) pass
+    straight through to the estimator, so the wrapper is also an ordinary
+    scikit-learn estimator.
 
     Examples
     --------
@@ -111,6 +116,8 @@ class SampleWrapper(BaseWrapper):
     >>> scaler = SampleWrapper(StandardScaler()).fit(samples)
     >>> scaler.transform(samples)[2]
     Sample(data=array([1.22474487]), key='2')
+    >>> scaler.transform([Sample(None, key="failed")])
+    [Sample(data=None, key='failed')]
     """
 
     def __init__(
@@ -189,6 +196,19 @@ class SampleWrapper(BaseWrapper):
         valid = [i for i, v in enumerate(values) if v is not None]
         return values, valid
 
+    def _valid_inputs(self, method, flat):
+        """Stacked ``X`` of the inputs that are not None, and their indices."""
+        values, valid = self._inputs(flat)
+        if not valid:
+            attribute = self._option("input_attribute")
+            msg = (
+                f"SampleWrapper.{method} got {len(flat)} samples whose "
+                f"{attribute!r} is None and no other; {method} needs at least one "
+                "sample with data."
+            )
+            raise ValueError(msg)
+        return stack_values(values[i] for i in valid), valid
+
     # -- the core: one estimator call for a whole list of samples -----------
     def _apply(self, method, samples):
         flat, sets = _flatten(samples)
@@ -214,11 +234,10 @@ class SampleWrapper(BaseWrapper):
                 raise RuntimeError(msg)
             for j, i in enumerate(valid):
                 results[i] = out[j]
+        # A None result (an invalid input, or the estimator's None) keeps its
+        # place as a sample whose output attribute is None.
         attribute = self._option("output_attribute")
-        return [
-            _make_output(s, attribute, r) if r is not None else None
-            for s, r in zip(flat, results)
-        ]
+        return [_make_output(s, attribute, r) for s, r in zip(flat, results)]
 
     # -- scikit-learn API --------------------------------------------------
     def fit(self, X, y=None, **fit_params):
@@ -227,12 +246,20 @@ class SampleWrapper(BaseWrapper):
         Parameters
         ----------
         X : list of Sample or SampleSet, or array-like
+            Samples whose input attribute is None are left out.
         y : None
             Must be None for samples: targets come from ``fit_extra_arguments``.
 
         Returns
         -------
         self : SampleWrapper
+
+        Raises
+        ------
+        TypeError
+            If ``y`` is given with samples.
+        ValueError
+            If every sample's input attribute is None.
         """
         if not is_sample_list(X):
             # plain arrays, or Dask collections prepared by DaskWrapper
@@ -251,11 +278,9 @@ class SampleWrapper(BaseWrapper):
         if not estimator_requires_fit(self.estimator):
             return self
         flat, _ = _flatten(X)
-        values, valid = self._inputs(flat)
+        X, valid = self._valid_inputs("fit", flat)
         kwargs = self._extra_kwargs("fit_extra_arguments", flat, valid)
-        self.estimator.fit(
-            stack_values(values[i] for i in valid), **kwargs, **fit_params
-        )
+        self.estimator.fit(X, **kwargs, **fit_params)
         return self
 
     def _dispatch(self, method, X, **kwargs):
@@ -293,15 +318,42 @@ class SampleWrapper(BaseWrapper):
         """Decision function as new samples (or an array for plain input)."""
         return self._dispatch("decision_function", X, **kwargs)
 
+    @available_if(_estimator_has("score_samples"))
+    def score_samples(self, X, **kwargs):
+        """Per-sample scores as new samples (or an array for plain input)."""
+        return self._dispatch("score_samples", X, **kwargs)
+
     @available_if(_estimator_has("score"))
     def score(self, X, y=None, **kwargs):
-        """Score on samples, with targets from ``fit_extra_arguments``."""
+        """Score on samples, with targets from ``fit_extra_arguments``.
+
+        Parameters
+        ----------
+        X : list of Sample or SampleSet, or array-like
+            Samples whose input attribute is None are left out, as in `fit`.
+        y : None
+            Must be None for samples: targets come from ``fit_extra_arguments``
+            (for arrays, it is passed on).
+
+        Returns
+        -------
+        score : float
+            The estimator's ``score`` over all valid samples at once.
+        """
         if not is_sample_list(X):
             return self.estimator.score(X, y, **kwargs)
+        if y is not None or kwargs:
+            given = ["y"] * (y is not None) + sorted(kwargs)
+            msg = (
+                f"SampleWrapper.score got {', '.join(given)}; with samples, targets "
+                "and weights come from sample attributes: pass "
+                "fit_extra_arguments=[('y', '<attribute>'), ...] instead."
+            )
+            raise TypeError(msg)
         flat, _ = _flatten(X)
-        values, valid = self._inputs(flat)
+        X, valid = self._valid_inputs("score", flat)
         extra = self._extra_kwargs("fit_extra_arguments", flat, valid)
-        return self.estimator.score(stack_values(values[i] for i in valid), **extra)
+        return self.estimator.score(X, **extra)
 
 
 def _flatten(samples):
@@ -329,7 +381,10 @@ def _unflatten(outputs, sets):
 
 
 def _make_output(sample, attribute, value):
-    """A new sample carrying ``value`` in ``attribute``; ``sample`` is unchanged."""
+    """A new sample carrying ``value`` in ``attribute``; ``sample`` is unchanged.
+
+    ``value`` may be None: a failed sample keeps its place and its metadata.
+    """
     if attribute == "data":
         return Sample(value, parent=sample)
     if isinstance(sample, DelayedSample):

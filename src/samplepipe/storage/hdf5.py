@@ -1,0 +1,184 @@
+"""The default checkpoint format: one HDF5 file, dataset ``array``, one attribute.
+
+The attribute ``samplepipe`` holds the checkpoint's record (see
+`samplepipe.storage.identity.Identity.record`): the identity, a checksum of the
+payload and the *kind* of the value, so that every supported type comes back
+exactly as it went in (``str`` with NUL characters, ``bytes``, ``U`` and ``S``
+arrays, Python and NumPy scalars).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from typing import Any
+
+import h5py
+import numpy as np
+
+ATTRIBUTE = "samplepipe"
+DATASET = "array"
+
+# One process-wide lock around every h5py call of samplepipe. h5py runs one
+# call at a time anyway (its global lock), but opening and closing files from
+# several threads at once crashed the interpreter here (h5py 3.16 with HDF5
+# 2.0: a segmentation fault in File.close while another thread read a file,
+# under Prefect's thread pool; h5py issue #2920 reports the same crash).
+H5_LOCK = threading.RLock()
+
+_NATIVE = "biufc"  # dtype kinds HDF5 stores and returns unchanged
+_RAW = "SUMmV"  # dtype kinds stored as their bytes, with the dtype in the kind
+_PYTHON = {int: "i", float: "f", complex: "c", bool: "?"}
+_FROM_PYTHON = {"i": int, "f": float, "c": complex, "?": bool}
+
+
+class UnsupportedValueError(TypeError):
+    """The default format cannot store this value exactly."""
+
+
+def encode(value: Any) -> tuple[np.ndarray, str]:
+    """``(payload array, kind)`` for a value; `UnsupportedValueError` otherwise."""
+    if isinstance(value, np.generic):
+        array = np.asarray(value)
+        if array.dtype.kind in _NATIVE:
+            return array, "g"
+        if array.dtype.kind in _RAW and array.dtype.fields is None:
+            return _raw(array), "G" + array.dtype.str
+        raise UnsupportedValueError(_unsupported(value))
+    if type(value) in _PYTHON:
+        array = np.asarray(value)
+        if array.dtype.kind not in _NATIVE:  # an int beyond 64 bits
+            raise UnsupportedValueError(_unsupported(value))
+        return array, _PYTHON[type(value)]
+    if isinstance(value, str):
+        return np.frombuffer(value.encode("utf-8", "surrogatepass"), np.uint8), "s"
+    if isinstance(value, bytes):
+        return np.frombuffer(value, np.uint8), "y"
+    if isinstance(value, bytearray):
+        return np.frombuffer(bytes(value), np.uint8), "Y"
+    if isinstance(value, np.ndarray):
+        kind = value.dtype.kind
+        if kind in _NATIVE:
+            return value, "a"
+        if kind in _RAW and value.dtype.fields is None and value.dtype.itemsize:
+            return _raw(value), "r" + value.dtype.str
+    raise UnsupportedValueError(_unsupported(value))
+
+
+def _raw(array: np.ndarray) -> np.ndarray:
+    return np.frombuffer(array.tobytes(), np.uint8).reshape(
+        *array.shape, array.dtype.itemsize
+    )
+
+
+def _unsupported(value: Any) -> str:
+    what = type(value).__name__
+    dtype = getattr(value, "dtype", None)
+    if dtype is not None:
+        what += f" of dtype {dtype}"
+    return (
+        f"the default checkpoint format cannot store a {what} exactly; it stores "
+        "numeric and bool arrays, str, bytes, S/U/datetime arrays and scalars. "
+        "Pass save_func and load_func to CheckpointWrapper for such data."
+    )
+
+
+def decode(array: np.ndarray, kind: str) -> Any:
+    """The value `encode` was given, from its payload and kind."""
+    if kind == "a":
+        return array
+    if kind == "g":
+        return array[()]
+    if kind in _FROM_PYTHON:
+        return _FROM_PYTHON[kind](array[()])
+    if kind == "s":
+        return array.tobytes().decode("utf-8", "surrogatepass")
+    if kind == "y":
+        return array.tobytes()
+    if kind == "Y":
+        return bytearray(array.tobytes())
+    if kind[:1] in ("r", "G"):
+        dtype = np.dtype(kind[1:])
+        shape = array.shape[:-1]
+        value = np.frombuffer(array.tobytes(), dtype).reshape(shape).copy()
+        return value[()] if kind[0] == "G" else value
+    msg = f"unknown payload kind {kind!r} (written by a newer samplepipe?)"
+    raise ValueError(msg)
+
+
+def checksum(array: np.ndarray, kind: str) -> str:
+    """BLAKE2b of a payload: its kind, dtype, shape and bytes."""
+    h = hashlib.blake2b(f"{kind}|{array.dtype.str}|{array.shape}".encode(), digest_size=16)
+    h.update(np.ascontiguousarray(array).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def image(payload: np.ndarray, record: str | None) -> bytes:
+    """The bytes of an HDF5 file holding ``payload`` as dataset ``array``.
+
+    The file is built in memory (HDF5's ``core`` driver): the disk is then
+    written by plain Python I/O, so a full disk or an I/O error is an ordinary
+    `OSError` and never leaves the HDF5 library with a half-closed file (which
+    crashed the interpreter at exit after ENOSPC).
+    """
+    name = f"samplepipe-{threading.get_ident()}-{id(payload)}"
+    with H5_LOCK, h5py.File(name, "w", driver="core", backing_store=False) as f:
+        f.create_dataset(DATASET, data=payload)
+        if record is not None:
+            f.attrs[ATTRIBUTE] = record
+        f.flush()
+        return f.id.get_file_image()
+
+
+def read(path: str | os.PathLike[str], payload: bool = True) -> tuple[str | None, Any]:
+    """``(record, payload array)`` of an HDF5 file; record None if it has none.
+
+    Raises `OSError` (or `KeyError`) when the file is not readable HDF5 with
+    dataset ``array``.
+    """
+    with H5_LOCK, h5py.File(path, "r") as f:
+        record = f.attrs.get(ATTRIBUTE)
+        dataset = f[DATASET]
+        data = dataset[...] if payload else None
+    if isinstance(record, bytes):
+        record = record.decode("utf-8", "replace")
+    return (record if isinstance(record, str) else None), data
+
+
+def save_hdf5(data: Any, path: str | os.PathLike[str], metadata: str | None = None) -> None:
+    """Write ``data`` to an HDF5 file as dataset ``array``.
+
+    Every value `load_hdf5` returns unchanged: numeric and bool arrays, NumPy
+    and Python scalars, ``str`` (any text, NUL included), ``bytes``, ``S``,
+    ``U`` and datetime arrays. Other values raise ``TypeError``.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "x.h5")
+    >>> save_hdf5("a\\x00b", path)
+    >>> load_hdf5(path)
+    'a\\x00b'
+    """
+    payload, kind = encode(data)
+    record = metadata if metadata is not None else f"::::{kind}:"
+    blob = image(payload, record)
+    with open(path, "wb") as f:
+        f.write(blob)
+
+
+def load_hdf5(path: str | os.PathLike[str]) -> Any:
+    """Read a file written by `save_hdf5` (or dataset ``array`` of any HDF5 file)."""
+    record, payload = read(path)
+    kind = "a"
+    if record is not None:
+        parts = record.split(":", 5)
+        if len(parts) == 6:
+            kind = parts[4]
+    if kind == "a" and payload.dtype.kind in "OS" and h5py.check_string_dtype(
+        payload.dtype
+    ):
+        with H5_LOCK, h5py.File(path, "r") as f:
+            return f[DATASET].asstr()[()]
+    return decode(payload, kind)
