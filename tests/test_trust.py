@@ -780,3 +780,13 @@ def test_main_script_subprocess_sanity():
     )
     assert out.stdout.strip() == "samplepipe"
     assert textwrap.dedent("  x") == "x"
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "", ".hidden"])
+def test_wrap_refuses_step_names_that_are_not_one_folder_name(tmp_path, name):
+    pipeline = Pipeline([(name or "x", StandardScaler())])
+    if not name:
+        pipeline.steps[0] = ("", StandardScaler())
+    with pytest.raises(ValueError, match=re.escape(f"step named {name!r}")):
+        wrap(["sample", "checkpoint"], pipeline, features_dir=str(tmp_path / "f"))
+    assert os.listdir(tmp_path) == []

@@ -126,10 +126,11 @@ class StepCachePolicy(CachePolicy):
                 f"upstream={inputs.get('upstream')}",
             ]
         else:
-            identities = step.identities(samples)
-            parts.append(f"step={identities[0].step if identities else ''}")
+            inputs = step.input_identities(samples)
+            parts.append(f"step={step.step_identity()}")
             parts.append(
-                "samples=" + keys_digest(f"{i.key}={i.inputs}" for i in identities)
+                "samples="
+                + keys_digest(f"{s.key}={i}" for s, i in zip(samples, inputs))
             )
         return keys_digest(parts)
 

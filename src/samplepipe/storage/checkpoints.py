@@ -265,4 +265,9 @@ class CheckpointLoader:
 
     def lineage(self) -> str:
         """The input digest of a sample loaded through this loader."""
-        return self.identity.lineage()
+        try:
+            return self.__dict__["_lineage"]
+        except KeyError:
+            value = self.identity.lineage()
+            object.__setattr__(self, "_lineage", value)
+            return value

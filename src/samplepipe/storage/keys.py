@@ -13,9 +13,8 @@ _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
-def _is_control(c: str) -> bool:
-    o = ord(c)
-    return o < 32 or 0x7F <= o <= 0x9F
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+_PLAIN = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*\Z")
 
 
 def check_key(
@@ -51,9 +50,11 @@ def check_key(
 def _key_rule(key: Any) -> str | None:
     if not isinstance(key, str):
         return "keys must be strings (give every sample a str 'key' attribute)"
+    if len(key) <= MAX_COMPONENT and _PLAIN.match(key) and "/../" not in key + "/":
+        return None  # the common case: ASCII names, no dot-first components
     if not key:
         return "keys must not be empty"
-    if any(_is_control(c) for c in key):
+    if _CONTROL.search(key):
         return "keys must not contain NUL or other control characters"
     if "\\" in key:
         return "keys must not contain a backslash; use '/' to make sub-folders"

@@ -85,6 +85,12 @@ def attribute_identity(sample: Any, attribute: str) -> str:
       changes;
     * in memory: a digest of its content.
     """
+    state = sample.__dict__
+    if attribute == "data" and "data" not in state:
+        loader = state.get("_load")
+        if type(loader) is CheckpointLoader:  # the common case, kept fast
+            cached = loader.__dict__.get("_lineage")
+            return "c" + (cached if cached is not None else loader.lineage())
     loader = _loader_of(sample, attribute)
     if isinstance(loader, CheckpointLoader):
         return "c" + loader.lineage()
@@ -398,11 +404,17 @@ class CheckpointWrapper(BaseWrapper):
         """The identity each sample's checkpoint must hold (keys are checked)."""
         keys = sample_keys(samples)
         step = self.step_identity()
-        attributes = self._read_attributes()
         return [
-            Identity(step, input_identity(s, attributes), k)
-            for s, k in zip(samples, keys)
+            Identity(step, inputs, k)
+            for inputs, k in zip(self.input_identities(samples), keys)
         ]
+
+    def input_identities(self, samples: Sequence[Any]) -> list[str]:
+        """Each sample's input identity (see `attribute_identity`); keys unchecked."""
+        attributes = self._read_attributes()
+        if attributes == ["data"]:
+            return [attribute_identity(s, "data") for s in samples]
+        return [input_identity(s, attributes) for s in samples]
 
     # -- model -------------------------------------------------------------
     def _model_header(self) -> dict[str, Any]:

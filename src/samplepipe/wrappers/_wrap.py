@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from ..storage.keys import check_step_name
+
 from sklearn.pipeline import Pipeline
 
 
@@ -131,6 +133,7 @@ def _wrap_pipeline(bases, pipeline, kwargs):
         raise ValueError(msg)
     steps = []
     for name, step in pipeline.steps:
+        check_step_name(name, owner="wrap's pipeline")
         if step is None or step == "passthrough" or isinstance(step, ToDaskBag):
             steps.append((name, step))
             continue
