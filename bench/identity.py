@@ -38,11 +38,14 @@ print(time.perf_counter() - t0)
 
 
 def cache_keys(n=100_000):
-    from samplepipe import CheckpointWrapper, Sample, SampleWrapper
-    from samplepipe.storage import CheckpointLoader, Identity, Stamp, keys_digest
     from sklearn.preprocessing import StandardScaler
 
-    step = CheckpointWrapper(SampleWrapper(StandardScaler()), features_dir="/nonexistent")
+    from samplepipe import CheckpointWrapper, Sample, SampleWrapper
+    from samplepipe.storage import CheckpointLoader, Identity, Stamp, keys_digest
+
+    step = CheckpointWrapper(
+        SampleWrapper(StandardScaler()), features_dir="/nonexistent"
+    )
     step.estimator.estimator.fit(np.zeros((2, 8)))
     upstream = Identity("a" * 32, "b" * 32, "")
     lazy = []
@@ -51,13 +54,18 @@ def cache_keys(n=100_000):
     for i in range(n):
         key = f"subject_{i // 10:05d}/sample_{i % 10:02d}"
         loader = CheckpointLoader(
-            f"/x/{key}.h5", Identity(upstream.step, upstream.inputs, key), Stamp(1, 2, 3, 4)
+            f"/x/{key}.h5",
+            Identity(upstream.step, upstream.inputs, key),
+            Stamp(1, 2, 3, 4),
         )
         lazy.append(DelayedSample(loader, key=key))
     rng = np.random.default_rng(0)
     eager = [Sample(rng.normal(size=128), key=s.key) for s in lazy]
     out = {}
-    for name, samples in (("lazy (from checkpoints)", lazy), ("in memory, 128 floats", eager)):
+    for name, samples in (
+        ("lazy (from checkpoints)", lazy),
+        ("in memory, 128 floats", eager),
+    ):
         best = float("inf")
         for _ in range(3):
             t0 = time.perf_counter()
@@ -72,27 +80,39 @@ def cache_keys(n=100_000):
 
 def first_runs(old_ref, rounds=3):
     root = subprocess.run(
-        ["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True
+        ["git", "rev-parse", "--show-toplevel"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.strip()
     scratch = tempfile.mkdtemp(prefix="samplepipe-bench-")
     old = os.path.join(scratch, "old")
     subprocess.run(
-        ["git", "-C", root, "worktree", "add", "--detach", "-q", old, old_ref], check=True
+        ["git", "-C", root, "worktree", "add", "--detach", "-q", old, old_ref],
+        check=True,
     )
     try:
-        variants = {"this code": os.path.join(root, "src"), old_ref: os.path.join(old, "src")}
+        variants = {
+            "this code": os.path.join(root, "src"),
+            old_ref: os.path.join(old, "src"),
+        }
         times = {k: [] for k in variants}
         for _ in range(rounds):
             for name, src in variants.items():
                 env = dict(os.environ, PYTHONPATH=src)
                 out = subprocess.run(
                     [sys.executable, "-c", FIRST_RUN, scratch],
-                    env=env, capture_output=True, text=True, check=True,
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=True,
                 )
                 times[name].append(float(out.stdout))
         return {k: min(v) for k, v in times.items()}
     finally:
-        subprocess.run(["git", "-C", root, "worktree", "remove", "--force", old], check=True)
+        subprocess.run(
+            ["git", "-C", root, "worktree", "remove", "--force", old], check=True
+        )
 
 
 def main():

@@ -89,7 +89,7 @@ def bench_checkpoint(n, d, work):
 
     from samplepipe import CheckpointWrapper
     from samplepipe.testing import CountingTransformer
-    from samplepipe.wrappers import _checkpoint
+    from samplepipe.storage import VALIDATED
 
     print(f"\n1. {n} samples x {d} float64 through a cheap transformer")
     samples = make_samples(n, d)
@@ -131,7 +131,7 @@ def bench_checkpoint(n, d, work):
         agains.append(timed(lambda w=wrapper: read_all(w.transform(samples)))[0])
 
         def rerun_fresh(features=features):
-            _checkpoint._validated.clear()  # as a new process: validate every file
+            VALIDATED.clear()  # as a new process: validate every file
             fresh = CheckpointWrapper(cheap_step(), features_dir=features)
             return read_all(fresh.transform(samples))
 

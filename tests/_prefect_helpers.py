@@ -24,7 +24,9 @@ def task_runs(flow_run_id, timeout=60):
             runs = client.read_task_runs(
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
-            final = runs and all(r.state is not None and r.state.is_final() for r in runs)
+            final = runs and all(
+                r.state is not None and r.state.is_final() for r in runs
+            )
             if (final and len(runs) == previous) or time.monotonic() > deadline:
                 return runs
             previous = len(runs) if final else None

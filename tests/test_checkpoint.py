@@ -15,9 +15,9 @@ from samplepipe import (
     check_key,
     hash_string,
 )
-from samplepipe.testing import CountingTransformer, count_rows, read_calls
 from samplepipe.storage import VALIDATED, Identity, is_temporary_file, read_model_header
 from samplepipe.storage.files import HOST_TAG
+from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
 from .conftest import make_samples
 

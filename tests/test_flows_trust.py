@@ -119,7 +119,9 @@ def test_force_recomputes_in_the_flows(tmp_path):
         return Pipeline([("count", step)])
 
     transform_pipeline(pipeline(False), samples, **dirs(tmp_path))
-    state, flow_run_id = run(transform_pipeline, pipeline(True), samples, **dirs(tmp_path))
+    state, flow_run_id = run(
+        transform_pipeline, pipeline(True), samples, **dirs(tmp_path)
+    )
     assert state.is_completed()
     assert count_rows(log, "transform") == 40
     assert {r.state.name for r in task_runs(flow_run_id)} == {"Completed"}

@@ -289,7 +289,8 @@ import mymodule
 step = CheckpointWrapper(SampleWrapper(mymodule.Double()), features_dir=sys.argv[1],
                          model_path=sys.argv[2])
 removed = step.remove_checkpoints()
-print(step.step_identity(), len(removed), sorted({s for _, s, _ in step.iter_checkpoints()}))
+statuses = sorted({s for _, s, _ in step.iter_checkpoints()})
+print(step.step_identity(), len(removed), statuses)
 """
 
 
@@ -378,7 +379,9 @@ def test_remove_keeps_everything_when_the_model_cannot_be_read(tmp_path):
     samples = make_samples(10)
     model = str(tmp_path / "m.pkl")
     fitted = CheckpointWrapper(
-        SampleWrapper(StandardScaler()), features_dir=str(tmp_path / "f"), model_path=model
+        SampleWrapper(StandardScaler()),
+        features_dir=str(tmp_path / "f"),
+        model_path=model,
     )
     fitted.fit(samples).transform(samples)
     for wrong in (str(tmp_path / "typo.pkl"), None):
@@ -423,9 +426,12 @@ def test_remove_judges_each_file_again_right_before_removing_it(tmp_path):
             return iter(listed)
 
     cleaner = ListedThenRecomputed(**fresh.get_params(deep=False))
-    listed = [s for _, s, _ in checkpointed(
-        FunctionTransformer(lambda X: X + 1), tmp_path
-    ).iter_checkpoints()]
+    listed = [
+        s
+        for _, s, _ in checkpointed(
+            FunctionTransformer(lambda X: X + 1), tmp_path
+        ).iter_checkpoints()
+    ]
     assert listed == ["stale"] * 5
     # files rewritten in between are kept: they changed since they were judged
     assert cleaner.remove_checkpoints() == []
@@ -487,15 +493,25 @@ def test_an_upstream_change_is_seen_through_a_step_without_checkpoints(tmp_path)
     def pipeline(offset):
         return Pipeline(
             [
-                ("first", CheckpointWrapper(
-                    SampleWrapper(CountingTransformer(offset=offset, stateless=True)),
-                    features_dir=str(tmp_path / "first"),
-                )),
+                (
+                    "first",
+                    CheckpointWrapper(
+                        SampleWrapper(
+                            CountingTransformer(offset=offset, stateless=True)
+                        ),
+                        features_dir=str(tmp_path / "first"),
+                    ),
+                ),
                 ("middle", SampleWrapper(FunctionTransformer(lambda X: X * 2))),
-                ("last", CheckpointWrapper(
-                    SampleWrapper(CountingTransformer(log_path=log, stateless=True)),
-                    features_dir=str(tmp_path / "last"),
-                )),
+                (
+                    "last",
+                    CheckpointWrapper(
+                        SampleWrapper(
+                            CountingTransformer(log_path=log, stateless=True)
+                        ),
+                        features_dir=str(tmp_path / "last"),
+                    ),
+                ),
             ]
         )
 
@@ -537,15 +553,15 @@ def test_a_model_that_cannot_be_unpickled_is_refitted_with_a_warning(tmp_path):
         " model_path=sys.argv[2]).fit(random_samples(6))\n"
     )
     model = str(tmp_path / "m.pkl")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path), model, log], check=True)
+    subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), model, log], check=True
+    )
     header = read_model_header(model)
     # the module is gone (renamed, uninstalled): the header still matches a class
     # of the same code and name, but the payload cannot be unpickled
     module.unlink()
     Gone = user_class(0, body=module_source(), module="elsewhere", name="Gone")
-    step = CheckpointWrapper(
-        SampleWrapper(Gone(log_path=log)), model_path=model
-    )
+    step = CheckpointWrapper(SampleWrapper(Gone(log_path=log)), model_path=model)
     assert step._model_header_if_matching() is not None
     with pytest.warns(ModelWarning, match="cannot be unpickled"):
         step.fit(samples)

@@ -12,7 +12,8 @@ import copy
 import importlib
 import os
 import time
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import Flow, flow, get_run_logger
 from prefect.artifacts import (
@@ -139,7 +140,7 @@ def prepare_steps(pipeline, features_dir, model_dir):
 # ---------------------------------------------------------------------------
 # Called as ``callback(done, total, description)`` after each batch, in the
 # flow's process; the command line draws its progress bar with it.
-progress_callbacks = []
+progress_callbacks: list[Any] = []
 
 
 class _Progress:
@@ -147,7 +148,9 @@ class _Progress:
         self.total = max(total, 1)
         self.done = 0
         self.description = description
-        self.id = create_progress_artifact(progress=0.0, description=description)
+        self.id = cast(
+            "UUID", create_progress_artifact(progress=0.0, description=description)
+        )
 
     def advance(self):
         self.done += 1
@@ -229,12 +232,11 @@ def _transform_step(
     )
     if failed:
         start, stop, state = failed[0]
+        cause: BaseException | None = None
         try:
             state.result()
         except Exception as exc:  # the task's own error
             cause = exc
-        else:
-            cause = None
         msg = (
             f"step {name!r} failed on {len(failed)} of {n_batches} batches "
             f"(first: [{start}:{stop}]: {cause!r}); the other batches are "
@@ -303,7 +305,7 @@ def _summary(rows, title):
 
 def _summarized(title, work, *args):
     """Run ``work(*args, rows)``; publish the summary table even when it fails."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         return work(*args, rows)
     finally:
@@ -411,7 +413,7 @@ def _fit(
     n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
     progress = _Progress(n_batches, "fit: batches transformed")
     current = samples
-    upstream = []
+    upstream: list[str] = []
     for i, (name, step) in enumerate(steps):
         if estimator_requires_fit(step.estimator):
             _fit_step(name, step, current, options, rows, combine(*upstream))
@@ -438,7 +440,7 @@ def _load_models(steps):
     the steps before it as they are now; a model fitted after other upstream
     models (a fit that failed half way) is refused.
     """
-    upstream = []
+    upstream: list[str] = []
     for name, step in steps:
         if estimator_requires_fit(step.estimator):
             if step.__sklearn_is_fitted__():

@@ -249,7 +249,7 @@ def transform_batch(
 ):
     """Transform one batch through one checkpointed step; return its manifest."""
     t0 = time.perf_counter()
-    report = {}
+    report: dict[str, Any] = {}
     step.transform_samples(samples, report=report)
     root = os.path.abspath(os.fspath(step.features_dir))
     manifest = {
@@ -346,5 +346,9 @@ def samples_from_manifest(manifest, inputs, step):
             raise StaleManifestError(msg)
         identity = Identity(manifest["identity"], inputs_digest, s.key)
         stamp_ = Stamp(size, mtime_ns, ino, ctime_ns)
-        out.append(lazy_output(s, attribute, CheckpointLoader(path, identity, stamp_, load_func)))
+        out.append(
+            lazy_output(
+                s, attribute, CheckpointLoader(path, identity, stamp_, load_func)
+            )
+        )
     return out

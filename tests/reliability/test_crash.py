@@ -15,9 +15,8 @@ import numpy as np
 
 from samplepipe import CheckpointWrapper
 from samplepipe.testing import count_rows, random_samples
-from samplepipe.wrappers._checkpoint import (
+from samplepipe.storage import (
     checkpoint_status,
-    format_metadata,
     is_temporary_file,
     load_hdf5,
     load_model,
@@ -55,7 +54,7 @@ def kill_at_random(proc, rng, longest):
     return not finished
 
 
-def check_folder(features, fingerprint, expected, seen=None):
+def check_folder(features, identities, expected, seen=None):
     """Every checkpoint present (and not in ``seen``) is valid with the right data.
 
     Returns (files checked, temporary files found); adds checked paths to ``seen``.
@@ -70,7 +69,7 @@ def check_folder(features, fingerprint, expected, seen=None):
             if seen is not None and path in seen:
                 continue
             key = os.path.relpath(path, features)[: -len(".h5")]
-            status, _ = checkpoint_status(path, format_metadata(fingerprint, key))
+            status, _ = checkpoint_status(path, identities[key])
             assert status == "valid", (path, status)
             np.testing.assert_array_equal(load_hdf5(path), expected[key])
             files += 1
@@ -86,14 +85,14 @@ def test_killed_transforms_lose_nothing_and_resume(tmp_path):
     samples = random_samples(n, n_features=16, seed=7)
     expected = {s.key: s.data + 1.0 for s in samples}
     wrapper = CheckpointWrapper(transformer(str(log)), features_dir=str(features))
-    fingerprint = wrapper.fingerprint()
+    identities = {i.key: i for i in wrapper.identities(samples)}
     kills = attempts = checked = 0
     seen = set()
     while kills < KILLS and attempts < 3 * KILLS:
         attempts += 1
         proc = start("transform", features, log, n)
         kills += kill_at_random(proc, rng, longest=1.5)
-        files, temps = check_folder(features, fingerprint, expected, seen)
+        files, temps = check_folder(features, identities, expected, seen)
         checked += files
         assert temps <= 1  # only the file being written when the kill came
     assert kills == KILLS
@@ -103,7 +102,7 @@ def test_killed_transforms_lose_nothing_and_resume(tmp_path):
     assert count_rows(log, "transform") - before == n - done
     for s, o in zip(samples, out):
         np.testing.assert_array_equal(o.data, expected[s.key])
-    files, temps = check_folder(features, fingerprint, expected)
+    files, temps = check_folder(features, identities, expected)
     assert (files, temps) == (n, 0)
     _stats.add(
         transform_kills=kills,

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from samplepipe import CheckpointWarning, CheckpointWrapper, SampleWrapper
-from samplepipe.testing import CountingTransformer, count_rows, random_samples
 from samplepipe.storage import VALIDATED, is_temporary_file
+from samplepipe.testing import CountingTransformer, count_rows, random_samples
 
 from . import _stats
 

@@ -133,10 +133,10 @@ def status(
     if cached is not None and cached[0] == st:
         found_record = cached[1]
     else:
-        result, found_record = read_record(path, custom)
-        if result != "ok":
+        result, record = read_record(path, custom)
+        if result != "ok" or record is None:
             return result, st
-        assert found_record is not None
+        found_record = record
         if stamp(path) != st:  # replaced while we read it: judge again later
             return "corrupt", st
         remember(path, custom, st, found_record)

@@ -109,7 +109,9 @@ def decode(array: np.ndarray, kind: str) -> Any:
 
 def checksum(array: np.ndarray, kind: str) -> str:
     """BLAKE2b of a payload: its kind, dtype, shape and bytes."""
-    h = hashlib.blake2b(f"{kind}|{array.dtype.str}|{array.shape}".encode(), digest_size=16)
+    h = hashlib.blake2b(
+        f"{kind}|{array.dtype.str}|{array.shape}".encode(), digest_size=16
+    )
     h.update(np.ascontiguousarray(array).view(np.uint8).data)
     return h.hexdigest()
 
@@ -146,7 +148,9 @@ def read(path: str | os.PathLike[str], payload: bool = True) -> tuple[str | None
     return (record if isinstance(record, str) else None), data
 
 
-def save_hdf5(data: Any, path: str | os.PathLike[str], metadata: str | None = None) -> None:
+def save_hdf5(
+    data: Any, path: str | os.PathLike[str], metadata: str | None = None
+) -> None:
     """Write ``data`` to an HDF5 file as dataset ``array``.
 
     Every value `load_hdf5` returns unchanged: numeric and bool arrays, NumPy
@@ -176,8 +180,10 @@ def load_hdf5(path: str | os.PathLike[str]) -> Any:
         parts = record.split(":", 5)
         if len(parts) == 6:
             kind = parts[4]
-    if kind == "a" and payload.dtype.kind in "OS" and h5py.check_string_dtype(
-        payload.dtype
+    if (
+        kind == "a"
+        and payload.dtype.kind in "OS"
+        and h5py.check_string_dtype(payload.dtype)
     ):
         with H5_LOCK, h5py.File(path, "r") as f:
             return f[DATASET].asstr()[()]

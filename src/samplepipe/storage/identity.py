@@ -58,7 +58,7 @@ def _library_roots() -> tuple[str, ...]:
 _ROOTS = _library_roots()
 _module_cache: dict[str, str | None] = {}
 _module_lock = threading.Lock()
-_distributions: dict[str, list[str]] | None = None
+_distributions: Any = None  # importlib.metadata.packages_distributions(), once
 
 
 def _top_level_version(top: str) -> str:
@@ -178,7 +178,11 @@ class _Hasher:
         if obj is None or isinstance(obj, bool):
             self.tag(repr(obj))
             return
-        if isinstance(obj, int | float | complex) and type(obj) in (int, float, complex):
+        if isinstance(obj, int | float | complex) and type(obj) in (
+            int,
+            float,
+            complex,
+        ):
             self.tag(f"{type(obj).__name__}:{obj!r}")
             return
         if type(obj) is str:
@@ -269,7 +273,10 @@ class _Hasher:
         if hasattr(obj, "__dict__") and not isinstance(obj, types.ModuleType):
             state = dict(vars(obj))
         slots = [
-            s for c in cls.__mro__ for s in getattr(c, "__slots__", ()) if s != "__dict__"
+            s
+            for c in cls.__mro__
+            for s in getattr(c, "__slots__", ())
+            if s != "__dict__"
         ]
         if slots:
             state = dict(state or {})
@@ -321,7 +328,9 @@ class _Hasher:
             self.value(obj.__self__)
             return
         module = getattr(obj, "__module__", None)
-        qualname = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "?")
+        qualname = str(
+            getattr(obj, "__qualname__", None) or getattr(obj, "__name__", "?")
+        )
         library = library_version(module if isinstance(module, str) else None)
         if library is not None:
             self.tag(f"library:{module}.{qualname}:{library}")
@@ -611,4 +620,3 @@ class Identity:
             raise ValueError(msg)
         version, step, inputs, checksum, kind, key = parts
         return cls(step, inputs, key, int(version)), checksum, kind
-

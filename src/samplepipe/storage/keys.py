@@ -73,7 +73,9 @@ def _key_rule(key: Any) -> str | None:
                 "without empty, '.' or '..' components"
             )
         if part.startswith("."):
-            return "key components must not start with '.' (reserved for temporary files)"
+            return (
+                "key components must not start with '.' (reserved for temporary files)"
+            )
         if len(part.encode("utf-8")) > MAX_COMPONENT:
             return (
                 f"each '/'-separated part of a key must be at most {MAX_COMPONENT} "
@@ -91,7 +93,9 @@ def check_step_name(name: Any, owner: str = "pipeline") -> str:
     if rule is None and "/" in name:
         rule = "step names must be a single folder name without '/'"
     if rule:
-        rule = rule.replace("keys", "step names").replace("key components", "step names")
+        rule = rule.replace("keys", "step names").replace(
+            "key components", "step names"
+        )
         msg = f"{owner} has a step named {name!r}; {rule}. Rename the step."
         raise ValueError(msg)
     return name

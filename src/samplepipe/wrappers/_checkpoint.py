@@ -21,6 +21,7 @@ from ..storage.files import (
     remove_stale_temporaries,
 )
 from ..storage.files import _owner_alive as temporary_owner_alive
+from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.identity import (
     FORMAT_VERSION,
     Identity,
@@ -30,7 +31,6 @@ from ..storage.identity import (
     fitted_digest,
     value_digest,
 )
-from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
 from ..storage.models import (
     load_model,
@@ -590,7 +590,9 @@ class CheckpointWrapper(BaseWrapper):
         attribute = self._sample_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
         stamps: list[Any] = [None] * len(samples)
-        todo, bad, unknown = [], {}, []
+        todo: list[int] = []
+        bad: dict[str, int] = {}
+        unknown: list[str] = []
         for i, (s, path, ident) in enumerate(zip(samples, paths, identities)):
             if _is_failed(s, input_attribute):
                 continue
@@ -675,7 +677,7 @@ class CheckpointWrapper(BaseWrapper):
                 f"{len(inputs)} inputs."
             )
             raise RuntimeError(msg)
-        values = {}
+        values: dict[int, Any] = {}
         for i, out in zip(todo, outputs):
             if out is None:
                 values[i] = None
@@ -737,7 +739,14 @@ class CheckpointWrapper(BaseWrapper):
         return self.estimator.score(X, y, **kwargs)
 
     # -- housekeeping ------------------------------------------------------
-    def _has_model_state(self) -> bool:
+    def has_model_state(self) -> bool:
+        """Whether this step's fitted state is known, so its files can be judged.
+
+        True for a step that needs no fitting, one fitted (or loaded) in
+        memory, and one whose ``model_path`` holds a model header of this
+        step's code and parameters (read without unpickling). Otherwise
+        `iter_checkpoints` calls every file ``unknown``.
+        """
         if not estimator_requires_fit(self.estimator):
             return True
         if getattr(self, "fitted_digest_", None) is not None:
@@ -745,6 +754,8 @@ class CheckpointWrapper(BaseWrapper):
         return self.__sklearn_is_fitted__() or (
             self._model_header_if_matching() is not None
         )
+
+    _has_model_state = has_model_state
 
     def iter_checkpoints(self) -> Iterator[tuple[str, str, int]]:
         """Yield ``(path, status, size)`` for every file under ``features_dir``.

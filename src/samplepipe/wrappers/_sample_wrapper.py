@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sklearn.base import BaseEstimator, MetaEstimatorMixin
 from sklearn.utils import get_tags
 from sklearn.utils.metaestimators import available_if
@@ -358,7 +360,8 @@ class SampleWrapper(BaseWrapper):
 
 def _flatten(samples):
     """Flatten sample sets; return the samples and how to regroup them."""
-    flat, sets = [], []
+    flat: list[Any] = []
+    sets: list[tuple[SampleSet | None, int, int]] = []
     for s in samples:
         if isinstance(s, SampleSet):
             members = list(s.samples)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from ..storage.keys import check_step_name
-
 from sklearn.pipeline import Pipeline
+
+from ..storage.keys import check_step_name
 
 
 def _named_bases():
