@@ -407,10 +407,47 @@ def test_force_refits_the_model(tmp_path, samples):
     assert len(read_calls(log, "fit")) == 2
 
 
+def _partial_reads(path, writer, blob, rounds=5):
+    """How often a reader saw a half-written file while ``writer`` wrote ``blob``.
+
+    ``writer(path, write)`` must call ``write(target)``; ``write`` puts half of
+    ``blob`` into ``target``, lets a reader look at ``path`` (and waits until it
+    did), then writes the rest.
+    """
+    partial = 0
+    for _ in range(rounds):
+
+        def write(target):
+            nonlocal partial
+            with open(target, "wb") as f:
+                f.write(blob[: len(blob) // 2])
+                f.flush()
+                if os.path.exists(path):  # the reader's look, mid-write
+                    with open(path, "rb") as r:
+                        seen = r.read()
+                    partial += seen not in (blob,)
+            with open(target, "ab") as f:
+                f.write(blob[len(blob) // 2 :])
+
+        writer(path, write)
+    return partial
+
+
 def test_model_is_written_atomically(tmp_path, samples):
+    from samplepipe.storage.files import atomic_write
+
     wrapper, _ = model_wrapper(tmp_path)
     wrapper.fit(samples)
+    path = str(tmp_path / "model.pkl")
+    blob = open(path, "rb").read()
     assert [p.name for p in tmp_path.iterdir() if is_temporary_file(p.name)] == []
+    # samplepipe's writer: a reader only ever sees the whole previous file
+    assert _partial_reads(path, atomic_write, blob) == 0
+
+    def in_place(path, write):  # the broken variant: writes where readers look
+        write(path)
+
+    assert _partial_reads(path, in_place, blob) == 5  # the check catches it
 
 
 def test_no_paths_means_plain_behaviour(tmp_path, samples):

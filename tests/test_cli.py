@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from samplepipe.storage.files import HOST_TAG
+
 BIN = Path(sys.executable).parent
+QUIET_SERVER = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    # two cores shared with other jobs: give the embedded server time
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
+}
 SMALL = [
     "--train-samples-kwargs",
     '{"subset": "train", "n": 300}',
@@ -37,9 +44,7 @@ def demo(tmp_path_factory):
     """The demo run twice in a fresh PREFECT_HOME, on Prefect's embedded default."""
     cwd = tmp_path_factory.mktemp("demo")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false"
-    )
+    env.update(PREFECT_HOME=str(cwd / ".prefect"), **QUIET_SERVER)
     first = cli("run", *SMALL, cwd=cwd, env=env)
     features = cwd / "samplepipe-demo" / "features"
     files = {p: p.stat().st_mtime_ns for p in features.rglob("*.h5")}
@@ -72,7 +77,10 @@ def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
     features = cwd / "samplepipe-demo" / "features"
     victim = features / "pca" / "digits" / "00007.h5"
     victim.write_bytes(b"garbage")
-    leftover = features / "scale" / "digits" / ".00003.h5.host-1-abcdef12.tmp"
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()  # a crashed writer: its process is gone
+    tmp = f".00003.h5.{HOST_TAG}-{proc.pid}-abcdef12.tmp"
+    leftover = features / "scale" / "digits" / tmp
     leftover.write_bytes(b"partial")
     status = cli("status", cwd=cwd, env=env).stdout
     pca_row = next(line for line in status.splitlines() if "│ pca" in line)
@@ -96,10 +104,7 @@ def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
 
 def test_run_fails_with_the_step_named(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
-        PREFECT_HOME=str(tmp_path / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-    )
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), **QUIET_SERVER)
     (tmp_path / "fail").write_text("x")  # step "count" raises OSError while it exists
     result = cli(
         "run",

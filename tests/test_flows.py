@@ -171,7 +171,7 @@ def test_deleting_one_checkpoint_recomputes_exactly_that_sample(tmp_path, fitted
     assert os.path.isfile(tmp_path / "features" / "count" / "test" / "00042.h5")
 
 
-def test_a_failing_batch_fails_the_run_and_a_rerun_computes_only_it(tmp_path, fitted):
+def test_a_failing_sample_fails_the_run_and_a_rerun_computes_only_it(tmp_path, fitted):
     from samplepipe.flows import PipelineRunError, fit_pipeline, transform_pipeline
 
     samples = make_samples(1000, seed=3, prefix="test")
@@ -183,11 +183,12 @@ def test_a_failing_batch_fails_the_run_and_a_rerun_computes_only_it(tmp_path, fi
     fit_pipeline(pipe, fitted, **dirs(tmp_path))  # no marker yet: fits fine
     before = count_rows(tmp_path / "count.log", "transform")
     marker.write_text("x")
-    with pytest.raises(
-        PipelineRunError, match=re.escape("step 'count' failed on 1 of 4")
-    ):
+    msg = "step 'count': 1 sample(s) failed in batches [500:750]: 'test/00600'"
+    with pytest.raises(PipelineRunError, match=re.escape(msg)) as info:
         transform_pipeline(pipe, samples, **dirs(tmp_path))
-    assert count_rows(tmp_path / "count.log", "transform") - before == 750
+    assert [k for k, _ in info.value.failures] == ["test/00600"]
+    # the other 249 samples of the failing batch are computed and checkpointed
+    assert count_rows(tmp_path / "count.log", "transform") - before == 999
     marker.unlink()
     state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
     assert state.is_completed()

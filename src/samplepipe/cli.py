@@ -7,17 +7,28 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from collections import Counter
+from typing import Any
 
 from cyclopts import App
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 DEMO_PIPELINE = "samplepipe.examples:demo_pipeline"
 DEMO_SAMPLES = "samplepipe.examples:digits_samples"
 DEMO_DIR = "samplepipe-demo"
+DEMO_FEATURES_DIR = f"{DEMO_DIR}/features"
+DEMO_MODEL_DIR = f"{DEMO_DIR}/models"
+# A scan that met a file vanishing under it (a job writing into the folder)
+# starts again, at most this many times.
+SCAN_ATTEMPTS = 20
+# What status counts, in its columns; clean removes only REMOVABLE files.
+STATUSES = ("valid", "stale", "corrupt", "foreign", "unknown", "temporary", "writing")
+REMOVABLE = ("stale", "corrupt", "foreign", "temporary")
 
 app = App(
     name="samplepipe",
@@ -25,6 +36,14 @@ app = App(
 )
 console = Console()
 err = Console(stderr=True)
+
+
+class CommandError(Exception):
+    """A command stops: ``main`` prints the message and exits with ``code``."""
+
+    def __init__(self, msg, code=1):
+        super().__init__(msg)
+        self.code = code
 
 
 def _json(value, option):
@@ -41,6 +60,19 @@ def _json(value, option):
 def _quiet_prefect():
     # Task-level INFO logs would scroll over the progress bar.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _print_table(table):
+    """Print ``table`` whole: folded to fit a terminal, else at its natural width.
+
+    Output to a file or a pipe (80 columns by default) is not cut short.
+    """
+    if console.is_terminal:
+        console.print(table)
+        return
+    options = console.options.update_width(10_000)
+    width = console.measure(table, options=options).maximum
+    Console(file=console.file, width=max(width, console.width)).print(table)
 
 
 def _table(rows, title):
@@ -60,7 +92,7 @@ def _table(rows, title):
     for row in rows:
         table.add_row(
             *(
-                str(row[c])
+                escape(str(row[c]))
                 for c in (
                     "step",
                     "task",
@@ -77,27 +109,29 @@ def _table(rows, title):
 
 @app.command
 def run(
-    pipeline: str = DEMO_PIPELINE,
+    pipeline: str | None = None,
     *,
     samples: str = DEMO_SAMPLES,
     samples_kwargs: str = '{"subset": "test"}',
     train_samples: str = DEMO_SAMPLES,
     train_samples_kwargs: str = '{"subset": "train"}',
     pipeline_kwargs: str = "{}",
-    features_dir: str = f"{DEMO_DIR}/features",
-    model_dir: str = f"{DEMO_DIR}/models",
+    features_dir: str = DEMO_FEATURES_DIR,
+    model_dir: str = DEMO_MODEL_DIR,
     batch_size: int = 200,
     retries: int = 2,
-):
+) -> int:
     """Fit PIPELINE on the training samples and transform the samples, via Prefect.
 
     Without arguments, runs the demo (digits: scaling -> PCA -> classifier
     scores) into ./samplepipe-demo. Run it twice: the second run computes nothing.
+    Other folders need PIPELINE: the demo would overwrite the models there.
 
     Parameters
     ----------
     pipeline
         Import path of a Pipeline or of a function that returns one.
+        Required, except for ./samplepipe-demo.
     samples
         Import path of a function that returns the samples to transform.
     samples_kwargs
@@ -117,6 +151,7 @@ def run(
     retries
         Retries of a task run that failed with an I/O error.
     """
+    pipeline = _pipeline_or_demo("run", pipeline, features_dir, model_dir)
     _quiet_prefect()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -140,7 +175,7 @@ def run(
 
         def advance(done, total, description):
             if description not in bars:
-                bars[description] = progress.add_task(description, total=total)
+                bars[description] = progress.add_task(escape(description), total=total)
             progress.update(bars[description], completed=done, total=total)
 
         flows.progress_callbacks.append(advance)
@@ -159,59 +194,168 @@ def run(
         finally:
             flows.progress_callbacks.remove(advance)
     seconds = time.perf_counter() - t0
+    assert state is not None  # return_state=True
     if not state.is_completed():
         try:
             state.result()
         except flows.PipelineRunError as exc:
-            err.print(f"[bold red]FAILED[/] at step [bold]{exc.step}[/]: {exc}")
+            err.print(
+                f"[bold red]FAILED[/] at step [bold]{escape(str(exc.step))}[/]: "
+                f"{escape(str(exc))}"
+            )
         except Exception as exc:  # bad input, unknown import path, ...
-            err.print(f"[bold red]FAILED[/]: {exc}")
+            err.print(f"[bold red]FAILED[/]: {escape(str(exc))}")
         return 1
     rows = state.result()
-    console.print(_table(rows, f"samplepipe run ({seconds:.1f} s)"))
+    _print_table(_table(rows, f"samplepipe run ({seconds:.1f} s)"))
     computed = sum(r["computed"] for r in rows)
     if computed == 0:
         console.print("Nothing computed: every step was loaded from its checkpoints.")
     else:
         console.print(
-            f"Computed {computed} step outputs; checkpoints in {features_dir}."
+            f"Computed {computed} step outputs; checkpoints in {escape(features_dir)}."
         )
     return 0
 
 
-def _steps(pipeline, pipeline_kwargs, features_dir, model_dir):
+def _steps(command, pipeline, pipeline_kwargs, features_dir, model_dir):
+    """``[(name, CheckpointWrapper)]`` of PIPELINE; a bad PIPELINE stops the command."""
     from .flows import load_object, prepare_steps
 
-    pipeline = load_object(
-        pipeline, _json(pipeline_kwargs, "--pipeline-kwargs"), "pipeline"
+    kwargs = _json(pipeline_kwargs, "--pipeline-kwargs")
+    try:
+        pipeline = load_object(pipeline, kwargs, "pipeline")
+        return prepare_steps(pipeline, features_dir, model_dir)
+    except (ImportError, TypeError, ValueError) as exc:
+        msg = f"samplepipe {command}: {exc}"
+        raise CommandError(msg, code=2) from exc
+
+
+def _same_folder(a, b):
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+_WHY_A_PIPELINE = {
+    "run": (
+        "the demo pipeline would be fitted there and overwrite the models and "
+        "checkpoints in these folders"
+    ),
+    "status": "checkpoints can only be judged by the pipeline that wrote them",
+    "clean": "checkpoints can only be judged by the pipeline that wrote them",
+}
+
+
+def _pipeline_or_demo(command, pipeline, features_dir, model_dir):
+    """PIPELINE, or the demo's for the demo's own folders; else refuse.
+
+    Judging a folder with a pipeline that did not write it calls every file
+    stale, and ``clean`` would delete them all; ``run`` would refit the demo
+    over a user's model files.
+    """
+    if pipeline is not None:
+        return pipeline
+    if _same_folder(features_dir, DEMO_FEATURES_DIR) and _same_folder(
+        model_dir, DEMO_MODEL_DIR
+    ):
+        return DEMO_PIPELINE
+    msg = (
+        f"samplepipe {command} got no pipeline for features_dir {features_dir!r} "
+        f"and model_dir {model_dir!r}; {_WHY_A_PIPELINE[command]} (only "
+        f"./{DEMO_DIR} defaults to the demo). Name it: samplepipe {command} "
+        f"--pipeline mymodule:make_pipeline "
+        f"--features-dir {shlex.quote(features_dir)} "
+        f"--model-dir {shlex.quote(model_dir)}"
     )
-    return prepare_steps(pipeline, features_dir, model_dir)
+    raise CommandError(msg, code=2)
 
 
-def _scan(steps):
-    """Yield ``(name, step, [(path, status, size)])`` with upstream lineage."""
-    upstream = None
+def _unreadable_model(step):
+    """Why the files of ``step`` cannot be judged (no usable model), or None.
+
+    The identity of a step that needs fitting includes its fitted state; without
+    it every file of the step would look stale. Only the model's header is read:
+    nothing is unpickled.
+    """
+    from .storage import read_model_header
+
+    if step.has_model_state():
+        return None
+    if step.model_path is None:
+        return "no model_path"
+    path = os.fspath(step.model_path)
+    if read_model_header(path) is None:
+        return f"no model at {path}"
+    return f"no model at {path} for these parameters"
+
+
+def _judged(steps):
+    """Yield ``(name, step, unknown)`` for each step.
+
+    ``unknown`` is None, or why the files of the step cannot be judged: its
+    fitted model, or that of an earlier step, cannot be read. (A step's scan
+    judges it alone; a later step is kept too, as its inputs came from a step
+    whose model is missing.)
+    """
+    unknown = None
     for name, step in steps:
-        yield name, step, list(step.iter_checkpoints(upstream))
-        upstream = step.fingerprint(upstream)
+        if unknown is None:
+            unknown = _unreadable_model(step)
+        yield name, step, unknown
+
+
+def _scanned(name, step, scan):
+    """``[(path, status, size)]`` from ``scan()``; scans again if a file vanished.
+
+    Files that vanished while being judged (status ``missing``) are left out.
+    """
+    last = None
+    for attempt in range(SCAN_ATTEMPTS):
+        try:
+            return [f for f in scan() if f[1] != "missing"]
+        except FileNotFoundError as exc:
+            # A writer renamed or removed a file between listing and reading
+            # it; the partial scan is dropped and the folder scanned again.
+            last = exc
+            time.sleep(0.005 * attempt)
+    msg = (
+        f"samplepipe could not scan step {name!r}: "
+        f"{getattr(last, 'filename', None)!r} vanished "
+        f"during each of {SCAN_ATTEMPTS} scans of {os.fspath(step.features_dir)!r} "
+        "(a job is removing files there, or it is a broken symbolic link). Run "
+        "again when the job is done, or remove the broken link."
+    )
+    raise CommandError(msg) from last
+
+
+def _not_judged(files):
+    """``files`` of a step that cannot be judged: all ``unknown`` but temporaries."""
+    return [
+        (path, s if s in ("temporary", "writing") else "unknown", size)
+        for path, s, size in files
+    ]
 
 
 @app.command
 def status(
-    pipeline: str = DEMO_PIPELINE,
+    pipeline: str | None = None,
     *,
     pipeline_kwargs: str = "{}",
-    features_dir: str = f"{DEMO_DIR}/features",
-    model_dir: str = f"{DEMO_DIR}/models",
-):
-    """Per step: checkpoints valid / stale / corrupt / foreign / temporary, and bytes.
+    features_dir: str = DEMO_FEATURES_DIR,
+    model_dir: str = DEMO_MODEL_DIR,
+) -> int:
+    """Per step: checkpoints valid / stale / corrupt / foreign / unknown / temporary.
 
-    Reads model headers only; nothing is unpickled.
+    Also files being written and bytes. Reads model headers only; nothing is
+    unpickled. A step whose fitted model cannot be read (and every step after
+    it) shows "?" for valid, stale, corrupt and foreign: its files are unknown.
+    Unknown files (also readable files samplepipe did not write) are never
+    removed by clean.
 
     Parameters
     ----------
     pipeline
-        Import path of the pipeline (as for run).
+        Import path of the pipeline that wrote the checkpoints (as for run),
+        e.g. mymodule:make_pipeline. Required, except for ./samplepipe-demo.
     pipeline_kwargs
         JSON keyword arguments for PIPELINE.
     features_dir
@@ -219,46 +363,71 @@ def status(
     model_dir
         Folder of the fitted models.
     """
-    from .wrappers._checkpoint import read_model_header
+    from .storage import read_model_header
 
-    table = Table(title=f"checkpoints in {features_dir}")
-    columns = ("valid", "stale", "corrupt", "foreign", "temporary")
+    pipeline = _pipeline_or_demo("status", pipeline, features_dir, model_dir)
+    steps = _steps("status", pipeline, pipeline_kwargs, features_dir, model_dir)
+    table = Table(title=f"checkpoints in {escape(features_dir)}")
+    columns = STATUSES
     for column in ("step", "model", *columns, "bytes"):
         table.add_column(
-            column, justify="left" if column in ("step", "model") else "right"
+            column,
+            justify="left" if column in ("step", "model") else "right",
+            overflow="fold",
         )
-    totals = Counter()
-    for name, step, files in _scan(
-        _steps(pipeline, pipeline_kwargs, features_dir, model_dir)
-    ):
+    notes = []
+    for name, step, unknown in _judged(steps):
+        files = _scanned(name, step, step.iter_checkpoints)
+        if unknown is not None:
+            files = _not_judged(files)
         counts = Counter(status for _, status, _ in files)
-        totals.update(counts)
+        cells = [str(counts[c]) for c in columns]
+        if unknown is not None:
+            cells[:4] = ["?"] * 4  # valid, stale, corrupt, foreign
+            notes.append(
+                f"{name}: unknown ({unknown}): {counts['unknown']} file(s) not "
+                "judged; clean keeps them."
+            )
         if step.model_path is None:
             model = "-"
         else:
             model = "present" if read_model_header(step.model_path) else "missing"
         size = sum(s for _, _, s in files)
-        table.add_row(name, model, *(str(counts[c]) for c in columns), str(size))
-    console.print(table)
+        table.add_row(escape(name), model, *cells, str(size))
+    _print_table(table)
+    for note in notes:
+        console.print(escape(note), soft_wrap=True)
     return 0
 
 
 @app.command
 def clean(
-    pipeline: str = DEMO_PIPELINE,
+    pipeline: str | None = None,
     *,
     pipeline_kwargs: str = "{}",
-    features_dir: str = f"{DEMO_DIR}/features",
-    model_dir: str = f"{DEMO_DIR}/models",
+    features_dir: str = DEMO_FEATURES_DIR,
+    model_dir: str = DEMO_MODEL_DIR,
     yes: bool = False,
     dry_run: bool = False,
-):
+) -> int:
     """Remove stale, corrupt and foreign checkpoints and leftover temporary files.
+
+    Reads model headers only; nothing is unpickled. A step whose fitted model
+    cannot be read (a missing or mistyped --model-dir) cannot tell valid files
+    from stale ones: its files and those of every later step are kept and
+    listed as "unknown (no model at PATH)". Each file is judged again right
+    before it is removed, and kept if it changed since it was listed.
+
+    Exit status: 0 when done; 1 when files of such a step were kept, when a
+    file kept vanishing during the scan, or when nothing was removed because
+    --yes was missing; 2 when PIPELINE is missing outside ./samplepipe-demo or
+    cannot be imported.
 
     Parameters
     ----------
     pipeline
-        Import path of the pipeline (as for run).
+        Import path of the pipeline that wrote the checkpoints (as for run),
+        e.g. mymodule:make_pipeline. Required, except for ./samplepipe-demo.
     pipeline_kwargs
         JSON keyword arguments for PIPELINE.
     features_dir
@@ -270,32 +439,71 @@ def clean(
     dry_run
         Only list what would be removed.
     """
-    doomed = [
-        (path, status, size)
-        for _, _, files in _scan(
-            _steps(pipeline, pipeline_kwargs, features_dir, model_dir)
+    pipeline = _pipeline_or_demo("clean", pipeline, features_dir, model_dir)
+    steps = _steps("clean", pipeline, pipeline_kwargs, features_dir, model_dir)
+    doomed, kept = [], []  # doomed: (name, step, files); kept: (name, why, files)
+    for name, step, unknown in _judged(steps):
+        if unknown is not None:
+            kept.append((name, unknown, _scanned(name, step, step.iter_checkpoints)))
+            continue
+
+        def listing(step=step):
+            return step.remove_checkpoints(statuses=REMOVABLE, dry_run=True)
+
+        files = _scanned(name, step, listing)
+        if files:
+            doomed.append((name, step, files))
+    listed = [f for _, _, files in doomed for f in files]
+    for path, status, size in listed:
+        console.print(f"{status:9s} {size:10d}  {escape(path)}", soft_wrap=True)
+    for name, unknown, files in kept:
+        console.print(
+            escape(f"{name}: unknown ({unknown}); {len(files)} file(s) kept"),
+            soft_wrap=True,
         )
-        for path, status, size in files
-        if status in ("stale", "corrupt", "foreign", "temporary")
-    ]
-    for path, status, size in doomed:
-        console.print(f"{status:9s} {size:10d}  {path}")
-    total = sum(size for _, _, size in doomed)
-    console.print(f"{len(doomed)} file(s), {total} bytes")
-    if dry_run or not doomed:
-        return 0
+    total = sum(size for _, _, size in listed)
+    console.print(f"{len(listed)} file(s), {total} bytes")
+    code = 0
+    if any(files for _, _, files in kept):
+        names = ", ".join(repr(name) for name, _, files in kept if files)
+        msg = (
+            f"samplepipe clean kept the files of step(s) {names}: without a "
+            "readable fitted model it cannot tell valid files from stale ones. "
+            f"Got --model-dir {model_dir!r}; pass the --model-dir that holds the "
+            "models (or run the pipeline first)."
+        )
+        err.print(f"warning: {escape(msg)}", soft_wrap=True)
+        code = 1
+    if dry_run or not listed:
+        return code
     if not yes:
         if not sys.stdin.isatty():
             err.print("Not removing anything: pass --yes (or --dry-run).")
             return 1
         if input("Remove them? [y/N] ").strip().lower() not in ("y", "yes"):
             return 1
-    from .wrappers._checkpoint import remove_checkpoint_file
+    removed = []
+    for name, step, _ in doomed:
 
-    for path, _, _ in doomed:
-        remove_checkpoint_file(path)
-    console.print(f"Removed {len(doomed)} file(s).")
-    return 0
+        def removal(step=step):
+            return step.remove_checkpoints(statuses=REMOVABLE)
+
+        removed += _scanned(name, step, removal)
+    gone = {path for path, _, _ in removed}
+    for path, _, _ in listed:
+        if path not in gone:
+            console.print(
+                f"kept {escape(path)}: it changed since it was listed", soft_wrap=True
+            )
+    was_listed = {path for path, _, _ in listed}
+    for path, status, size in removed:
+        if path not in was_listed:
+            console.print(
+                f"{status:9s} {size:10d}  {escape(path)} (found while removing)",
+                soft_wrap=True,
+            )
+    console.print(f"Removed {len(removed)} file(s).")
+    return code
 
 
 @app.command
@@ -308,13 +516,13 @@ def serve(
     train_samples: str = DEMO_SAMPLES,
     train_samples_kwargs: str = '{"subset": "train"}',
     pipeline_kwargs: str = "{}",
-    features_dir: str = f"{DEMO_DIR}/features",
-    model_dir: str = f"{DEMO_DIR}/models",
+    features_dir: str = DEMO_FEATURES_DIR,
+    model_dir: str = DEMO_MODEL_DIR,
     batch_size: int = 200,
     retries: int = 2,
     cron: str | None = None,
     interval: float | None = None,
-):
+) -> int:
     """Serve the fit, transform and run deployments (no work pool needed).
 
     The schedule (--cron or --interval seconds) goes to NAME-run, which fits
@@ -371,13 +579,13 @@ def serve(
         "samples": samples,
         "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
     }
-    schedule = {}
+    schedule: dict[str, Any] = {}
     if cron is not None:
         schedule["cron"] = cron
     if interval is not None:
         schedule["interval"] = interval
-    options = {"entrypoint_type": EntrypointType.MODULE_PATH}
-    deployments = [
+    options: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
+    deployments: list[Any] = [
         fit_pipeline.to_deployment(
             f"{name}-fit", parameters={**common, **train}, **options
         ),
@@ -400,9 +608,36 @@ def serve(
     return 0
 
 
-def main(argv=None):
-    """Entry point of the ``samplepipe`` console script."""
-    code = app(argv, result_action="return_value")
+def _cwd_on_path():
+    """Put the current folder first on ``sys.path``, as ``python -m`` does.
+
+    Returns the entry added, or None if the folder was importable already.
+    """
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the current folder was removed
+        return None
+    if any(os.path.abspath(p or os.curdir) == cwd for p in sys.path):
+        return None
+    sys.path.insert(0, cwd)
+    return cwd
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``samplepipe`` console script and ``python -m samplepipe``.
+
+    Import paths (``--pipeline mymodule:make_pipeline``) may name modules of
+    the current folder, as with ``python -m``.
+    """
+    added = _cwd_on_path()
+    try:
+        code = app(argv, result_action="return_value")
+    except CommandError as exc:
+        err.print(f"error: {escape(str(exc))}", soft_wrap=True)
+        return exc.code
+    finally:
+        if added is not None and added in sys.path:
+            sys.path.remove(added)
     return code if isinstance(code, int) else 0
 
 

@@ -6,6 +6,8 @@ Everything here is importable by path for deployments, e.g.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any, Literal
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.decomposition import PCA
@@ -14,6 +16,10 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
 from .wrappers import Sample
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+    from typing_extensions import Self
 
 N_TRAIN = 1200
 
@@ -25,24 +31,24 @@ class ClassifierScores(TransformerMixin, BaseEstimator):
     ``__samplepipe_tags__``, so samples feed their ``target`` to ``fit``.
     """
 
-    def __init__(self, C=1.0, max_iter=1000):
+    def __init__(self, C: float = 1.0, max_iter: int = 1000) -> None:
         self.C = C
         self.max_iter = max_iter
 
-    def __samplepipe_tags__(self):
+    def __samplepipe_tags__(self) -> dict[str, Any]:
         return {"fit_extra_arguments": [("y", "target")]}
 
-    def fit(self, X, y):
+    def fit(self, X: ArrayLike, y: ArrayLike) -> Self:
         self.classifier_ = LogisticRegression(C=self.C, max_iter=self.max_iter)
         self.classifier_.fit(X, y)
         self.classes_ = self.classifier_.classes_
         return self
 
-    def transform(self, X):
+    def transform(self, X: ArrayLike) -> np.ndarray:
         return self.classifier_.predict_proba(X)
 
 
-def demo_pipeline(n_components=16, C=1.0):
+def demo_pipeline(n_components: int = 16, C: float = 1.0) -> Pipeline:
     """Scaling -> PCA -> a classifier's class probabilities."""
     return Pipeline(
         [
@@ -53,7 +59,9 @@ def demo_pipeline(n_components=16, C=1.0):
     )
 
 
-def digits_samples(subset="all", n=None):
+def digits_samples(
+    subset: Literal["all", "train", "test"] = "all", n: int | None = None
+) -> list[Sample]:
     """Samples of the digits data set (bundled with scikit-learn, no download).
 
     Parameters

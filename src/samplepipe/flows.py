@@ -9,9 +9,12 @@ another task runner with ``fit_pipeline.with_options(task_runner=...)``, e.g.
 from __future__ import annotations
 
 import copy
-import importlib
+import errno
 import os
+import pkgutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 from uuid import UUID
 
@@ -24,31 +27,120 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from sklearn.pipeline import Pipeline
 
+from .locks import lock_manager_from_url
 from .storage import check_step_name, combine, fitted_digest, sample_keys
 from .tasks import (
+    SampleFailures,
     StaleManifestError,
     fit_step,
     samples_from_manifest,
+    step_cache_policy,
     transform_step,
 )
 from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
 from .wrappers._base import estimator_requires_fit
+from .wrappers._method import PREDICTION_METHODS, UseMethod, available_methods
 from .wrappers._sample import Sample, SampleSet
 
 
 class PipelineRunError(RuntimeError):
-    """A step of a flow failed; ``step`` names it."""
+    """A step of a flow failed; ``step`` names it.
 
-    def __init__(self, msg, step):
+    ``failures`` lists ``(key, error)`` of the samples that failed, in input
+    order, when the step failed on individual samples.
+    """
+
+    def __init__(self, msg, step, failures=None):
         super().__init__(msg)
         self.step = step
+        self.failures = list(failures or [])
+
+
+ON_ERROR = ("raise", "skip")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The options every flow passes down to its steps, checked once.
+
+    Attributes
+    ----------
+    features_dir, model_dir : str
+        Where checkpoints and models go.
+    batch_size : int
+        Samples per task run.
+    retries, retry_delay_seconds : int, float
+        Retries of task runs that failed with a transient I/O error.
+    max_batches_in_flight : int
+        Batches of one step that run at once.
+    method : str
+        What the last step computes: ``"transform"``, ``"predict"``,
+        ``"predict_proba"``, ``"predict_log_proba"``, ``"decision_function"``
+        or ``"score_samples"``.
+    on_error : str
+        ``"raise"``: a flow run with failed samples fails (after every other
+        sample is checkpointed); ``"skip"``: it completes, failed samples kept
+        in line with ``data=None``.
+    locks : str or None
+        Where the per-batch locks live (`samplepipe.locks.lock_manager_from_url`):
+        None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host);
+        ``"redis://host:port/db"`` for several hosts.
+    """
+
+    features_dir: str
+    model_dir: str
+    batch_size: int = 1000
+    retries: int = 2
+    retry_delay_seconds: float = 1.0
+    max_batches_in_flight: int = 2
+    method: str = "transform"
+    on_error: str = "raise"
+    locks: str | None = None
+
+    def check(self) -> RunOptions:
+        for name in ("batch_size", "max_batches_in_flight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                msg = f"{name} must be an int >= 1, got {value!r}."
+                raise ValueError(msg)
+        if not isinstance(self.retries, int) or self.retries < 0:
+            msg = f"retries must be an int >= 0, got {self.retries!r}."
+            raise ValueError(msg)
+        if self.method not in PREDICTION_METHODS:
+            msg = f"method={self.method!r} is not one of {list(PREDICTION_METHODS)}."
+            raise ValueError(msg)
+        if self.locks is not None:
+            lock_manager_from_url(self.locks)  # a clear error for a bad URL, now
+        if self.on_error not in ON_ERROR:
+            msg = f"on_error={self.on_error!r} is not one of {list(ON_ERROR)}."
+            raise ValueError(msg)
+        for name in ("features_dir", "model_dir"):
+            value = getattr(self, name)
+            if not isinstance(value, str | os.PathLike):
+                msg = f"{name} must be a folder path, got {value!r}."
+                raise TypeError(msg)
+        return self
+
+    def task_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {
+            "retries": self.retries,
+            "retry_delay_seconds": self.retry_delay_seconds,
+        }
+        if self.locks is not None:
+            options["cache_policy"] = step_cache_policy(self.locks)
+        return options
 
 
 # ---------------------------------------------------------------------------
 # inputs
 # ---------------------------------------------------------------------------
-def load_object(spec, kwargs=None, what="object"):
-    """Resolve ``"package.module:name"`` (called with ``kwargs`` if callable)."""
+def load_object(
+    spec: Any, kwargs: dict[str, Any] | None = None, what: str = "object"
+) -> Any:
+    """Resolve ``"package.module:name"`` (called with ``kwargs`` if callable).
+
+    Uses `pkgutil.resolve_name`; importing the module runs its code.
+    """
     if not isinstance(spec, str):
         if kwargs:
             msg = f"{what}_kwargs was given, but {what} is not an import path."
@@ -62,14 +154,10 @@ def load_object(spec, kwargs=None, what="object"):
         )
         raise ValueError(msg)
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
+        obj = pkgutil.resolve_name(spec)
+    except (ImportError, ValueError) as exc:
         msg = f"{what}={spec!r}: cannot import module {module_name!r} ({exc})."
         raise ValueError(msg) from exc
-    try:
-        obj = module
-        for part in attribute.split("."):
-            obj = getattr(obj, part)
     except AttributeError as exc:
         msg = f"{what}={spec!r}: module {module_name!r} has no {attribute!r}."
         raise ValueError(msg) from exc
@@ -96,7 +184,50 @@ def _check_samples(samples, what="samples"):
     return list(samples)
 
 
-def prepare_steps(pipeline, features_dir, model_dir):
+def _check_writable(path, what):
+    """Raise before any work unless ``path`` is (or can be made) a writable folder."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        msg = (
+            f"{what} {path!r} cannot be a folder: {probe!r} is a file. Move the "
+            f"file away or choose another {what}."
+        )
+        raise NotADirectoryError(errno.ENOTDIR, msg)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        msg = (
+            f"{what} {path!r} is not writable ({probe!r} denies writing); fix its "
+            f"permissions or choose another {what}."
+        )
+        raise PermissionError(errno.EACCES, msg)
+
+
+def _check_outputs(steps):
+    """Check every folder and file the run will write, before any work."""
+    for name, step in steps:
+        if step.features_dir is not None:
+            _check_writable(step.features_dir, f"features_dir of step {name!r}")
+        if step.model_path is not None:
+            model = os.path.abspath(os.fspath(step.model_path))
+            if os.path.isdir(model):
+                msg = (
+                    f"the model of step {name!r} would be written to {model!r}, "
+                    "which is a folder; remove it or choose another model_dir."
+                )
+                raise IsADirectoryError(errno.EISDIR, msg)
+            _check_writable(os.path.dirname(model), f"model_dir of step {name!r}")
+
+
+def prepare_steps(
+    pipeline: Any,
+    features_dir: str | os.PathLike[str],
+    model_dir: str | os.PathLike[str],
+) -> list[tuple[str, CheckpointWrapper]]:
     """``[(name, CheckpointWrapper)]`` for each step of ``pipeline``.
 
     Plain estimators are wrapped in `SampleWrapper` and `CheckpointWrapper`
@@ -163,18 +294,18 @@ def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
 
-def _transform_step(
-    name, step, samples, batch_size, options, progress, rows, in_flight=2
-):
+def _transform_step(name, step, samples, options, progress, rows, failures):
     """Run one step over all batches; return its output samples in order.
 
-    At most ``in_flight`` batches run at once, so memory stays bounded by a
-    few batches whatever the size of the data set.
+    At most ``options.max_batches_in_flight`` batches run at once, so memory
+    stays bounded by a few batches whatever the size of the data set. Samples
+    that failed (``on_error="raise"``) are added to ``failures``.
     """
     t0 = time.perf_counter()
-    task = transform_step.with_options(**options, refresh_cache=bool(step.force))
-    refresh = transform_step.with_options(**options, refresh_cache=True)
-    pending = list(_batches(len(samples), batch_size))
+    task_options = options.task_options()
+    task = transform_step.with_options(**task_options, refresh_cache=bool(step.force))
+    refresh = transform_step.with_options(**task_options, refresh_cache=True)
+    pending = list(_batches(len(samples), options.batch_size))
     n_batches = len(pending)
     running = {}
     outputs = [None] * len(samples)
@@ -184,11 +315,16 @@ def _transform_step(
     def submit(batch=None, again=False):
         start, stop = batch or pending.pop(0)
         future = (refresh if again else task).submit(
-            step=step, samples=samples[start:stop], name=name, start=start, stop=stop
+            step=step,
+            samples=samples[start:stop],
+            name=name,
+            start=start,
+            stop=stop,
+            on_error=options.on_error,
         )
         running[future] = (start, stop, again)
 
-    while pending and len(running) < in_flight:
+    while pending and len(running) < options.max_batches_in_flight:
         submit()
     while running:
         future = next(as_completed(list(running)))
@@ -207,20 +343,22 @@ def _transform_step(
                 submit((start, stop), again=True)  # a damaged cache entry: redo
                 continue
             outputs[start:stop] = batch
+            n_failed += sum(f is None for f in manifest["files"])
             if state.name == "Cached":
                 cached += 1
                 loaded += stop - start - sum(f is None for f in manifest["files"])
             else:
                 computed += manifest["computed"]
                 loaded += manifest["loaded"]
-            n_failed += sum(f is None for f in manifest["files"])
         if pending:
             submit()
         progress.advance()
+    sample_failures, other = _split_failures(name, failed, failures)
+    n_failed += len(sample_failures)
     rows.append(
         {
             "step": name,
-            "task": "transform",
+            "task": options.method if hasattr(step, "_predicts_for") else "transform",
             "samples": len(samples),
             "computed": computed,
             "loaded": loaded,
@@ -230,27 +368,51 @@ def _transform_step(
             "seconds": round(time.perf_counter() - t0, 3),
         }
     )
-    if failed:
-        start, stop, state = failed[0]
-        cause: BaseException | None = None
-        try:
-            state.result()
-        except Exception as exc:  # the task's own error
-            cause = exc
+    if other:
+        start, stop, cause = other[0]
         msg = (
-            f"step {name!r} failed on {len(failed)} of {n_batches} batches "
+            f"step {name!r} failed on {len(other)} of {n_batches} batches "
             f"(first: [{start}:{stop}]: {cause!r}); the other batches are "
             "checkpointed: run the flow again to compute only the failed ones."
         )
-        raise PipelineRunError(msg, name) from cause
+        raise PipelineRunError(msg, name, sample_failures) from cause
+    if sample_failures:
+        keys = ", ".join(repr(k) for k, _ in sample_failures[:5])
+        more = (
+            f" and {len(sample_failures) - 5} more" if len(sample_failures) > 5 else ""
+        )
+        ranges = ", ".join(f"[{a}:{b}]" for a, b, _ in sorted(failed))
+        msg = (
+            f"step {name!r}: {len(sample_failures)} sample(s) failed in batches "
+            f"{ranges}: {keys}{more} (first error: {sample_failures[0][1]}). Every "
+            "other sample is checkpointed: run the flow again to compute only the "
+            "failed ones, or pass on_error='skip' to keep them in line as None."
+        )
+        raise PipelineRunError(msg, name, sample_failures)
     return outputs
+
+
+def _split_failures(name, failed, failures):
+    """Failed batches: ``(sample failures in input order, other failures)``."""
+    samples_failed, other = [], []
+    for start, stop, state in sorted(failed, key=lambda f: f[0]):
+        try:
+            state.result()
+        except SampleFailures as exc:
+            for key, error in exc.failures:
+                samples_failed.append((key, error))
+                failures.append({"step": name, "key": key, "error": error})
+        except Exception as exc:  # noqa: BLE001 - the task's own error, reported
+            other.append((start, stop, exc))
+    return samples_failed, other
 
 
 def _fit_step(name, step, samples, options, rows, upstream):
     t0 = time.perf_counter()
-    future = fit_step.with_options(**options, refresh_cache=bool(step.force)).submit(
-        step=step, samples=samples, name=name, upstream=upstream
+    task = fit_step.with_options(
+        **options.task_options(), refresh_cache=bool(step.force)
     )
+    future = task.submit(step=step, samples=samples, name=name, upstream=upstream)
     future.wait()
     state = future.state
     if not state.is_completed():
@@ -281,10 +443,6 @@ def _fit_step(name, step, samples, options, rows, upstream):
     )
 
 
-def _task_options(retries, retry_delay_seconds):
-    return {"retries": retries, "retry_delay_seconds": retry_delay_seconds}
-
-
 def _summary(rows, title):
     create_table_artifact(
         table=rows,
@@ -303,29 +461,39 @@ def _summary(rows, title):
         )
 
 
+def _failures_table(failures, title):
+    create_table_artifact(
+        table=failures,
+        key="samplepipe-failures",
+        description=f"# {title}: failed samples\nPer failed sample: step, key, error.",
+    )
+
+
+class _Run:
+    """What one flow run accumulates: summary rows and failed samples."""
+
+    def __init__(self, title):
+        self.title = title
+        self.rows: list[dict[str, Any]] = []
+        self.failures: list[dict[str, str]] = []
+
+
 def _summarized(title, work, *args):
-    """Run ``work(*args, rows)``; publish the summary table even when it fails."""
-    rows: list[dict[str, Any]] = []
+    """Run ``work(*args, run)``; publish the summary (and failures) even on failure."""
+    run = _Run(title)
     try:
-        return work(*args, rows)
+        return work(*args, run)
     finally:
-        if rows:
-            _summary(rows, title)
-
-
-def _check_batch_size(batch_size, in_flight=1):
-    if not isinstance(batch_size, int) or batch_size < 1:
-        msg = f"batch_size must be an int >= 1, got {batch_size!r}."
-        raise ValueError(msg)
-    if not isinstance(in_flight, int) or in_flight < 1:
-        msg = f"max_batches_in_flight must be an int >= 1, got {in_flight!r}."
-        raise ValueError(msg)
+        if run.rows:
+            _summary(run.rows, title)
+        if run.failures:
+            _failures_table(run.failures, title)
 
 
 # ---------------------------------------------------------------------------
 # flows
 # ---------------------------------------------------------------------------
-def summarize_parameter(value):
+def summarize_parameter(value: Any) -> Any:
     """What the Prefect API stores of a flow parameter: JSON, and small.
 
     Prefect sends flow parameters to its API (which refuses more than 512 KB).
@@ -358,7 +526,7 @@ class SampleFlow(Flow):
         return new
 
 
-def sample_flow(**kwargs):
+def sample_flow(**kwargs: Any) -> Callable[[Callable[..., Any]], SampleFlow]:
     """``@flow`` for samplepipe's flows (see `SampleFlow`)."""
 
     def decorate(fn):
@@ -369,65 +537,63 @@ def sample_flow(**kwargs):
     return decorate
 
 
-def _prepare(
-    pipeline,
-    samples,
-    features_dir,
-    model_dir,
-    batch_size,
-    pipeline_kwargs,
-    samples_kwargs,
-    in_flight,
-):
-    """Check every input before any work; return the wrapped steps and samples."""
+def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
+    """Check every input before any work; return the wrapped steps and samples.
+
+    ``fit`` is ``"fit"`` (a fit alone: the last step's method does not matter),
+    ``"run"`` (a fit before a transform) or ``False`` (a transform).
+    """
+    options.check()
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    _check_batch_size(batch_size, in_flight)
-    return prepare_steps(pipeline, features_dir, model_dir), samples
+    steps = prepare_steps(pipeline, options.features_dir, options.model_dir)
+    if fit and not samples:
+        msg = "samples is empty: there is nothing to fit on; give training samples."
+        raise ValueError(msg)
+    last_name, last = steps[-1]
+    if fit != "fit" and not hasattr(last.estimator, options.method):
+        msg = (
+            f"method={options.method!r}: the last step {last_name!r} "
+            f"({type(last.estimator).__name__}) has no {options.method!r}; it has "
+            f"{available_methods(last.estimator)}."
+        )
+        raise ValueError(msg)
+    if not fit and options.method != "transform":
+        steps[-1] = (last_name, _method_step(last_name, last, options))
+    _check_outputs(steps)
+    return steps, samples
 
 
-def _fit(
-    pipeline,
-    samples,
-    features_dir,
-    model_dir,
-    batch_size,
-    retries,
-    retry_delay_seconds,
-    pipeline_kwargs,
-    samples_kwargs,
-    in_flight,
-    rows,
-):
-    steps, samples = _prepare(
-        pipeline,
-        samples,
-        features_dir,
-        model_dir,
-        batch_size,
-        pipeline_kwargs,
-        samples_kwargs,
-        in_flight,
+def _method_step(name, step, options):
+    """The last step, computing ``options.method`` instead of ``transform``.
+
+    Its checkpoints go to ``features_dir/<step>.<method>/``; it shares the
+    step's model file.
+    """
+    new = copy.copy(step)
+    new.estimator = UseMethod(step.estimator, options.method)
+    new.features_dir = os.path.join(
+        os.fspath(options.features_dir), f"{name}.{options.method}"
     )
-    options = _task_options(retries, retry_delay_seconds)
-    n_batches = sum(len(_batches(len(samples), batch_size)) for _ in steps[:-1])
+    new._predicts_for = step
+    return new
+
+
+def _fit(pipeline, samples, options, pipeline_kwargs, samples_kwargs, run, then="fit"):
+    steps, samples = _prepare(
+        pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit=then
+    )
+    n_batches = sum(len(_batches(len(samples), options.batch_size)) for _ in steps[:-1])
     progress = _Progress(n_batches, "fit: batches transformed")
     current = samples
     upstream: list[str] = []
     for i, (name, step) in enumerate(steps):
         if estimator_requires_fit(step.estimator):
-            _fit_step(name, step, current, options, rows, combine(*upstream))
+            _fit_step(name, step, current, options, run.rows, combine(*upstream))
         upstream.append(step.step_identity())
         if i + 1 < len(steps):
             current = _transform_step(
-                name,
-                step,
-                current,
-                batch_size,
-                options,
-                progress,
-                rows,
-                in_flight,
+                name, step, current, options, progress, run.rows, run.failures
             )
     return Pipeline(steps)
 
@@ -441,7 +607,8 @@ def _load_models(steps):
     models (a fit that failed half way) is refused.
     """
     upstream: list[str] = []
-    for name, step in steps:
+    for name, wrapped in steps:
+        step = getattr(wrapped, "_predicts_for", wrapped)
         if estimator_requires_fit(step.estimator):
             if step.__sklearn_is_fitted__():
                 if getattr(step, "fitted_digest_", None) is None:
@@ -459,50 +626,65 @@ def _load_models(steps):
                         f"{step.model_path!r}; run fit_pipeline first."
                     )
                 raise PipelineRunError(msg, name)
+            if wrapped is not step:
+                wrapped.fitted_digest_ = fitted_digest(wrapped.estimator)
         upstream.append(step.step_identity())
 
 
-def _transform(
-    pipeline,
-    samples,
-    features_dir,
-    model_dir,
-    batch_size,
-    retries,
-    retry_delay_seconds,
-    pipeline_kwargs,
-    samples_kwargs,
-    in_flight,
-    rows,
-):
+def _transform(pipeline, samples, options, pipeline_kwargs, samples_kwargs, run):
     steps, samples = _prepare(
-        pipeline,
-        samples,
-        features_dir,
-        model_dir,
-        batch_size,
-        pipeline_kwargs,
-        samples_kwargs,
-        in_flight,
+        pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit=False
     )
     _load_models(steps)
-    options = _task_options(retries, retry_delay_seconds)
+    if not samples:
+        return []
     progress = _Progress(
-        len(steps) * len(_batches(len(samples), batch_size)), "transform: batches"
+        len(steps) * len(_batches(len(samples), options.batch_size)),
+        "transform: batches",
     )
     current = samples
     for name, step in steps:
         current = _transform_step(
-            name,
-            step,
-            current,
-            batch_size,
-            options,
-            progress,
-            rows,
-            in_flight,
+            name, step, current, options, progress, run.rows, run.failures
         )
     return current
+
+
+_FLOW_PARAMETERS = """
+    Parameters
+    ----------
+    pipeline : Pipeline or str
+        A scikit-learn `Pipeline` of plain or wrapped estimators, or an import
+        path ``"package.module:factory"`` called with ``pipeline_kwargs``.
+    samples : list of Sample or str
+        Samples with unique keys, or an import path called with
+        ``samples_kwargs``.
+    features_dir, model_dir : str
+        Checkpoints go to ``features_dir/<step>/<key>.h5`` and
+        ``model_dir/<step>.pkl``.
+    batch_size : int, default=1000
+        Samples per task run.
+    retries, retry_delay_seconds : int, float
+        Retries of a task run that failed with a transient I/O error.
+    max_batches_in_flight : int, default=2
+        Batches of one step that run at once; memory stays bounded by about
+        this many batches (and their outputs), whatever the data set's size.
+    method : str, default="transform"
+        What the last step computes for each sample: ``"transform"``,
+        ``"predict"``, ``"predict_proba"``, ``"predict_log_proba"``,
+        ``"decision_function"`` or ``"score_samples"``. Predictions are
+        checkpointed per sample under ``features_dir/<step>.<method>/``.
+    on_error : {"raise", "skip"}, default="raise"
+        When samples fail, every other sample is checkpointed and the failed
+        ones are listed (task log, flow error, table artifact
+        ``samplepipe-failures``). ``"raise"`` then fails the run (a new run
+        computes only the failed samples); ``"skip"`` completes it with them
+        in line as ``data=None``, counted in the summary.
+    locks : str, default=None
+        Where the per-batch locks live: None reads ``SAMPLEPIPE_LOCKS`` (unset:
+        file locks on this host); ``"redis://host:port/db"`` across hosts (see
+        `samplepipe.locks.lock_manager_from_url`).
+"""
 
 
 @sample_flow(name="fit-pipeline", validate_parameters=False)
@@ -517,46 +699,37 @@ def fit_pipeline(
     pipeline_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
     max_batches_in_flight: int = 2,
+    on_error: str = "raise",
+    locks: str | None = None,
 ) -> Pipeline:
     """Fit each step on the training samples transformed by the steps before it.
 
-    Parameters
-    ----------
-    pipeline : Pipeline or str
-        A scikit-learn `Pipeline` of plain or wrapped estimators, or an import
-        path ``"package.module:factory"`` called with ``pipeline_kwargs``.
-    samples : list of Sample or str
-        Training samples with unique keys, or an import path called with
-        ``samples_kwargs``.
-    features_dir, model_dir : str
-        Checkpoints go to ``features_dir/<step>/<key>.h5`` and
-        ``model_dir/<step>.pkl``.
-    batch_size : int, default=1000
-        Samples per task run.
-    retries, retry_delay_seconds : int, float
-        Retries of a task run that failed with an I/O error (`OSError`).
-    max_batches_in_flight : int, default=2
-        Batches of one step that run at once; memory stays bounded by about
-        this many batches (and their outputs), whatever the data set's size.
+    Parameters are those of `transform_pipeline` (``samples`` are the training
+    samples; ``method`` does not apply).
 
     Returns
     -------
     Pipeline
         The fitted pipeline of `CheckpointWrapper` steps.
     """
-    return _summarized(
-        "fit-pipeline",
-        _fit,
-        pipeline,
-        samples,
+    options = RunOptions(
         features_dir,
         model_dir,
         batch_size,
         retries,
         retry_delay_seconds,
+        max_batches_in_flight,
+        on_error=on_error,
+        locks=locks,
+    )
+    return _summarized(
+        "fit-pipeline",
+        _fit,
+        pipeline,
+        samples,
+        options,
         pipeline_kwargs,
         samples_kwargs,
-        max_batches_in_flight,
     )
 
 
@@ -572,25 +745,38 @@ def transform_pipeline(
     pipeline_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
     max_batches_in_flight: int = 2,
+    method: str = "transform",
+    on_error: str = "raise",
+    locks: str | None = None,
 ) -> list:
     """Apply the fitted steps batch by batch, step by step.
-
-    Parameters are those of `fit_pipeline`. Returns the output samples in input
-    order, keys and metadata kept, data loading lazily from the checkpoints.
+    {parameters}
+    Returns
+    -------
+    list of Sample
+        The output samples in input order, keys and metadata kept, data
+        loading lazily from the checkpoints (``data=None`` for failed samples
+        with ``on_error="skip"``). An empty ``samples`` gives an empty list.
     """
-    return _summarized(
-        "transform-pipeline",
-        _transform,
-        pipeline,
-        samples,
+    options = RunOptions(
         features_dir,
         model_dir,
         batch_size,
         retries,
         retry_delay_seconds,
+        max_batches_in_flight,
+        method,
+        on_error,
+        locks,
+    )
+    return _summarized(
+        "transform-pipeline",
+        _transform,
+        pipeline,
+        samples,
+        options,
         pipeline_kwargs,
         samples_kwargs,
-        max_batches_in_flight,
     )
 
 
@@ -608,46 +794,51 @@ def run_pipeline(
     train_samples_kwargs: dict | None = None,
     samples_kwargs: dict | None = None,
     max_batches_in_flight: int = 2,
+    method: str = "transform",
+    on_error: str = "raise",
+    locks: str | None = None,
 ) -> list[dict]:
     """Fit on ``train_samples``, then transform ``samples``; what deployments run.
 
-    Returns the per-step summary rows (JSON), the same as the table artifact.
+    Parameters are those of `transform_pipeline`. Returns the per-step summary
+    rows (JSON), the same as the table artifact.
     """
+    options = RunOptions(
+        features_dir,
+        model_dir,
+        batch_size,
+        retries,
+        retry_delay_seconds,
+        max_batches_in_flight,
+        method,
+        on_error,
+        locks,
+    )
 
-    def fit_then_transform(rows):
+    def fit_then_transform(run):
         fitted = _fit(
             pipeline,
             train_samples,
-            features_dir,
-            model_dir,
-            batch_size,
-            retries,
-            retry_delay_seconds,
+            options,
             pipeline_kwargs,
             train_samples_kwargs,
-            max_batches_in_flight,
-            rows,
+            run,
+            then="run",
         )
-        _transform(
-            fitted,
-            samples,
-            features_dir,
-            model_dir,
-            batch_size,
-            retries,
-            retry_delay_seconds,
-            None,
-            samples_kwargs,
-            max_batches_in_flight,
-            rows,
-        )
-        return rows
+        _transform(fitted, samples, options, None, samples_kwargs, run)
+        return run.rows
 
     return _summarized("run-pipeline", fit_then_transform)
 
 
+transform_pipeline.__doc__ = (transform_pipeline.__doc__ or "").replace(
+    "{parameters}", _FLOW_PARAMETERS
+)
+transform_pipeline.fn.__doc__ = transform_pipeline.__doc__
+
 __all__ = [
     "PipelineRunError",
+    "RunOptions",
     "fit_pipeline",
     "load_object",
     "prepare_steps",

@@ -13,25 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 
+from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
     CheckpointLoader,
     Identity,
     Stamp,
     estimator_identity,
+    is_permanent,
     keys_digest,
 )
 from .wrappers import CheckpointWrapper
@@ -39,11 +37,22 @@ from .wrappers._checkpoint import failed_output, lazy_output
 
 MANIFEST_FORMAT = 2
 # Lock files shared by every process of this machine and user.
-LOCK_DIR = Path(tempfile.gettempdir()) / f"samplepipe-locks-{os.getuid()}"
+LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
 
 
 class StaleManifestError(ValueError):
     """A cached manifest names files that changed or disappeared since."""
+
+
+class SampleFailures(RuntimeError):
+    """Some samples of a batch failed; every other sample was checkpointed.
+
+    ``failures`` lists ``[key, error]`` pairs in input order.
+    """
+
+    def __init__(self, msg: str, failures: list[list[str]]) -> None:
+        super().__init__(msg)
+        self.failures = failures
 
 
 class ManifestSerializer(Serializer):
@@ -58,18 +67,27 @@ class ManifestSerializer(Serializer):
 
     def dumps(self, obj: Any) -> bytes:
         if isinstance(obj, BaseException):  # Prefect persists a failed run's error
-            obj = {"exception": type(obj).__name__, "message": str(obj)}
+            obj = {
+                "exception": type(obj).__name__,
+                "message": str(obj),
+                "failures": getattr(obj, "failures", None),
+            }
         return json.dumps(obj, separators=(",", ":")).encode()
 
     def loads(self, blob: bytes) -> Any:
         manifest = json.loads(blob)
         if "exception" in manifest:
+            if manifest.get("failures") is not None:
+                return SampleFailures(manifest["message"], manifest["failures"])
             return RuntimeError(f"{manifest['exception']}: {manifest['message']}")
+        if manifest.get("errors"):
+            # failed samples are tried again on the next run, never served cached
+            raise StaleManifestError("the batch had failed samples")
         check_manifest(manifest)
         return manifest
 
 
-def check_manifest(manifest):
+def check_manifest(manifest: dict[str, Any]) -> None:
     """Raise `StaleManifestError` unless every named file is unchanged.
 
     A file is unchanged when its size, modification time, inode and change
@@ -116,6 +134,7 @@ class StepCachePolicy(CachePolicy):
             f"manifest={MANIFEST_FORMAT}",
             f"format={FORMAT_VERSION}",
             f"task={method}",
+            f"on_error={inputs.get('on_error', 'raise')}",
             f"features_dir={os.path.abspath(os.fspath(step.features_dir or ''))}",
             f"model_path={os.path.abspath(os.fspath(step.model_path or ''))}",
         ]
@@ -135,97 +154,33 @@ class StepCachePolicy(CachePolicy):
         return keys_digest(parts)
 
 
-class CrashSafeFileLocks(FileSystemLockManager):
-    """Prefect's file locks, where a lock of a dead process counts as released.
+def step_cache_policy(locks: str | None = None) -> StepCachePolicy:
+    """The cache policy of the step tasks, with the lock manager of ``locks``.
 
-    Prefect's `FileSystemLockManager` keeps a lock until its holder releases it
-    (or its hold timeout passes), and a holder is an anonymous UUID: a flow run
-    killed while holding a lock would make every later run of that batch wait
-    forever. This manager also writes the holding process (host and pid) into
-    the lock file; a lock whose process no longer exists on this host is
-    removed. Locks of other hosts are kept. A lock file without a process
-    (written by another lock manager, or cut short by a crash) counts as stale
-    once it is older than `STALE_SECONDS`.
+    ``locks`` is a lock URL (see `samplepipe.locks.lock_manager_from_url`):
+    None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host).
     """
-
-    STALE_SECONDS = 60.0
-    # Prefect creates a lock file empty and writes it at once: an empty file
-    # older than this was left by a process killed in between.
-    EMPTY_STALE_SECONDS = 5.0
-
-    def _get_lock_info(self, key, use_cache=True):
-        try:
-            return super()._get_lock_info(key, use_cache=use_cache)
-        except ValueError:  # empty or cut short: held by an unknown process
-            return {
-                "holder": "",
-                "expiration": None,
-                "path": self._lock_path_for_key(key),
-            }
-
-    def acquire_lock(self, key, holder, acquire_timeout=None, hold_timeout=None):
-        acquired = super().acquire_lock(key, holder, acquire_timeout, hold_timeout)
-        if acquired:
-            info = self._locks[key]
-            expiration = info.get("expiration")
-            record = {
-                "holder": holder,
-                "expiration": str(expiration) if expiration is not None else None,
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-            }
-            path = Path(info["path"])
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
-        return acquired
-
-    def _holder_is_dead(self, key):
-        path = self._lock_path_for_key(key)
-        try:
-            text = path.read_text()
-            age = time.time() - path.stat().st_mtime
-        except OSError:
-            return False
-        try:
-            record = json.loads(text)
-        except ValueError:
-            return age > self.EMPTY_STALE_SECONDS
-        if "pid" not in record:
-            return age > self.STALE_SECONDS
-        if record.get("host") != socket.gethostname():
-            return False
-        try:
-            os.kill(int(record["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except (PermissionError, ValueError):
-            return False
-        return False
-
-    def is_locked(self, key: str, use_cache: bool = False) -> bool:
-        locked = super().is_locked(key, use_cache=use_cache)
-        if locked and not use_cache and self._holder_is_dead(key):
-            self._lock_path_for_key(key).unlink(missing_ok=True)
-            self._locks.pop(key, None)
-            return False
-        return locked
+    return StepCachePolicy(
+        isolation_level=IsolationLevel.SERIALIZABLE,
+        lock_manager=lock_manager_from_url(locks),
+    )
 
 
-STEP_CACHE = StepCachePolicy(
-    isolation_level=IsolationLevel.SERIALIZABLE,
-    lock_manager=CrashSafeFileLocks(LOCK_DIR),
-)
+STEP_CACHE = step_cache_policy()
 
 
-def retry_on_io_error(task, task_run, state):
-    """Retry transient I/O errors (`OSError`); fail fast on anything else."""
+def retry_on_io_error(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry transient I/O errors; fail fast on anything else.
+
+    The same rule as `CheckpointWrapper`'s own retries
+    (`samplepipe.storage.is_permanent`): an `OSError` is retried unless retrying
+    cannot fix it (a full disk, missing permissions, a folder or file in the
+    way, a read-only filesystem, ...).
+    """
     try:
         state.result()
-    except OSError:
-        return True
-    except Exception:
-        return False
+    except Exception as exc:  # noqa: BLE001 - the task's own error, classified
+        return not is_permanent(exc)
     return False
 
 
@@ -246,11 +201,19 @@ def transform_batch(
     name: str = "step",
     start: int = 0,
     stop: int | None = None,
-):
-    """Transform one batch through one checkpointed step; return its manifest."""
+    on_error: str = "raise",
+) -> dict[str, Any]:
+    """Transform one batch through one checkpointed step; return its manifest.
+
+    When the batch fails, the samples that fail are isolated by bisecting the
+    batch; every other sample is checkpointed. With ``on_error="raise"`` the
+    task then fails with `SampleFailures` naming the failed keys; with
+    ``"skip"`` it completes, the failed samples kept in line with ``data=None``.
+    An `OSError` is not bisected: the task fails and Prefect retries it.
+    """
     t0 = time.perf_counter()
-    report: dict[str, Any] = {}
-    step.transform_samples(samples, report=report)
+    stop = start + len(samples) if stop is None else stop
+    report, errors = _transform_isolating(step, samples)
     root = os.path.abspath(os.fspath(step.features_dir))
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -265,18 +228,65 @@ def transform_batch(
         "computed": report["computed"],
         "loaded": report["loaded"],
         "failed": report["failed"],
+        "errors": errors,
         "seconds": time.perf_counter() - t0,
     }
-    get_run_logger().info(
-        "%s[%d:%d]: computed %d, loaded %d from checkpoints, %d failed (None)",
+    logger = get_run_logger()
+    logger.info(
+        "%s[%d:%d]: computed %d, loaded %d from checkpoints, %d failed",
         name,
         start,
-        start + len(samples),
+        stop,
         report["computed"],
         report["loaded"],
         report["failed"],
     )
+    for key, error in errors:
+        logger.error("%s[%d:%d]: sample %r failed: %s", name, start, stop, key, error)
+    if errors and on_error == "raise":
+        keys = ", ".join(repr(k) for k, _ in errors[:5])
+        more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
+        msg = (
+            f"step {name!r}, batch [{start}:{stop}]: {len(errors)} sample(s) failed: "
+            f"{keys}{more} (first error: {errors[0][1]}); the other "
+            f"{len(samples) - len(errors)} are checkpointed."
+        )
+        raise SampleFailures(msg, errors)
     return manifest
+
+
+def _transform_isolating(step, samples):
+    """``(report, errors)`` of a batch, bisecting it around failing samples."""
+    report: dict[str, Any] = {}
+    try:
+        step.transform_samples(samples, report=report)
+        return report, []
+    except OSError:
+        raise  # I/O: the whole task is retried
+    except Exception as exc:  # noqa: BLE001 - isolated below, reported per key
+        if len(samples) == 1:
+            key = getattr(samples[0], "key", "?")
+            report = {
+                "computed": 0,
+                "loaded": 0,
+                "failed": 1,
+                "step": None,
+                "inputs": [None],
+                "files": [None],
+            }
+            return report, [[key, f"{type(exc).__name__}: {exc}"]]
+    half = len(samples) // 2
+    left, left_errors = _transform_isolating(step, samples[:half])
+    right, right_errors = _transform_isolating(step, samples[half:])
+    merged = {
+        "computed": left["computed"] + right["computed"],
+        "loaded": left["loaded"] + right["loaded"],
+        "failed": left["failed"] + right["failed"],
+        "step": left["step"] or right["step"],
+        "inputs": left["inputs"] + right["inputs"],
+        "files": left["files"] + right["files"],
+    }
+    return merged, left_errors + right_errors
 
 
 def fit_model(
@@ -284,7 +294,7 @@ def fit_model(
     samples: list,
     name: str = "step",
     upstream: str | None = None,
-):
+) -> dict[str, Any]:
     """Fit one step on all its training samples and save its model.
 
     ``upstream`` (the digest of the steps before this one) is recorded in the
@@ -321,7 +331,9 @@ fit_step = _task_options(fit_model).with_options(name="fit", task_run_name="{nam
 fit_step.__doc__ = fit_model.__doc__
 
 
-def samples_from_manifest(manifest, inputs, step):
+def samples_from_manifest(
+    manifest: dict[str, Any], inputs: list[Any], step: CheckpointWrapper
+) -> list[Any]:
     """Output samples of a batch: lazy loaders of its files, metadata of inputs.
 
     Raises `StaleManifestError` unless the manifest names exactly this batch's
@@ -340,6 +352,8 @@ def samples_from_manifest(manifest, inputs, step):
             out.append(failed_output(s, attribute))
             continue
         name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry
+        if manifest["identity"] is None:  # pragma: no cover - all failed
+            raise StaleManifestError("manifest without a step identity")
         path = os.path.join(root, name)
         if os.path.normpath(path) != os.path.abspath(step.checkpoint_path(s.key)):
             msg = f"manifest names {path!r} for sample {s.key!r}"

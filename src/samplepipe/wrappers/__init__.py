@@ -11,6 +11,7 @@ from ._checkpoint import (
     save_hdf5,
 )
 from ._dask import DaskWrapper, ToDaskBag, dask_tags
+from ._method import UseMethod
 from ._sample import (
     DelayedSample,
     DelayedSampleSet,
@@ -41,6 +42,7 @@ __all__ = [
     "SampleSet",
     "SampleWrapper",
     "ToDaskBag",
+    "UseMethod",
     "check_key",
     "dask_tags",
     "estimator_options",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 from sklearn.base import BaseEstimator
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer
@@ -10,7 +13,7 @@ from sklearn.utils import get_tags
 # Library defaults of the options an estimator may declare for itself through
 # ``__samplepipe_tags__``. Every wrapper parameter of the same name that is left
 # at ``None`` takes the estimator's declaration, else this default.
-DEFAULT_OPTIONS = {
+DEFAULT_OPTIONS: dict[str, Any] = {
     "input_attribute": "data",
     "output_attribute": "data",
     "transform_extra_arguments": (),
@@ -25,7 +28,7 @@ DEFAULT_OPTIONS = {
 }
 
 # bob.pipelines' tag names, still read from legacy ``_more_tags()`` dicts.
-_LEGACY_TAGS = {
+_LEGACY_TAGS: dict[str, str] = {
     "bob_input": "input_attribute",
     "bob_output": "output_attribute",
     "bob_transform_extra_input": "transform_extra_arguments",
@@ -39,13 +42,29 @@ _LEGACY_TAGS = {
 }
 
 
-def estimator_options(estimator):
+def estimator_options(estimator: Any) -> dict[str, Any]:
     """Option defaults that ``estimator`` declares for the wrappers around it.
 
     An estimator declares them with a method ``__samplepipe_tags__(self)`` that
     returns a dict whose keys are names of `DEFAULT_OPTIONS`. Wrappers forward the
     declaration of the estimator they wrap. bob.pipelines' ``_more_tags()`` keys
     (``bob_input`` ...) are read too.
+
+    Parameters
+    ----------
+    estimator : object
+        Usually a scikit-learn estimator or a samplepipe wrapper.
+
+    Returns
+    -------
+    options : dict of str to object
+        The declared options only (legacy tags first, overridden by
+        ``__samplepipe_tags__``); empty when the estimator declares none.
+
+    Raises
+    ------
+    ValueError
+        If ``__samplepipe_tags__()`` returns a name that is not an option.
 
     Examples
     --------
@@ -56,7 +75,7 @@ def estimator_options(estimator):
     >>> estimator_options(Scaler())
     {'transform_extra_arguments': [('factor', 'scale')]}
     """
-    options = {}
+    options: dict[str, Any] = {}
     more_tags = getattr(estimator, "_more_tags", None)
     if callable(more_tags):
         try:
@@ -80,7 +99,7 @@ def estimator_options(estimator):
     return options
 
 
-def resolve_option(wrapper, name, value=None):
+def resolve_option(wrapper: Any, name: str, value: Any = None) -> Any:
     """Explicit argument > estimator declaration > library default.
 
     ``None`` means "not given"; an explicit ``False`` or empty list wins.
@@ -95,7 +114,7 @@ def resolve_option(wrapper, name, value=None):
     return DEFAULT_OPTIONS[name]
 
 
-def inner_estimators(estimator):
+def inner_estimators(estimator: Any) -> Iterator[Any]:
     """Yield ``estimator`` and every estimator wrapped inside it, outside in."""
     while estimator is not None:
         yield estimator
@@ -104,12 +123,32 @@ def inner_estimators(estimator):
             return
 
 
-def estimator_requires_fit(estimator):
+def estimator_requires_fit(estimator: Any) -> bool:
     """Whether ``estimator`` must be fitted before it transforms.
 
     Looks through samplepipe wrappers and the steps of a `Pipeline` (any step
     that needs fitting makes the pipeline need it). ``FunctionTransformer`` and
     estimators whose scikit-learn ``requires_fit`` tag is False do not.
+
+    Parameters
+    ----------
+    estimator : object
+        An estimator, a samplepipe wrapper or a `Pipeline`.
+
+    Returns
+    -------
+    requires_fit : bool
+        True also for objects that are not scikit-learn estimators.
+
+    Examples
+    --------
+    >>> from sklearn.decomposition import PCA
+    >>> from sklearn.preprocessing import FunctionTransformer
+    >>> from samplepipe import SampleWrapper
+    >>> estimator_requires_fit(SampleWrapper(PCA()))
+    True
+    >>> estimator_requires_fit(FunctionTransformer())
+    False
     """
     if isinstance(estimator, Pipeline):
         return any(
@@ -135,7 +174,7 @@ def estimator_requires_fit(estimator):
         return True
 
 
-def short_name(estimator, width=30):
+def short_name(estimator: Any, width: int | None = 30) -> str:
     """``Sample|Checkpoint|MyTransformer``: the wrappers and the estimator."""
     parts = []
     for est in inner_estimators(estimator):

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, TypeGuard
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
+from sklearn.utils import Tags
 from sklearn.utils.metaestimators import available_if
 
 from ..storage.models import update_estimator
 from ._base import estimator_requires_fit, inner_estimators, resolve_option, short_name
-from ._sample import SampleBatch, is_sample_list, iter_samples
+from ._sample import Sample, SampleBatch, SampleSet, is_sample_list, iter_samples
 from ._sample_wrapper import BaseWrapper, SampleWrapper, _estimator_has
+
+if TYPE_CHECKING:
+    import dask.array
+    import dask.bag
+    from dask.delayed import Delayed
+    from typing_extensions import Self
 
 
 class ToDaskBag(TransformerMixin, BaseEstimator):
@@ -24,16 +35,21 @@ class ToDaskBag(TransformerMixin, BaseEstimator):
         Samples per partition.
     """
 
-    def __init__(self, npartitions=None, partition_size=None):
+    def __init__(
+        self, npartitions: int | None = None, partition_size: int | None = None
+    ) -> None:
         self.npartitions = npartitions
         self.partition_size = partition_size
 
-    def fit(self, X, y=None):
+    def fit(self, X: Any, y: Any = None) -> Self:
         """Nothing to fit."""
         return self
 
-    def transform(self, X):
-        """A bag over ``X``."""
+    def transform(self, X: Any) -> dask.bag.Bag:
+        """A bag over ``X``, a list of samples.
+
+        ``X`` that is already a Dask collection (normally a bag) is returned as is.
+        """
         import dask.bag
 
         if hasattr(X, "__dask_graph__"):
@@ -44,13 +60,13 @@ class ToDaskBag(TransformerMixin, BaseEstimator):
             return dask.bag.from_sequence(X, npartitions=self.npartitions)
         return dask.bag.from_sequence(X)
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
         tags.requires_fit = False
         return tags
 
 
-def _is_bag(X):
+def _is_bag(X: object) -> TypeGuard[dask.bag.Bag]:
     if not hasattr(X, "__dask_graph__"):
         return False
     import dask.bag
@@ -58,27 +74,30 @@ def _is_bag(X):
     return isinstance(X, dask.bag.Bag)
 
 
-def _call_partition(partition, estimator, method):
+def _call_partition(partition: Iterable[Any], estimator: Any, method: str) -> Any:
     return getattr(estimator, method)(list(partition))
 
 
-def _fit_partitions(estimator, *partitions):
+def _fit_partitions(estimator: Any, *partitions: Iterable[Any]) -> Any:
     samples = [s for part in partitions for s in part]
     return estimator.fit(samples)
 
 
-def _fit_arrays(estimator, X, y=None):
+def _fit_arrays(estimator: Any, X: Any, y: Any = None) -> Any:
     if y is None:
         return estimator.fit(X)
     return estimator.fit(X, y=y)
 
 
-def _stack_partition(partition, attribute, y_attribute):
+def _stack_partition(
+    partition: Iterable[Sample | SampleSet], attribute: str, y_attribute: str | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(X, y)`` arrays of one partition; samples whose input is None are left out.
 
     Scalars become vectors of length 1; ``(None, None)`` for no valid sample.
     """
-    xs, ys = [], []
+    xs: list[np.ndarray] = []
+    ys: list[Any] = []
     for s in iter_samples(partition):
         value = getattr(s, attribute)
         if value is None:
@@ -91,11 +110,13 @@ def _stack_partition(partition, attribute, y_attribute):
     return np.stack(xs), (np.asarray(ys) if y_attribute is not None else None)
 
 
-def _shape_dtype(array):
+def _shape_dtype(
+    array: np.ndarray | None,
+) -> tuple[tuple[int, ...], np.dtype] | None:
     return None if array is None else (array.shape, array.dtype)
 
 
-def _sample_options(estimator):
+def _sample_options(estimator: Any) -> tuple[str, Sequence[tuple[str, str]]]:
     """``input_attribute`` and ``fit_extra_arguments`` of the SampleWrapper inside."""
     for est in inner_estimators(estimator):
         if isinstance(est, SampleWrapper):
@@ -150,19 +171,19 @@ class DaskWrapper(BaseWrapper):
 
     def __init__(
         self,
-        estimator,
-        fit_tag=None,
-        transform_tag=None,
-        fit_supports_dask_array=None,
-        fit_supports_dask_bag=None,
-    ):
+        estimator: Any,
+        fit_tag: str | None = None,
+        transform_tag: str | None = None,
+        fit_supports_dask_array: bool | None = None,
+        fit_supports_dask_bag: bool | None = None,
+    ) -> None:
         self.estimator = estimator
         self.fit_tag = fit_tag
         self.transform_tag = transform_tag
         self.fit_supports_dask_array = fit_supports_dask_array
         self.fit_supports_dask_bag = fit_supports_dask_bag
 
-    def _annotate(self, tag):
+    def _annotate(self, tag: str | None) -> AbstractContextManager[None]:
         import contextlib
 
         import dask
@@ -171,7 +192,7 @@ class DaskWrapper(BaseWrapper):
             return contextlib.nullcontext()
         return dask.annotate(resources={tag: 1})
 
-    def _run(self, method, X, *args, **kwargs):
+    def _run(self, method: str, X: Any, *args: Any, **kwargs: Any) -> Any:
         """A lazy bag for a bag; the estimator's own answer for other input."""
         if _is_bag(X):
             if any(a is not None for a in args) or kwargs:
@@ -191,7 +212,7 @@ class DaskWrapper(BaseWrapper):
             raise TypeError(msg)
         return getattr(self.estimator, method)(X, *args, **kwargs)
 
-    def _map(self, method, bag):
+    def _map(self, method: str, bag: dask.bag.Bag) -> dask.bag.Bag:
         import dask
 
         estimator = dask.delayed(self.estimator, pure=True)
@@ -204,14 +225,17 @@ class DaskWrapper(BaseWrapper):
             )
         return result
 
-    def fit(self, X, y=None, **fit_params):
+    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
         """Fit on a bag of samples (or pass plain input to the estimator).
 
         Parameters
         ----------
         X : dask.bag.Bag of Sample, or array-like
-        y : None
-            Must be None for a bag: targets come from ``fit_extra_arguments``.
+        y : array-like, default=None
+            Must be None for a bag: targets come from ``fit_extra_arguments``
+            (for other input, it is passed on).
+        **fit_params : dict
+            Passed to the estimator's ``fit``; must be empty for a bag.
 
         Returns
         -------
@@ -255,7 +279,9 @@ class DaskWrapper(BaseWrapper):
         update_estimator(self.estimator, fitted)
         return self
 
-    def _arrays(self, bag):
+    def _arrays(
+        self, bag: dask.bag.Bag
+    ) -> tuple[dask.array.Array, dask.array.Array | None]:
         """Dask arrays X (and y) of a bag of samples, with known chunk sizes.
 
         The partitions are stacked and persisted (one pass over the data), then
@@ -298,7 +324,9 @@ class DaskWrapper(BaseWrapper):
             )
             raise ValueError(msg)
 
-        def concatenate(parts, part_metas):
+        def concatenate(
+            parts: Sequence[Delayed], part_metas: Sequence[Any]
+        ) -> dask.array.Array:
             return da.concatenate(
                 [
                     da.from_delayed(
@@ -312,7 +340,7 @@ class DaskWrapper(BaseWrapper):
         y = concatenate(ys, y_metas) if y_attribute is not None else None
         return X, y
 
-    def _batch_bags(self, bag):
+    def _batch_bags(self, bag: dask.bag.Bag) -> dict[str, dask.bag.Bag]:
         attribute, pairs = _sample_options(self.estimator)
         args = {"X": bag.map_partitions(lambda p: [SampleBatch(list(p), attribute)])}
         for keyword, attr in pairs:
@@ -322,42 +350,42 @@ class DaskWrapper(BaseWrapper):
         return args
 
     @available_if(_estimator_has("transform"))
-    def transform(self, X):
+    def transform(self, X: Any) -> Any:
         """A lazy bag of transformed samples (plain input: the estimator's)."""
         return self._run("transform", X)
 
     @available_if(_estimator_has("transform"))
-    def fit_transform(self, X, y=None, **fit_params):
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Fit, then transform (lazily for a bag)."""
         return self.fit(X, y, **fit_params).transform(X)
 
     @available_if(_estimator_has("predict"))
-    def predict(self, X):
+    def predict(self, X: Any) -> Any:
         """A lazy bag of predictions (plain input: the estimator's)."""
         return self._run("predict", X)
 
     @available_if(_estimator_has("predict_proba"))
-    def predict_proba(self, X):
+    def predict_proba(self, X: Any) -> Any:
         """A lazy bag of class probabilities (plain input: the estimator's)."""
         return self._run("predict_proba", X)
 
     @available_if(_estimator_has("predict_log_proba"))
-    def predict_log_proba(self, X):
+    def predict_log_proba(self, X: Any) -> Any:
         """A lazy bag of log class probabilities (plain input: the estimator's)."""
         return self._run("predict_log_proba", X)
 
     @available_if(_estimator_has("decision_function"))
-    def decision_function(self, X):
+    def decision_function(self, X: Any) -> Any:
         """A lazy bag of decision function values (plain input: the estimator's)."""
         return self._run("decision_function", X)
 
     @available_if(_estimator_has("score_samples"))
-    def score_samples(self, X):
+    def score_samples(self, X: Any) -> Any:
         """A lazy bag of per-sample scores (plain input: the estimator's)."""
         return self._run("score_samples", X)
 
     @available_if(_estimator_has("score"))
-    def score(self, X, y=None, **kwargs):
+    def score(self, X: Any, y: Any = None, **kwargs: Any) -> Any:
         """A lazy bag of one score per partition (plain input: the estimator's).
 
         For a bag, targets come from ``fit_extra_arguments``; ``y`` must be None.
@@ -399,8 +427,8 @@ def dask_tags(estimator: BaseEstimator) -> dict[str, dict[str, int]]:
     return _dask_tags(estimator, None)
 
 
-def _dask_tags(estimator, prefix):
-    tags = {}
+def _dask_tags(estimator: Any, prefix: str | None) -> dict[str, dict[str, int]]:
+    tags: dict[str, dict[str, int]] = {}
     if isinstance(estimator, Pipeline):
         for name, step in estimator.steps:
             if isinstance(step, BaseEstimator):

@@ -2,21 +2,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableSequence, Sequence
-from typing import Any
+from collections.abc import (
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    MutableSequence,
+    Sequence,
+)
+from typing import TYPE_CHECKING, Any, overload
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
+    from typing_extensions import Self
 
 SAMPLE_DATA_ATTRS = ("data", "samples")
 _DELAYED_REPR = "<delayed>"
 
 
-def _public_items(obj):
+def _public_items(obj: object) -> list[tuple[str, Any]]:
     """Public instance attributes of ``obj`` in insertion order."""
     return [(k, v) for k, v in vars(obj).items() if not k.startswith("_")]
 
 
-def _values_equal(a, b):
+def _values_equal(a: Any, b: Any) -> bool:
     """Exact, symmetric comparison used by ``Sample.__eq__``."""
     if a is b:
         return True
@@ -49,7 +60,13 @@ class _SampleBase:
 
     _delayed_attributes: dict[str, Callable[[], Any]]
 
-    def _init_metadata(self, parent, kwargs, *, inherit_delayed):
+    def _init_metadata(
+        self,
+        parent: _SampleBase | None,
+        kwargs: Mapping[str, Any],
+        *,
+        inherit_delayed: bool,
+    ) -> None:
         object.__setattr__(self, "_delayed_attributes", {})
         if parent is not None:
             for name, value in _public_items(parent):
@@ -62,7 +79,7 @@ class _SampleBase:
         for name, value in kwargs.items():
             setattr(self, name, value)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # Only called when normal lookup fails.
         if not name.startswith("__"):
             delayed = self.__dict__.get("_delayed_attributes")
@@ -71,27 +88,27 @@ class _SampleBase:
         msg = f"{type(self).__name__!r} object has no attribute {name!r}"
         raise AttributeError(msg)
 
-    def __setattr__(self, name, value):
+    def __setattr__(self, name: str, value: Any) -> None:
         delayed = self.__dict__.get("_delayed_attributes")
         if delayed and name in delayed:
             del delayed[name]
         object.__setattr__(self, name, value)
 
-    def _attribute_names(self):
+    def _attribute_names(self) -> list[str]:
         names = [k for k, _ in _public_items(self) if k not in SAMPLE_DATA_ATTRS]
         names += [k for k in self._delayed_attributes if k not in names]
         return names
 
-    def _repr_items(self):
+    def _repr_items(self) -> list[tuple[str, str]]:
         items = [(k, repr(v)) for k, v in _public_items(self) if k != "data"]
         items += [(k, _DELAYED_REPR) for k in self._delayed_attributes]
         return items
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         body = ", ".join(f"{k}={v}" for k, v in self._repr_items())
         return f"{type(self).__name__}({body})"
 
-    def __hash__(self):
+    def __hash__(self) -> int:
         # Equal samples have equal keys, so hashing the key is consistent with
         # ``__eq__``. Samples without a key all share one bucket.
         key = getattr(self, "key", None)
@@ -100,10 +117,10 @@ class _SampleBase:
         except TypeError:
             return hash(type(self).__name__)
 
-    def __getstate__(self):
+    def __getstate__(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
-    def __setstate__(self, state):
+    def __setstate__(self, state: Mapping[str, Any]) -> None:
         self.__dict__.update(state)
 
 
@@ -137,14 +154,14 @@ class Sample(_SampleBase):
     Sample(data=array([2, 4]), gender='Male', key='a')
     """
 
-    def __init__(self, data, parent=None, **kwargs):
+    def __init__(self, data: Any, parent: Sample | None = None, **kwargs: Any) -> None:
         object.__setattr__(self, "data", data)
         self._init_metadata(parent, kwargs, inherit_delayed=True)
 
-    def _repr_items(self):
+    def _repr_items(self) -> list[tuple[str, str]]:
         return [("data", repr(self.data)), *super()._repr_items()]
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
             return NotImplemented
         names = self._attribute_names()
@@ -188,7 +205,13 @@ class DelayedSample(Sample):
     (array([1., 1.]), 7)
     """
 
-    def __init__(self, load, parent=None, delayed_attributes=None, **kwargs):
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        parent: Sample | None = None,
+        delayed_attributes: Mapping[str, Callable[[], Any]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         delayed_attributes = dict(delayed_attributes or {})
         both = sorted(set(delayed_attributes) & set(kwargs))
         if both:
@@ -204,15 +227,15 @@ class DelayedSample(Sample):
             setattr(self, name, value)
 
     @property
-    def data(self):
+    def data(self) -> Any:
         """The data, loaded by calling ``load()`` on each access."""
         return self._load()
 
-    def _repr_items(self):
+    def _repr_items(self) -> list[tuple[str, str]]:
         return _SampleBase._repr_items(self)
 
     @classmethod
-    def from_sample(cls, sample, **kwargs):
+    def from_sample(cls, sample: Sample, **kwargs: Any) -> Self:
         """A delayed sample with ``sample``'s loader (or data) and metadata.
 
         Nothing is loaded: a delayed ``sample`` lends its loader.
@@ -221,7 +244,7 @@ class DelayedSample(Sample):
         if load is None:
             data = sample.data
 
-            def load():
+            def load() -> Any:
                 return data
 
         return cls(load, parent=sample, **kwargs)
@@ -229,13 +252,13 @@ class DelayedSample(Sample):
     __hash__ = _SampleBase.__hash__
 
 
-class SampleSet(_SampleBase, MutableSequence):
+class SampleSet(_SampleBase, MutableSequence[Sample]):
     """A list of samples with metadata of its own.
 
     Parameters
     ----------
-    samples : list of Sample
-        The samples.
+    samples : sequence of Sample
+        The samples, usually a list (changing the set changes it in place).
     parent : Sample or SampleSet, default=None
         Its public, non-delayed attributes are copied.
     **kwargs
@@ -251,33 +274,46 @@ class SampleSet(_SampleBase, MutableSequence):
     SampleSet(samples=[Sample(data=1)], key='k')
     """
 
-    def __init__(self, samples, parent=None, **kwargs):
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        parent: Sample | SampleSet | None = None,
+        **kwargs: Any,
+    ) -> None:
         object.__setattr__(self, "samples", samples)
         self._init_metadata(parent, kwargs, inherit_delayed=False)
 
-    def _repr_items(self):
+    def _repr_items(self) -> list[tuple[str, str]]:
         # ``samples`` is an ordinary attribute here, listed first as it was set
         # first; the base class already lists it (bob.pipelines' form).
         return super()._repr_items()
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item):
+    @overload
+    def __getitem__(self, item: int) -> Sample: ...
+    @overload
+    def __getitem__(self, item: slice) -> MutableSequence[Sample]: ...
+    def __getitem__(self, item: int | slice) -> Sample | MutableSequence[Sample]:
         return self.samples[item]
 
-    def __setitem__(self, item, value):
+    @overload
+    def __setitem__(self, item: int, value: Sample) -> None: ...
+    @overload
+    def __setitem__(self, item: slice, value: Iterable[Sample]) -> None: ...
+    def __setitem__(self, item: int | slice, value: Sample | Iterable[Sample]) -> None:
         self.samples[item] = value
 
-    def __delitem__(self, item):
+    def __delitem__(self, item: int | slice) -> None:
         del self.samples[item]
 
-    def insert(self, index, value):
+    def insert(self, index: int, value: Sample) -> None:
         # the samples attribute may be a property without insert on subclasses
         samples = self.samples
         samples.insert(index, value)
 
-    def __eq__(self, other):
+    def __eq__(self, other: object) -> bool:
         if type(self) is not type(other):
             return NotImplemented
         names = self._attribute_names()
@@ -294,35 +330,45 @@ class SampleSet(_SampleBase, MutableSequence):
 class DelayedSampleSet(SampleSet):
     """A sample set whose samples come from ``load()`` on every access."""
 
-    def __init__(self, load, parent=None, **kwargs):
+    def __init__(
+        self,
+        load: Callable[[], Sequence[Sample]],
+        parent: Sample | SampleSet | None = None,
+        **kwargs: Any,
+    ) -> None:
         object.__setattr__(self, "_load", load)
         self._init_metadata(parent, kwargs, inherit_delayed=False)
 
     @property
-    def samples(self):
+    def samples(self) -> Sequence[Sample]:
         """The samples, from ``load()``."""
         return self._load()
 
-    def _repr_items(self):
+    def _repr_items(self) -> list[tuple[str, str]]:
         return _SampleBase._repr_items(self)
 
 
 class DelayedSampleSetCached(DelayedSampleSet):
     """A `DelayedSampleSet` that calls ``load()`` once and keeps the samples."""
 
-    def __init__(self, load, parent=None, **kwargs):
+    def __init__(
+        self,
+        load: Callable[[], Sequence[Sample]],
+        parent: Sample | SampleSet | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(load, parent=parent, **kwargs)
         object.__setattr__(self, "_cached", None)
 
     @property
-    def samples(self):
+    def samples(self) -> Sequence[Sample]:
         """The samples, loaded on first access and kept."""
         if self._cached is None:
             object.__setattr__(self, "_cached", self._load())
         return self._cached
 
 
-def stack_values(values):
+def stack_values(values: Iterable[Any]) -> np.ndarray | list[Any]:
     """Stack equally shaped numeric values into one preallocated array.
 
     Strings, ``None`` and values of different shapes give a list instead.
@@ -353,7 +399,7 @@ def stack_values(values):
     return out
 
 
-class SampleBatch(Sequence):
+class SampleBatch(Sequence[Any]):
     """A read-only view of one attribute over many samples.
 
     ``np.asarray(batch)`` stacks the values into one preallocated array, loading
@@ -375,23 +421,31 @@ class SampleBatch(Sequence):
            [1., 1.]])
     """
 
-    def __init__(self, samples, sample_attribute="data"):
+    def __init__(
+        self, samples: Sequence[Sample], sample_attribute: str = "data"
+    ) -> None:
         self.samples = samples
         self.sample_attribute = sample_attribute
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, item):
+    @overload
+    def __getitem__(self, item: int) -> Any: ...
+    @overload
+    def __getitem__(self, item: slice) -> SampleBatch: ...
+    def __getitem__(self, item: int | slice) -> Any:
         if isinstance(item, slice):
             return SampleBatch(self.samples[item], self.sample_attribute)
         return getattr(self.samples[item], self.sample_attribute)
 
-    def stack(self):
+    def stack(self) -> np.ndarray | list[Any]:
         """Values as one array when they stack, else as a list."""
         return stack_values(getattr(s, self.sample_attribute) for s in self.samples)
 
-    def __array__(self, dtype=None, copy=None):
+    def __array__(
+        self, dtype: DTypeLike | None = None, copy: bool | None = None
+    ) -> np.ndarray:
         stacked = self.stack()
         if isinstance(stacked, list):
             out = np.empty(len(stacked), dtype=object)
@@ -399,14 +453,14 @@ class SampleBatch(Sequence):
             stacked = out
         return stacked if dtype is None else stacked.astype(dtype)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"SampleBatch(n_samples={len(self)}, "
             f"sample_attribute={self.sample_attribute!r})"
         )
 
 
-def iter_samples(samples):
+def iter_samples(samples: Iterable[Sample | SampleSet]) -> Iterator[Sample]:
     """Yield every `Sample` in a list of samples and sample sets, in order."""
     for s in samples:
         if isinstance(s, SampleSet):
@@ -415,7 +469,7 @@ def iter_samples(samples):
             yield s
 
 
-def is_sample_list(obj):
+def is_sample_list(obj: object) -> bool:
     """Whether ``obj`` is a non-array sequence of samples or sample sets."""
     if isinstance(obj, np.ndarray | str | bytes) or not isinstance(obj, Sequence):
         return False

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from sklearn.base import BaseEstimator, MetaEstimatorMixin
-from sklearn.utils import get_tags
+from sklearn.utils import Tags, get_tags
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import _is_fitted
 
 from ._base import estimator_requires_fit, resolve_option, short_name
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list, stack_values
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
-def _estimator_has(attr):
+
+def _estimator_has(attr: str) -> Callable[[Any], bool]:
     """available_if check: the wrapped estimator has ``attr``."""
 
-    def check(self):
+    def check(self: Any) -> bool:
         getattr(self.estimator, attr)
         return True
 
@@ -28,7 +33,7 @@ class BaseWrapper(MetaEstimatorMixin, BaseEstimator):
 
     _is_samplepipe_wrapper = True
 
-    def __sklearn_tags__(self):
+    def __sklearn_tags__(self) -> Tags:
         tags = super().__sklearn_tags__()
         inner = get_tags(self.estimator)
         tags.estimator_type = inner.estimator_type
@@ -41,35 +46,35 @@ class BaseWrapper(MetaEstimatorMixin, BaseEstimator):
         tags.non_deterministic = inner.non_deterministic
         return tags
 
-    def __sklearn_is_fitted__(self):
+    def __sklearn_is_fitted__(self) -> bool:
         if not estimator_requires_fit(self.estimator):
             return True
         return _is_fitted(self.estimator)
 
-    def __samplepipe_tags__(self):
+    def __samplepipe_tags__(self) -> dict[str, Any]:
         from ._base import estimator_options
 
         return estimator_options(self.estimator)
 
     @property
-    def classes_(self):
+    def classes_(self) -> np.ndarray:
         """Classes of the wrapped classifier."""
         return self.estimator.classes_
 
     @property
-    def n_features_in_(self):
+    def n_features_in_(self) -> int:
         """Number of features seen by the wrapped estimator during fit."""
         return self.estimator.n_features_in_
 
     @property
-    def feature_names_in_(self):
+    def feature_names_in_(self) -> np.ndarray:
         """Feature names seen by the wrapped estimator during fit."""
         return self.estimator.feature_names_in_
 
-    def __repr__(self, N_CHAR_MAX=700):
+    def __repr__(self, N_CHAR_MAX: int = 700) -> str:
         return super().__repr__(N_CHAR_MAX)
 
-    def _name(self):
+    def _name(self) -> str:
         return short_name(self)
 
 
@@ -124,12 +129,12 @@ class SampleWrapper(BaseWrapper):
 
     def __init__(
         self,
-        estimator,
-        transform_extra_arguments=None,
-        fit_extra_arguments=None,
-        output_attribute=None,
-        input_attribute=None,
-    ):
+        estimator: Any,
+        transform_extra_arguments: Sequence[tuple[str, str]] | None = None,
+        fit_extra_arguments: Sequence[tuple[str, str]] | None = None,
+        output_attribute: str | None = None,
+        input_attribute: str | None = None,
+    ) -> None:
         self.estimator = estimator
         self.transform_extra_arguments = transform_extra_arguments
         self.fit_extra_arguments = fit_extra_arguments
@@ -137,7 +142,7 @@ class SampleWrapper(BaseWrapper):
         self.input_attribute = input_attribute
 
     # -- option checks -----------------------------------------------------
-    def _option(self, name):
+    def _option(self, name: str) -> Any:
         value = resolve_option(self, name)
         if name.endswith("_attribute") and not isinstance(value, str):
             msg = (
@@ -161,9 +166,11 @@ class SampleWrapper(BaseWrapper):
                 raise TypeError(msg)
         return value
 
-    def _extra_kwargs(self, option, samples, indices):
+    def _extra_kwargs(
+        self, option: str, samples: Sequence[Sample], indices: Iterable[int]
+    ) -> dict[str, list[Any]]:
         pairs = self._option(option)
-        kwargs = {}
+        kwargs: dict[str, list[Any]] = {}
         for keyword, attribute in pairs:
             values = []
             for i in indices:
@@ -181,7 +188,7 @@ class SampleWrapper(BaseWrapper):
             kwargs[keyword] = values
         return kwargs
 
-    def _inputs(self, samples):
+    def _inputs(self, samples: Sequence[Sample]) -> tuple[list[Any], list[int]]:
         """Load each sample's input once; return (values, valid indices)."""
         attribute = self._option("input_attribute")
         values = []
@@ -198,7 +205,9 @@ class SampleWrapper(BaseWrapper):
         valid = [i for i, v in enumerate(values) if v is not None]
         return values, valid
 
-    def _valid_inputs(self, method, flat):
+    def _valid_inputs(
+        self, method: str, flat: Sequence[Sample]
+    ) -> tuple[np.ndarray | list[Any], list[int]]:
         """Stacked ``X`` of the inputs that are not None, and their indices."""
         values, valid = self._inputs(flat)
         if not valid:
@@ -212,12 +221,14 @@ class SampleWrapper(BaseWrapper):
         return stack_values(values[i] for i in valid), valid
 
     # -- the core: one estimator call for a whole list of samples -----------
-    def _apply(self, method, samples):
+    def _apply(
+        self, method: str, samples: Iterable[Sample | SampleSet]
+    ) -> list[Sample | SampleSet]:
         flat, sets = _flatten(samples)
         outputs = self._call_flat(method, flat)
         return _unflatten(outputs, sets)
 
-    def _call_flat(self, method, flat):
+    def _call_flat(self, method: str, flat: Sequence[Sample]) -> list[Sample]:
         if not flat:
             return []
         values, valid = self._inputs(flat)
@@ -242,15 +253,18 @@ class SampleWrapper(BaseWrapper):
         return [_make_output(s, attribute, r) for s, r in zip(flat, results)]
 
     # -- scikit-learn API --------------------------------------------------
-    def fit(self, X, y=None, **fit_params):
+    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
         """Fit the estimator on samples (or on plain arrays).
 
         Parameters
         ----------
         X : list of Sample or SampleSet, or array-like
             Samples whose input attribute is None are left out.
-        y : None
-            Must be None for samples: targets come from ``fit_extra_arguments``.
+        y : array-like, default=None
+            Must be None for samples: targets come from ``fit_extra_arguments``
+            (for arrays, it is passed on).
+        **fit_params : dict
+            Passed to the estimator's ``fit``.
 
         Returns
         -------
@@ -285,57 +299,60 @@ class SampleWrapper(BaseWrapper):
         self.estimator.fit(X, **kwargs, **fit_params)
         return self
 
-    def _dispatch(self, method, X, **kwargs):
+    def _dispatch(self, method: str, X: Any, **kwargs: Any) -> Any:
         if is_sample_list(X) or (isinstance(X, list | tuple) and len(X) == 0):
             return self._apply(method, X)
         return getattr(self.estimator, method)(X, **kwargs)
 
     @available_if(_estimator_has("transform"))
-    def transform(self, X, **kwargs):
+    def transform(self, X: Any, **kwargs: Any) -> Any:
         """Transform samples; returns new samples in the same structure."""
         return self._dispatch("transform", X, **kwargs)
 
     @available_if(_estimator_has("transform"))
-    def fit_transform(self, X, y=None, **fit_params):
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Fit, then transform the same samples."""
         return self.fit(X, y, **fit_params).transform(X)
 
     @available_if(_estimator_has("predict"))
-    def predict(self, X, **kwargs):
+    def predict(self, X: Any, **kwargs: Any) -> Any:
         """Predictions as new samples (or an array for plain input)."""
         return self._dispatch("predict", X, **kwargs)
 
     @available_if(_estimator_has("predict_proba"))
-    def predict_proba(self, X, **kwargs):
+    def predict_proba(self, X: Any, **kwargs: Any) -> Any:
         """Class probabilities as new samples (or an array for plain input)."""
         return self._dispatch("predict_proba", X, **kwargs)
 
     @available_if(_estimator_has("predict_log_proba"))
-    def predict_log_proba(self, X, **kwargs):
+    def predict_log_proba(self, X: Any, **kwargs: Any) -> Any:
         """Log class probabilities as new samples (or an array)."""
         return self._dispatch("predict_log_proba", X, **kwargs)
 
     @available_if(_estimator_has("decision_function"))
-    def decision_function(self, X, **kwargs):
+    def decision_function(self, X: Any, **kwargs: Any) -> Any:
         """Decision function as new samples (or an array for plain input)."""
         return self._dispatch("decision_function", X, **kwargs)
 
     @available_if(_estimator_has("score_samples"))
-    def score_samples(self, X, **kwargs):
+    def score_samples(self, X: Any, **kwargs: Any) -> Any:
         """Per-sample scores as new samples (or an array for plain input)."""
         return self._dispatch("score_samples", X, **kwargs)
 
     @available_if(_estimator_has("score"))
-    def score(self, X, y=None, **kwargs):
+    def score(self, X: Any, y: Any = None, **kwargs: Any) -> float:
         """Score on samples, with targets from ``fit_extra_arguments``.
 
         Parameters
         ----------
         X : list of Sample or SampleSet, or array-like
             Samples whose input attribute is None are left out, as in `fit`.
-        y : None
+        y : array-like, default=None
             Must be None for samples: targets come from ``fit_extra_arguments``
             (for arrays, it is passed on).
+        **kwargs : dict
+            Passed to the estimator's ``score`` for arrays; must be empty for
+            samples.
 
         Returns
         -------
@@ -358,9 +375,11 @@ class SampleWrapper(BaseWrapper):
         return self.estimator.score(X, **extra)
 
 
-def _flatten(samples):
+def _flatten(
+    samples: Iterable[Sample | SampleSet],
+) -> tuple[list[Sample], list[tuple[SampleSet | None, int, int]]]:
     """Flatten sample sets; return the samples and how to regroup them."""
-    flat: list[Any] = []
+    flat: list[Sample] = []
     sets: list[tuple[SampleSet | None, int, int]] = []
     for s in samples:
         if isinstance(s, SampleSet):
@@ -373,8 +392,10 @@ def _flatten(samples):
     return flat, sets
 
 
-def _unflatten(outputs, sets):
-    result = []
+def _unflatten(
+    outputs: Sequence[Sample], sets: Iterable[tuple[SampleSet | None, int, int]]
+) -> list[Sample | SampleSet]:
+    result: list[Sample | SampleSet] = []
     for parent, start, n in sets:
         if parent is None:
             result.append(outputs[start])
@@ -383,7 +404,7 @@ def _unflatten(outputs, sets):
     return result
 
 
-def _make_output(sample, attribute, value):
+def _make_output(sample: Sample, attribute: str, value: Any) -> Sample:
     """A new sample carrying ``value`` in ``attribute``; ``sample`` is unchanged.
 
     ``value`` may be None: a failed sample keeps its place and its metadata.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from sklearn.pipeline import Pipeline
 
 from ..storage.keys import check_step_name
 
 
-def _named_bases():
+def _named_bases() -> dict[str, type]:
     from ._checkpoint import CheckpointWrapper
     from ._dask import DaskWrapper
     from ._sample_wrapper import SampleWrapper
@@ -21,7 +23,7 @@ def _named_bases():
     }
 
 
-def _resolve_bases(bases):
+def _resolve_bases(bases: Iterable[type | str]) -> list[type]:
     if isinstance(bases, str | type) or not hasattr(bases, "__iter__"):
         msg = (
             f"wrap got bases={bases!r}; it must be a list of classes and of the "
@@ -29,7 +31,7 @@ def _resolve_bases(bases):
         )
         raise TypeError(msg)
     named = _named_bases()
-    resolved = []
+    resolved: list[type] = []
     for base in bases:
         if isinstance(base, str):
             try:
@@ -47,7 +49,9 @@ def _resolve_bases(bases):
     return resolved
 
 
-def _build(cls, kwargs, estimator=None):
+def _build(
+    cls: type, kwargs: Mapping[str, Any], estimator: Any = None
+) -> tuple[Any, set[str]]:
     """Instantiate ``cls`` with the kwargs it accepts; return it and their names."""
     names = set(cls._get_param_names()) if hasattr(cls, "_get_param_names") else set()
     used = {k: v for k, v in kwargs.items() if k in names and k != "estimator"}
@@ -56,8 +60,13 @@ def _build(cls, kwargs, estimator=None):
     return cls(estimator, **used), set(used)
 
 
-def _wrap_one(bases, estimator, kwargs, where="wrap"):
-    used = set()
+def _wrap_one(
+    bases: Sequence[type],
+    estimator: Any,
+    kwargs: Mapping[str, Any],
+    where: str = "wrap",
+) -> Any:
+    used: set[str] = set()
     if estimator is None:
         if not bases:
             msg = "wrap got no estimator and no bases to build one from."
@@ -77,12 +86,12 @@ def _wrap_one(bases, estimator, kwargs, where="wrap"):
     return estimator
 
 
-def wrap(bases, estimator=None, **kwargs):
+def wrap(bases: Iterable[type | str], estimator: Any = None, **kwargs: Any) -> Any:
     """Wrap ``estimator`` (or each step of a `Pipeline`) in several layers.
 
     Parameters
     ----------
-    bases : list of class or str
+    bases : iterable of class or str
         Wrappers from the inside out; the strings ``"sample"``, ``"checkpoint"``
         and ``"dask"`` (any case) stand for `SampleWrapper`, `CheckpointWrapper`
         and `DaskWrapper`. Without ``estimator``, the first class is built from
@@ -120,7 +129,9 @@ def wrap(bases, estimator=None, **kwargs):
     return _wrap_one(bases, estimator, kwargs)
 
 
-def _wrap_pipeline(bases, pipeline, kwargs):
+def _wrap_pipeline(
+    bases: Sequence[type], pipeline: Pipeline, kwargs: Mapping[str, Any]
+) -> Pipeline:
     from ._dask import DaskWrapper, ToDaskBag
 
     kwargs = dict(kwargs)
@@ -131,7 +142,7 @@ def _wrap_pipeline(bases, pipeline, kwargs):
     if bag_kwargs and not uses_dask:
         msg = f"wrap got {sorted(bag_kwargs)}, which only apply with 'dask' in bases."
         raise ValueError(msg)
-    steps = []
+    steps: list[tuple[str, Any]] = []
     for name, step in pipeline.steps:
         check_step_name(name, owner="wrap's pipeline")
         if step is None or step == "passthrough" or isinstance(step, ToDaskBag):

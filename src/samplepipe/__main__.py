@@ -1,0 +1,8 @@
+"""``python -m samplepipe``: the samplepipe command line (see `samplepipe.cli`)."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
