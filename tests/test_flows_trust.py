@@ -215,3 +215,26 @@ def test_a_step_name_that_escapes_is_refused_before_work(tmp_path):
         transform_pipeline(pipe, make_samples(3), **dirs(tmp_path))
     assert not os.path.exists(tmp_path / "escaped")
     assert not os.path.exists(tmp_path / "features")
+
+
+def test_a_swapped_file_behind_a_cached_manifest_is_noticed(tmp_path):
+    import shutil
+
+    from samplepipe.flows import transform_pipeline
+
+    log = str(tmp_path / "calls.log")
+    samples = make_samples(10)
+    pipe = Pipeline([("count", CountingTransformer(log_path=log, stateless=True))])
+    transform_pipeline(pipe, samples, **dirs(tmp_path))
+    folder = tmp_path / "features" / "count" / "s"
+    a, b = folder / "00000.h5", folder / "00001.h5"
+    st = os.stat(a)
+    shutil.copyfile(b, str(a) + ".new")  # same size: another sample's checkpoint
+    os.utime(str(a) + ".new", ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(str(a) + ".new", a)
+    assert (os.stat(a).st_size, os.stat(a).st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
+    out = state.result()
+    np.testing.assert_allclose(out[0].data, samples[0].data)  # not sample 1's
+    assert {r.state.name for r in task_runs(flow_run_id)} == {"Completed"}
+    assert count_rows(log, "transform") == 11  # only the swapped one recomputed
