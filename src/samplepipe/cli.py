@@ -76,34 +76,23 @@ def _print_table(table):
 
 
 def _table(rows, title):
-    table = Table(title=title)
-    for column in (
+    columns = (
         "step",
         "task",
         "samples",
         "computed",
         "loaded",
+        "failed",
         "cached batches",
         "seconds",
-    ):
+    )
+    table = Table(title=title)
+    for column in columns:
         table.add_column(
             column, justify="left" if column in ("step", "task") else "right"
         )
     for row in rows:
-        table.add_row(
-            *(
-                escape(str(row[c]))
-                for c in (
-                    "step",
-                    "task",
-                    "samples",
-                    "computed",
-                    "loaded",
-                    "cached batches",
-                    "seconds",
-                )
-            )
-        )
+        table.add_row(*(escape(str(row.get(c, ""))) for c in columns))
     return table
 
 
@@ -120,6 +109,8 @@ def run(
     model_dir: str = DEMO_MODEL_DIR,
     batch_size: int = 200,
     retries: int = 2,
+    method: str = "transform",
+    on_error: str = "raise",
 ) -> int:
     """Fit PIPELINE on the training samples and transform the samples, via Prefect.
 
@@ -150,12 +141,23 @@ def run(
         Samples per Prefect task run.
     retries
         Retries of a task run that failed with an I/O error.
+    method
+        What the last step computes: transform, predict, predict_proba,
+        predict_log_proba, decision_function or score_samples.
+    on_error
+        raise (failed samples fail the run, after every other sample is
+        checkpointed) or skip (they stay in line as None).
+
+    Without PREFECT_API_URL, a temporary local Prefect server runs for the
+    command (SAMPLEPIPE_SERVER_TIMEOUT seconds to start, default 120) and stops
+    with it, even when the command is killed.
     """
     pipeline = _pipeline_or_demo("run", pipeline, features_dir, model_dir)
     _quiet_prefect()
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import flows
+    from .server import ServerError, prefect_api
 
     kwargs = {
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
@@ -180,17 +182,22 @@ def run(
 
         flows.progress_callbacks.append(advance)
         try:
-            state = flows.run_pipeline(
-                pipeline,
-                train_samples,
-                samples,
-                features_dir,
-                model_dir,
-                batch_size=batch_size,
-                retries=retries,
-                return_state=True,
-                **kwargs,
-            )
+            with prefect_api():
+                state = flows.run_pipeline(
+                    pipeline,
+                    train_samples,
+                    samples,
+                    features_dir,
+                    model_dir,
+                    batch_size=batch_size,
+                    retries=retries,
+                    method=method,
+                    on_error=on_error,
+                    return_state=True,
+                    **kwargs,
+                )
+        except ServerError as exc:
+            raise CommandError(f"samplepipe run: {exc}", code=1) from exc
         finally:
             flows.progress_callbacks.remove(advance)
     seconds = time.perf_counter() - t0
@@ -629,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     Import paths (``--pipeline mymodule:make_pipeline``) may name modules of
     the current folder, as with ``python -m``.
     """
+    # no anonymous usage statistics from the servers we start, unless asked for
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     added = _cwd_on_path()
     try:
         code = app(argv, result_action="return_value")

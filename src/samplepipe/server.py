@@ -1,0 +1,172 @@
+"""A local Prefect API server for one command, that never outlives it.
+
+`samplepipe run` uses `prefect_api` instead of Prefect's ephemeral server:
+
+* with ``PREFECT_API_URL`` set, it checks that the API answers, and fails with a
+  one-line message naming the URL when it does not;
+* otherwise it starts Prefect's server (the same uvicorn app as Prefect's
+  ephemeral mode) on 127.0.0.1, waits for it up to ``SAMPLEPIPE_SERVER_TIMEOUT``
+  seconds (default 120) with a clear message when it is slower, sends its log
+  (SQLite's ``database is locked`` retries included) to
+  ``$PREFECT_HOME/samplepipe-server.log`` rather than the console, and stops it
+  when the command ends. On Linux the kernel also stops it when the command is
+  killed (``PR_SET_PDEATHSIG``), so a ``kill -9`` leaves no orphaned server.
+
+Anonymous usage statistics stay off unless the user turns them on
+(``PREFECT_SERVER_ANALYTICS_ENABLED``).
+
+To keep one server running across commands (no start-up cost per run)::
+
+    prefect server start &
+    export PREFECT_API_URL=http://127.0.0.1:4200/api
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_TIMEOUT = 120.0
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """The Prefect API could not be reached or started."""
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    os.setsid()  # Ctrl-C in the terminal goes to the command, which stops us
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def startup_timeout() -> float:
+    """``SAMPLEPIPE_SERVER_TIMEOUT`` in seconds (default 120)."""
+    value = os.environ.get("SAMPLEPIPE_SERVER_TIMEOUT", "")
+    try:
+        return float(value) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        msg = f"SAMPLEPIPE_SERVER_TIMEOUT={value!r} is not a number of seconds."
+        raise ServerError(msg) from None
+
+
+@contextlib.contextmanager
+def prefect_api(timeout: float | None = None) -> Iterator[str]:
+    """The URL of a Prefect API for the duration of the block (see module notes)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    url = os.environ.get("PREFECT_API_URL")
+    if url:
+        if not _healthy(url.rstrip("/")):
+            msg = (
+                f"the Prefect API at PREFECT_API_URL={url} does not answer; start "
+                "it (prefect server start) or unset PREFECT_API_URL to use a "
+                "temporary local server."
+            )
+            raise ServerError(msg)
+        yield url
+        return
+    timeout = startup_timeout() if timeout is None else timeout
+    with _local_server(timeout) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _local_server(timeout: float) -> Iterator[str]:
+    import prefect
+    from prefect.settings import PREFECT_API_URL as API_URL
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    home = Path(PREFECT_HOME.value())
+    home.mkdir(parents=True, exist_ok=True)
+    log_path = home / "samplepipe-server.log"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {
+        **os.environ,
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--app-dir",
+        str(Path(prefect.__file__).parent.parent),
+        "--factory",
+        "prefect.server.api.server:create_app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--log-level",
+        "error",
+        "--lifespan",
+        "on",
+    ]
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while not _healthy(url, timeout=1.0):
+            if process.poll() is not None:
+                msg = (
+                    f"the local Prefect server exited with code {process.returncode} "
+                    f"before answering; see {log_path}."
+                )
+                raise ServerError(msg)
+            if time.monotonic() > deadline:
+                msg = (
+                    f"the local Prefect server did not answer within {timeout:g} s "
+                    "(a busy machine?); set SAMPLEPIPE_SERVER_TIMEOUT to wait longer, "
+                    "or keep one server running (prefect server start) and set "
+                    f"PREFECT_API_URL. Its log: {log_path}."
+                )
+                raise ServerError(msg)
+            time.sleep(0.2)
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            with temporary_settings({API_URL: url}):
+                yield url
+        finally:
+            os.environ.pop("PREFECT_API_URL", None)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
