@@ -14,7 +14,7 @@ import os
 import pkgutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, cast
 from uuid import UUID
 
@@ -120,6 +120,12 @@ class RunOptions:
                 msg = f"{name} must be a folder path, got {value!r}."
                 raise TypeError(msg)
         return self
+
+    @classmethod
+    def of(cls, parameters: dict[str, Any]) -> RunOptions:
+        """The options among a flow's ``parameters`` (its ``locals()``)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in parameters.items() if k in names})
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -712,16 +718,7 @@ def fit_pipeline(
     Pipeline
         The fitted pipeline of `CheckpointWrapper` steps.
     """
-    options = RunOptions(
-        features_dir,
-        model_dir,
-        batch_size,
-        retries,
-        retry_delay_seconds,
-        max_batches_in_flight,
-        on_error=on_error,
-        locks=locks,
-    )
+    options = RunOptions.of(locals())
     return _summarized(
         "fit-pipeline",
         _fit,
@@ -758,17 +755,7 @@ def transform_pipeline(
         loading lazily from the checkpoints (``data=None`` for failed samples
         with ``on_error="skip"``). An empty ``samples`` gives an empty list.
     """
-    options = RunOptions(
-        features_dir,
-        model_dir,
-        batch_size,
-        retries,
-        retry_delay_seconds,
-        max_batches_in_flight,
-        method,
-        on_error,
-        locks,
-    )
+    options = RunOptions.of(locals())
     return _summarized(
         "transform-pipeline",
         _transform,
@@ -803,17 +790,7 @@ def run_pipeline(
     Parameters are those of `transform_pipeline`. Returns the per-step summary
     rows (JSON), the same as the table artifact.
     """
-    options = RunOptions(
-        features_dir,
-        model_dir,
-        batch_size,
-        retries,
-        retry_delay_seconds,
-        max_batches_in_flight,
-        method,
-        on_error,
-        locks,
-    )
+    options = RunOptions.of(locals())
 
     def fit_then_transform(run):
         fitted = _fit(
