@@ -7,6 +7,7 @@ calls are counted across threads, processes and Dask workers.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
@@ -57,16 +58,27 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         (while ``fail_marker`` exists, or always when ``fail_marker`` is None).
     stateless : bool, default=False
         If True, ``fit`` is not needed (scikit-learn ``requires_fit`` False).
+    delay : float, default=0.0
+        Seconds that ``transform`` sleeps per row before it logs its call and
+        returns: makes a step slow enough to be interrupted mid-run (the
+        production tests kill a worker while it runs).
     """
 
     def __init__(
-        self, offset=0.0, log_path=None, fail_marker=None, fail_on=None, stateless=False
+        self,
+        offset=0.0,
+        log_path=None,
+        fail_marker=None,
+        fail_on=None,
+        stateless=False,
+        delay=0.0,
     ):
         self.offset = offset
         self.log_path = log_path
         self.fail_marker = fail_marker
         self.fail_on = fail_on
         self.stateless = stateless
+        self.delay = delay
 
     def fit(self, X, y=None):
         X = np.asarray(X, dtype=float)
@@ -91,6 +103,8 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
             exc = self._failing(X)
             if exc is not None:
                 raise exc
+        if self.delay:
+            time.sleep(self.delay * len(X))
         _log(self.log_path, "transform", len(X))
         shift = 0.0 if self.stateless else self.mean_
         return X + self.offset + shift
@@ -101,12 +115,12 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         return tags
 
 
-def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None):
+def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None, delay=0.0):
     """A three-step pipeline whose last two steps log to ``log_dir``.
 
     Importable by path (``"samplepipe.testing:counting_pipeline"``) for
-    deployment tests. ``fail_marker``/``fail_on`` make step ``count`` fail
-    (see `CountingTransformer`).
+    deployment tests. ``fail_marker``/``fail_on`` make step ``count`` fail and
+    ``delay`` (seconds per row) makes it slow (see `CountingTransformer`).
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
@@ -121,6 +135,7 @@ def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None):
                     log_path=os.path.join(log_dir, "count.log"),
                     fail_marker=fail_marker,
                     fail_on=fail_on,
+                    delay=delay,
                 ),
             ),
             ("last", CountingTransformer(log_path=os.path.join(log_dir, "last.log"))),
