@@ -219,12 +219,32 @@ def test_prefect_deploy_all_registers_the_deployments(prefect_server, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     deployments = {d.name: d for d in _deployments(server)}
     assert {
-        "samplepipe-demo-run",
-        "samplepipe-demo-fit",
-        "samplepipe-demo-transform",
+        "samplepipe-pool-run",
+        "samplepipe-pool-fit",
+        "samplepipe-pool-transform",
     } <= set(deployments)
-    run = deployments["samplepipe-demo-run"]
+    # samplepipe serve's deployments (samplepipe-demo-*) are left alone
+    assert not {n for n in deployments if n.startswith("samplepipe-demo-")}
+    run = deployments["samplepipe-pool-run"]
     assert run.work_pool_name == "samplepipe-process"
     assert run.entrypoint == "flows.py:run_pipeline"
     assert run.parameters["samples_kwargs"] == {"subset": "test"}
     assert [s.schedule.cron for s in run.schedules] == ["0 2 * * *"]
+
+
+def test_serve_and_prefect_yaml_never_share_a_deployment_name():
+    import inspect
+
+    import yaml
+
+    from samplepipe import cli
+
+    spec = yaml.safe_load((REPO / "deployments" / "prefect.yaml").read_text())
+    from_yaml = {d["name"] for d in spec["deployments"]}
+    production = yaml.safe_load((REPO / "deployments" / "production.yaml").read_text())
+    from_production = {d["name"] for d in production["deployments"]}
+    default = inspect.signature(cli.serve).parameters["name"].default
+    from_serve = {f"{default}-{kind}" for kind in ("fit", "transform", "run")}
+    assert len(from_yaml) == len(from_production) == len(from_serve) == 3
+    assert not from_yaml & from_serve
+    assert not from_production & (from_serve | from_yaml)
