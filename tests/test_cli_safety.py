@@ -32,9 +32,11 @@ USER_MODULE = textwrap.dedent(
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
+    from samplepipe import factory
     from samplepipe.testing import CountingTransformer
 
 
+    @factory
     def make_pipeline():
         return Pipeline(
             [
@@ -45,6 +47,7 @@ USER_MODULE = textwrap.dedent(
         )
 
 
+    @factory
     def odd_names():
         return Pipeline([("a[red]b", FunctionTransformer()), ("c[bold]d", PCA(2))])
     '''

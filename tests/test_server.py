@@ -14,13 +14,15 @@ FACTORIES = """
 import numpy as np
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from samplepipe import Sample
+from samplepipe import Sample, factory
 from samplepipe.testing import CountingTransformer
 
+@factory
 def pipeline():
     return Pipeline([("scale", StandardScaler()),
                      ("slow", CountingTransformer(delay=DELAY, stateless=True))])
 
+@factory
 def samples(n=40):
     rng = np.random.default_rng(0)
     return [Sample(x, key=f"k{i}") for i, x in enumerate(rng.normal(size=(n, 3)))]

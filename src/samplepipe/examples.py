@@ -15,6 +15,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from ._factory import factory
 from .wrappers import Sample
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class ClassifierScores(TransformerMixin, BaseEstimator):
         return self.classifier_.predict_proba(X)
 
 
+@factory
 def demo_pipeline(n_components: int = 16, C: float = 1.0) -> Pipeline:
     """Scaling -> PCA -> a classifier's class probabilities."""
     return Pipeline(
@@ -59,6 +61,7 @@ def demo_pipeline(n_components: int = 16, C: float = 1.0) -> Pipeline:
     )
 
 
+@factory
 def digits_samples(
     subset: Literal["all", "train", "test"] = "all", n: int | None = None
 ) -> list[Sample]:

@@ -27,6 +27,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from sklearn.pipeline import Pipeline
 
+from ._factory import is_factory
 from .locks import lock_manager_from_url
 from .storage import check_step_name, combine, fitted_digest, sample_keys
 from .tasks import (
@@ -145,7 +146,8 @@ def load_object(
 ) -> Any:
     """Resolve ``"package.module:name"`` (called with ``kwargs`` if callable).
 
-    Uses `pkgutil.resolve_name`; importing the module runs its code.
+    Uses `pkgutil.resolve_name`; importing the module runs its code. A
+    callable is called only when it is marked with `samplepipe.factory`.
     """
     if not isinstance(spec, str):
         if kwargs:
@@ -168,7 +170,18 @@ def load_object(
         msg = f"{what}={spec!r}: module {module_name!r} has no {attribute!r}."
         raise ValueError(msg) from exc
     if callable(obj) and not isinstance(obj, Pipeline):
+        if not is_factory(obj):
+            msg = (
+                f"{what}={spec!r} names a callable that is not marked as a "
+                "samplepipe factory; decorate it with @samplepipe.factory. Only "
+                "marked functions may be called by import path: whoever can start "
+                "a run could otherwise call any function."
+            )
+            raise ValueError(msg)
         obj = obj(**(kwargs or {}))
+    elif kwargs:
+        msg = f"{what}_kwargs was given, but {what}={spec!r} is not a factory."
+        raise TypeError(msg)
     return obj
 
 

@@ -12,6 +12,8 @@ import time
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
+from ._factory import factory
+
 
 def _log(path, method, n):
     if path is None:
@@ -115,6 +117,7 @@ class CountingTransformer(TransformerMixin, BaseEstimator):
         return tags
 
 
+@factory
 def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None, delay=0.0):
     """A three-step pipeline whose last two steps log to ``log_dir``.
 
@@ -143,6 +146,7 @@ def counting_pipeline(log_dir, offset=1.0, fail_marker=None, fail_on=None, delay
     )
 
 
+@factory
 def random_samples(n, n_features=4, seed=0, prefix="s", start=0):
     """``n`` samples of normal noise with keys ``<prefix>/<i>`` and a target."""
     from .wrappers import Sample
