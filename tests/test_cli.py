@@ -9,6 +9,8 @@ import pytest
 
 from samplepipe.storage.files import HOST_TAG
 
+pytestmark = pytest.mark.slow  # runs flows through the command line
+
 BIN = Path(sys.executable).parent
 QUIET_SERVER = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",

@@ -22,6 +22,8 @@ import pytest
 from samplepipe.cli import main
 from samplepipe.storage.files import HOST_TAG
 
+pytestmark = pytest.mark.slow  # command-line runs in subprocesses
+
 BIN = Path(sys.executable).parent
 
 USER_MODULE = textwrap.dedent(

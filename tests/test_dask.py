@@ -25,6 +25,8 @@ from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
 from .conftest import make_samples
 
+pytestmark = pytest.mark.slow  # a LocalCluster with worker processes
+
 
 def pipeline(tmp_path):
     return Pipeline(

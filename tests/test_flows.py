@@ -14,6 +14,7 @@ from ._prefect_helpers import artifacts, run, task_runs
 from .conftest import make_samples
 
 pytestmark = [
+    pytest.mark.slow,  # Prefect flow runs, 10-50 s each with their fitted fixture
     pytest.mark.usefixtures("prefect_harness"),
     # recomputing stale checkpoints is what several tests here provoke
     pytest.mark.filterwarnings("ignore::samplepipe.CheckpointWarning"),

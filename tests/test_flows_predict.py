@@ -17,7 +17,10 @@ from samplepipe.testing import CountingTransformer, count_rows, read_calls
 from ._prefect_helpers import artifacts, run, task_runs
 from .conftest import make_samples
 
-pytestmark = [pytest.mark.usefixtures("prefect_harness")]
+pytestmark = [
+    pytest.mark.slow,  # Prefect flow runs
+    pytest.mark.usefixtures("prefect_harness"),
+]
 
 
 def dirs(tmp_path, batch_size=10):

@@ -16,6 +16,7 @@ from ._prefect_helpers import run, task_runs
 from .conftest import make_samples
 
 pytestmark = [
+    pytest.mark.slow,  # Prefect flow runs
     pytest.mark.usefixtures("prefect_harness"),
     pytest.mark.filterwarnings("ignore::samplepipe.CheckpointWarning"),
 ]

@@ -10,6 +10,8 @@ import pytest
 
 from .conftest import free_port
 
+pytestmark = pytest.mark.slow  # starts `samplepipe run` and its server
+
 FACTORIES = """
 import numpy as np
 from sklearn.pipeline import Pipeline

@@ -237,6 +237,7 @@ print(pipeline.steps[0][1].step_identity())
 """
 
 
+@pytest.mark.slow
 def test_refit_of_a_main_class_keeps_later_steps_checkpoints(tmp_path):
     script = tmp_path / "script.py"
     script.write_text(MAIN_SCRIPT)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from samplepipe import CheckpointWrapper
 from samplepipe.storage import (
@@ -24,6 +25,8 @@ from samplepipe.testing import count_rows, random_samples
 
 from . import _stats
 from ._child import transformer
+
+pytestmark = pytest.mark.slow  # SIGKILL loops; minutes
 
 CHILD = Path(__file__).with_name("_child.py")
 KILLS = int(os.environ.get("SAMPLEPIPE_KILLS", "20"))

@@ -200,6 +200,7 @@ np.save(sys.argv[5], np.stack([o.data for o in out]))
 """
 
 
+@pytest.mark.slow
 def test_two_processes_on_overlapping_samples(tmp_path):
     features = tmp_path / "f"
     args = [(0, 1000), (500, 1500)]
