@@ -82,6 +82,9 @@ def prefect_server(tmp_path_factory):
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_LOGGING_LEVEL="WARNING",
         DO_NOT_TRACK="1",
+        # SQLite waits this long for a lock before answering 503 (default 10 s):
+        # several flow runs and a serve process write at once in these tests
+        PREFECT_SERVER_DATABASE_TIMEOUT="60",
     )
     log = open(home / "server.log", "w")
     proc = subprocess.Popen(

@@ -109,6 +109,9 @@ def _local_server(timeout: float) -> Iterator[str]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
+        # SQLite waits this long for a lock (Prefect's default, 10 s, gives
+        # "database is locked" errors on a busy 2-core machine)
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
         **os.environ,
         "PREFECT_UI_ENABLED": "0",
         "PREFECT__SERVER_EPHEMERAL": "1",
