@@ -88,8 +88,8 @@ def bench_checkpoint(n, d, work):
     from sklearn.preprocessing import FunctionTransformer
 
     from samplepipe import CheckpointWrapper
-    from samplepipe.testing import CountingTransformer
     from samplepipe.storage import VALIDATED
+    from samplepipe.testing import CountingTransformer
 
     print(f"\n1. {n} samples x {d} float64 through a cheap transformer")
     samples = make_samples(n, d)
