@@ -362,18 +362,6 @@ def test_failed_samples_stay_in_line_through_a_checkpointed_pipeline(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# bad configuration
-# ---------------------------------------------------------------------------
-@pytest.mark.parametrize("url", ["s3://bucket/x", "file:///tmp/x", "gs://b/c"])
-def test_url_paths_are_a_clear_error(tmp_path, url, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    wrapper = CheckpointWrapper(SampleWrapper(StandardScaler()), features_dir=url)
-    with pytest.raises(ValueError, match=re.escape(f"features_dir={url!r}; URLs")):
-        wrapper.transform(make_samples(2))
-    assert os.listdir(tmp_path) == []
-
-
-# ---------------------------------------------------------------------------
 # safe deletion
 # ---------------------------------------------------------------------------
 def test_remove_keeps_everything_when_the_model_cannot_be_read(tmp_path):

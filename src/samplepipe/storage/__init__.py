@@ -1,4 +1,4 @@
-"""Checkpoint storage: keys, identities, the HDF5 format, model files, local files.
+"""Checkpoint storage: keys, identities, the HDF5 format, model files, filesystems.
 
 This is the contract the wrappers, tasks, flows and command line use; the
 modules behind it hold one concern each:
@@ -15,6 +15,11 @@ modules behind it hold one concern each:
     model files (JSON header + cloudpickle payload).
 ``files``
     atomic writes, temporary files, file stamps, the validation cache.
+``fs``
+    where files live: local paths and fsspec URLs (`filesystem`, `stamp_of`).
+
+A *location* (``features_dir``, ``model_path``) is a local path or an fsspec
+URL; functions that take one also take ``storage_options``, passed to fsspec.
 """
 
 from .checkpoints import (
@@ -26,7 +31,25 @@ from .checkpoints import (
 )
 from .checkpoints import remove as remove_checkpoint_file
 from .checkpoints import status as checkpoint_status
-from .files import VALIDATED, Stamp, is_permanent, is_temporary_file, stamp
+from .files import (
+    VALIDATED,
+    MissingStoreError,
+    Stamp,
+    is_permanent,
+    is_temporary_file,
+    stamp,
+)
+from .fs import (
+    FileSystem,
+    check_location,
+    filesystem,
+    is_local,
+    join_location,
+    location_root,
+    normalize_location,
+    relative_location,
+    stamp_of,
+)
 from .hdf5 import load_hdf5, save_hdf5
 from .identity import (
     FORMAT_VERSION,
@@ -53,32 +76,42 @@ __all__ = [
     "VALIDATED",
     "CheckpointLoader",
     "CorruptCheckpointError",
+    "FileSystem",
     "Identity",
+    "MissingStoreError",
     "ModelWarning",
     "Stamp",
     "UnknownFileError",
     "check_key",
+    "check_location",
     "check_step_name",
     "checkpoint_status",
     "code_identity",
     "combine",
     "estimator_identity",
+    "filesystem",
     "fitted_digest",
     "hash_string",
+    "is_local",
     "is_permanent",
     "is_temporary_file",
     "is_url",
+    "join_location",
     "keys_digest",
     "load_hdf5",
     "load_model",
+    "location_root",
+    "normalize_location",
     "read_model_header",
     "read_record",
+    "relative_location",
     "remove_checkpoint_file",
     "sample_keys",
     "save_hdf5",
     "save_model",
     "sidecar",
     "stamp",
+    "stamp_of",
     "state_digest",
     "value_digest",
 ]

@@ -17,6 +17,9 @@ Statuses of a file at a checkpoint path:
 ``unknown``
     a readable file samplepipe did not write (no samplepipe record): never
     overwritten, never removed.
+
+On a filesystem that is not local (an fsspec URL, see `samplepipe.storage.fs`)
+the same statuses hold; an object is read once and judged from its bytes.
 """
 
 from __future__ import annotations
@@ -24,13 +27,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import posixpath
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, temporary_name
+from .fs import ChangedWhileReading, FileSystem, filesystem
 from .identity import Identity
+from .keys import is_url
 
 CUSTOM_KIND = "custom"
 _CHUNK = 1 << 20
@@ -46,6 +53,8 @@ class CorruptCheckpointError(RuntimeError):
 
 def sidecar(path: str) -> str:
     """The ``<file>.meta.json`` record beside a file of a custom format."""
+    if is_url(path):
+        return f"{path}.meta.json"
     folder, name = os.path.split(path)
     return os.path.join(folder, f"{name}.meta.json")
 
@@ -76,6 +85,8 @@ def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
             return "unknown", None
         except (OSError, ValueError):
             return "corrupt", None
+        if not isinstance(meta, dict):
+            return "corrupt", None
         try:
             if meta.get("checksum") != _file_checksum(path):
                 return "corrupt", None
@@ -93,6 +104,11 @@ def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
         if _is_readable_hdf5(path):
             return "unknown", None
         return "corrupt", None
+    return _verified(record, payload)
+
+
+def _verified(record: str | None, payload: Any) -> tuple[str, str | None]:
+    """``(status, record)`` of a default-format file's record and payload."""
     if record is None:
         return "unknown", None
     try:
@@ -102,6 +118,66 @@ def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
     if hdf5.checksum(payload, kind) != expected:
         return "corrupt", None
     return "ok", record
+
+
+def record_of_bytes(blob: bytes) -> tuple[str, str | None]:
+    """`read_record` for the bytes of a default-format checkpoint."""
+    try:
+        record, payload = hdf5.read_image(blob)
+    except (OSError, KeyError, ValueError, TypeError):
+        return ("unknown" if hdf5.is_readable_image(blob) else "corrupt"), None
+    return _verified(record, payload)
+
+
+def _custom_record_of_bytes(
+    blob: bytes, meta_blob: bytes | None
+) -> tuple[str, str | None]:
+    """``(status, record)`` of a custom-format file and its sidecar's bytes."""
+    if meta_blob is None:
+        return "unknown", None
+    try:
+        meta = json.loads(meta_blob)
+    except ValueError:
+        return "corrupt", None
+    if not isinstance(meta, dict):
+        return "corrupt", None
+    if meta.get("checksum") != hashlib.sha256(blob).hexdigest():
+        return "corrupt", None
+    record = meta.get("record")
+    return ("ok", record) if isinstance(record, str) else ("corrupt", None)
+
+
+def _read_optional(fs: FileSystem, path: str) -> bytes | None:
+    try:
+        return fs.read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def read_stored_record(
+    path: str, custom: bool, fs: FileSystem, known: Stamp | None = None
+) -> tuple[str, str | None, Stamp | None, bytes | None]:
+    """``(status, record, stamp, content)`` of a checkpoint on any filesystem.
+
+    The object is read once (with its stamp; ``known`` is one a listing
+    gave); the record and checksum are verified from the bytes. ``status``
+    as in `read_record`, plus ``"changed"`` when the object kept changing
+    while it was read.
+    """
+    try:
+        stamped = fs.read_stamped(path, known)
+    except ChangedWhileReading:
+        return "changed", None, None, None
+    if stamped is None:
+        return "missing", None, None, None
+    blob, st = stamped
+    if custom:
+        result, record = _custom_record_of_bytes(
+            blob, _read_optional(fs, sidecar(path))
+        )
+    else:
+        result, record = record_of_bytes(blob)
+    return result, record, st, blob
 
 
 def _is_readable_hdf5(path: str) -> bool:
@@ -116,14 +192,23 @@ def _is_readable_hdf5(path: str) -> bool:
 
 
 def status(
-    path: str, wanted: Identity, custom: bool = False, any_inputs: bool = False
+    path: str,
+    wanted: Identity,
+    custom: bool = False,
+    any_inputs: bool = False,
+    fs: FileSystem | None = None,
+    known: Stamp | None = None,
 ) -> tuple[str, Stamp | None]:
     """``(status, stamp)`` of the checkpoint at ``path`` for identity ``wanted``.
 
     With ``any_inputs``, a checkpoint of this step and key counts as ``valid``
     whatever input it was computed from (how `remove_checkpoints` judges a
-    folder without the samples).
+    folder without the samples). ``fs`` is the filesystem of ``path`` (local
+    when None); ``known`` a stamp of the object that a store's listing gave
+    just before (saves a request per object).
     """
+    if fs is not None and not fs.local:
+        return _stored_status(path, wanted, custom, any_inputs, fs, known)
     st = stamp(path)
     if st is None:
         if os.path.lexists(path):
@@ -140,33 +225,75 @@ def status(
         if stamp(path) != st:  # replaced while we read it: judge again later
             return "corrupt", st
         remember(path, custom, st, found_record)
+    return judge(found_record, wanted, any_inputs), st
+
+
+def judge(record: str, wanted: Identity, any_inputs: bool = False) -> str:
+    """Status of a checkpoint holding verified ``record`` for identity ``wanted``."""
     try:
-        found, _, _ = Identity.parse(found_record)
+        found, _, _ = Identity.parse(record)
     except ValueError:
-        return "unknown", st
+        return "unknown"
     if not found.step:
-        return "unknown", st
+        return "unknown"
     if found.key != wanted.key:
-        return "foreign", st
+        return "foreign"
     if found.format != wanted.format or found.step != wanted.step:
-        return "stale", st
+        return "stale"
     if not any_inputs and found.inputs != wanted.inputs:
-        return "stale", st
-    return "valid", st
+        return "stale"
+    return "valid"
 
 
-def _cache_key(path: str, custom: bool) -> str:
-    return ("custom:" if custom else "hdf5:") + path
+def _stored_status(
+    path: str,
+    wanted: Identity,
+    custom: bool,
+    any_inputs: bool,
+    fs: FileSystem,
+    known: Stamp | None = None,
+) -> tuple[str, Stamp | None]:
+    """`status` on a filesystem that is not local (an object store).
+
+    A file validated before costs one stamp (a HEAD, none with ``known``);
+    otherwise the object is read once (a GET, and a HEAD for its stamp unless
+    ``known`` is its stamp) and verified from its bytes.
+    """
+    cached = VALIDATED.get(_cache_key(path, custom, fs))
+    if cached is not None:
+        st = known or fs.stamp(path)
+        if st is None:
+            forget(path, custom, fs)
+            return "missing", None
+        if cached[0] == st:
+            return judge(cached[1], wanted, any_inputs), st
+    result, record, st, _ = read_stored_record(path, custom, fs, known)
+    if result == "changed":
+        return "corrupt", fs.stamp(path)  # replaced while we read it
+    if result != "ok" or record is None:
+        return result, st
+    assert st is not None
+    remember(path, custom, st, record, fs)
+    return judge(record, wanted, any_inputs), st
 
 
-def remember(path: str, custom: bool, st: Stamp, record: str) -> None:
+def _cache_key(path: str, custom: bool, fs: FileSystem | None = None) -> str:
+    key = ("custom:" if custom else "hdf5:") + path
+    if fs is not None and not fs.local:
+        key = f"{fs.token}|{key}"
+    return key
+
+
+def remember(
+    path: str, custom: bool, st: Stamp, record: str, fs: FileSystem | None = None
+) -> None:
     """Record that ``path`` (of this format) holds ``record`` as of ``st``."""
-    VALIDATED.remember(_cache_key(path, custom), st, record)
+    VALIDATED.remember(_cache_key(path, custom, fs), st, record)
 
 
-def forget(path: str, custom: bool) -> None:
+def forget(path: str, custom: bool, fs: FileSystem | None = None) -> None:
     """Forget that ``path`` was validated: the next `status` reads the file."""
-    VALIDATED.forget(_cache_key(path, custom))
+    VALIDATED.forget(_cache_key(path, custom, fs))
 
 
 def encode_default(value: Any, identity: Identity) -> tuple[bytes, str]:
@@ -222,10 +349,40 @@ def write_custom(
     return record
 
 
-def remove(path: str, custom: bool = False) -> None:
+def write_custom_stored(
+    path: str,
+    value: Any,
+    identity: Identity,
+    save: Callable[[Any, str], Any],
+    fs: FileSystem,
+) -> tuple[str, Stamp]:
+    """`write_custom` on a filesystem that is not local.
+
+    ``save`` writes a local temporary file of the same name; its bytes go to
+    the store after the sidecar, each in one atomic write. A crash between
+    the two leaves a file whose checksum does not match its sidecar
+    (``corrupt``). Returns ``(record, stamp)``.
+    """
+    with tempfile.TemporaryDirectory(prefix="samplepipe-") as folder:
+        local = os.path.join(folder, posixpath.basename(path))
+        save(value, local)
+        with open(local, "rb") as f:
+            blob = f.read()
+    checksum = hashlib.sha256(blob).hexdigest()
+    record = identity.record(checksum, CUSTOM_KIND)
+    meta = json.dumps({"record": record, "checksum": checksum}).encode()
+    fs.write_bytes(sidecar(path), meta)
+    return record, fs.write_bytes(path, blob)
+
+
+def remove(path: str, custom: bool = False, fs: FileSystem | None = None) -> None:
     """Remove a checkpoint file and, for a custom format, its sidecar."""
-    VALIDATED.forget(_cache_key(path, custom))
+    VALIDATED.forget(_cache_key(path, custom, fs))
     targets = (path, sidecar(path)) if custom else (path,)
+    if fs is not None and not fs.local:
+        for target in targets:
+            fs.remove(target)
+        return
     for target in targets:
         try:
             os.unlink(target)
@@ -241,15 +398,23 @@ class CheckpointLoader:
     checks that the file is still the one that was validated (same size,
     modification time, inode and change time); a changed file is validated
     again before it is read.
+
+    A checkpoint at a URL is read once per call and verified from its bytes
+    (record and checksum): one GET, no stamp check. The loader keeps the URL
+    and ``storage_options`` (never an open filesystem); a custom ``load_func``
+    then receives a local temporary copy, removed when it returns.
     """
 
     path: str
     identity: Identity
     stamp: Stamp
     load_func: Callable[[str], Any] | None = None
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
 
     def __call__(self) -> Any:
         custom = self.load_func is not None
+        if "://" in self.path and is_url(self.path):
+            return self._load_stored(custom)
         if stamp(self.path) != self.stamp:
             found, _ = status(self.path, self.identity, custom)
             if found != "valid":
@@ -262,6 +427,37 @@ class CheckpointLoader:
             assert self.load_func is not None
             return self.load_func(self.path)
         return hdf5.load_hdf5(self.path)
+
+    def _load_stored(self, custom: bool) -> Any:
+        """Read the object once and verify it from its bytes, then decode it."""
+        fs = filesystem(self.path, self.storage_options)
+        blob = _read_optional(fs, self.path)
+        if blob is None:
+            found = "missing"
+        elif custom:
+            found, record = _custom_record_of_bytes(
+                blob, _read_optional(fs, sidecar(self.path))
+            )
+        else:
+            found, record = record_of_bytes(blob)
+        if found == "ok":
+            assert record is not None
+            found = judge(record, self.identity)
+        if found != "valid":
+            msg = (
+                f"Checkpoint {self.path!r} changed since it was written and is "
+                f"now {found}; transform the samples again to recompute it."
+            )
+            raise CorruptCheckpointError(msg)
+        assert blob is not None
+        if not custom:
+            return hdf5.load_image(blob)
+        assert self.load_func is not None
+        with tempfile.TemporaryDirectory(prefix="samplepipe-") as folder:
+            local = os.path.join(folder, posixpath.basename(self.path))
+            with open(local, "wb") as f:
+                f.write(blob)
+            return self.load_func(local)
 
     def lineage(self) -> str:
         """The input digest of a sample loaded through this loader."""

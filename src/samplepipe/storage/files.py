@@ -3,7 +3,8 @@
 A *stamp* (size, ``mtime_ns``, inode, ``ctime_ns``) tells cheaply whether a
 file is still the one that was validated: ``os.replace`` gives the new file a
 new inode, and no user call can set ``ctime``, so a file swapped for another
-one of the same size and modification time is noticed.
+one of the same size and modification time is noticed. Other filesystems
+(fsspec URLs) are in `samplepipe.storage.fs`.
 """
 
 from __future__ import annotations
@@ -41,9 +42,13 @@ PERMANENT_ERRNOS = frozenset(
 )
 
 
+class MissingStoreError(FileNotFoundError):
+    """The bucket or folder to write into does not exist; retrying cannot help."""
+
+
 def is_permanent(exc: BaseException) -> bool:
     """Whether retrying cannot fix ``exc`` (anything but a transient `OSError`)."""
-    if not isinstance(exc, OSError):
+    if not isinstance(exc, OSError) or isinstance(exc, MissingStoreError):
         return True
     return exc.errno in PERMANENT_ERRNOS
 

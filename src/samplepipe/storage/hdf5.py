@@ -148,6 +148,57 @@ def read(path: str | os.PathLike[str], payload: bool = True) -> tuple[str | None
     return (record if isinstance(record, str) else None), data
 
 
+def _open_image(blob: bytes) -> h5py.File:
+    """An HDF5 file read from its bytes (no disk involved)."""
+    return h5py.File(h5py.h5f.open_file_image(blob), "r")
+
+
+def read_image(blob: bytes, payload: bool = True) -> tuple[str | None, Any]:
+    """`read` for the bytes of a file (an object read from a store).
+
+    Raises `ValueError`, `OSError` or `KeyError` when the bytes are not
+    readable HDF5 with dataset ``array``.
+    """
+    with H5_LOCK, _open_image(blob) as f:
+        record = f.attrs.get(ATTRIBUTE)
+        dataset = f[DATASET]
+        data = dataset[...] if payload else None
+    if isinstance(record, bytes):
+        record = record.decode("utf-8", "replace")
+    return (record if isinstance(record, str) else None), data
+
+
+def is_readable_image(blob: bytes) -> bool:
+    """Whether ``blob`` is a well-formed HDF5 file (of any layout)."""
+    try:
+        with H5_LOCK, _open_image(blob):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def load_image(blob: bytes) -> Any:
+    """`load_hdf5` for the bytes of a file."""
+    record, payload = read_image(blob)
+    kind = _kind(record)
+    if (
+        kind == "a"
+        and payload.dtype.kind in "OS"
+        and h5py.check_string_dtype(payload.dtype)
+    ):
+        with H5_LOCK, _open_image(blob) as f:
+            return f[DATASET].asstr()[()]
+    return decode(payload, kind)
+
+
+def _kind(record: str | None) -> str:
+    if record is not None:
+        parts = record.split(":", 5)
+        if len(parts) == 6:
+            return parts[4]
+    return "a"
+
+
 def save_hdf5(
     data: Any, path: str | os.PathLike[str], metadata: str | None = None
 ) -> None:
@@ -175,11 +226,7 @@ def save_hdf5(
 def load_hdf5(path: str | os.PathLike[str]) -> Any:
     """Read a file written by `save_hdf5` (or dataset ``array`` of any HDF5 file)."""
     record, payload = read(path)
-    kind = "a"
-    if record is not None:
-        parts = record.split(":", 5)
-        if len(parts) == 6:
-            kind = parts[4]
+    kind = _kind(record)
     if (
         kind == "a"
         and payload.dtype.kind in "OS"

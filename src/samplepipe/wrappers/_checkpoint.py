@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import errno
 import os
+import posixpath
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,15 @@ from ..storage.files import (
     remove_stale_temporaries,
 )
 from ..storage.files import _owner_alive as temporary_owner_alive
+from ..storage.fs import (
+    LOCAL,
+    FileSystem,
+    check_location,
+    filesystem,
+    join_location,
+    location_root,
+    relative_location,
+)
 from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.identity import (
     FORMAT_VERSION,
@@ -213,6 +223,13 @@ class CheckpointWrapper(BaseWrapper):
         errors, a full disk and missing permissions are raised at once.
     force : bool, default=False
         Recompute and overwrite every checkpoint, and refit the model.
+    storage_options : dict, default=None
+        Options of the fsspec filesystem when ``features_dir`` or
+        ``model_path`` is a URL, e.g. ``{"endpoint_url": "http://..."}`` for
+        an S3-compatible store; unused for local paths. Credentials are best
+        left to the backend's usual environment variables: these options are
+        kept in the wrapper's parameters (shown by ``repr``) and travel with
+        the lazy samples.
 
     Notes
     -----
@@ -229,6 +246,14 @@ class CheckpointWrapper(BaseWrapper):
     A sample whose input is ``None`` (it failed in an earlier step) is passed
     through, in line, with its checkpointed attribute ``None``: no estimator
     call and no file.
+
+    ``features_dir`` and ``model_path`` may be fsspec URLs (``s3://``,
+    ``gs://``, ``memory://``, ``file://``, ...). Every write is atomic: a
+    temporary name and a rename on filesystems that rename (local paths,
+    ``file://``), a single PUT of the whole object on object stores. On a
+    store, a checkpoint is validated by reading the object once (its record
+    and checksum are inside the HDF5 bytes), and a lazy sample reads and
+    verifies its object when loaded.
 
     The model file is a small JSON header (identity of the step, digest of the
     fitted state, digest of the training samples, library versions, size and
@@ -250,6 +275,8 @@ class CheckpointWrapper(BaseWrapper):
         hash_fn=None,
         attempts=10,
         force=False,
+        *,
+        storage_options=None,
     ):
         self.estimator = estimator
         self.features_dir = features_dir
@@ -261,6 +288,7 @@ class CheckpointWrapper(BaseWrapper):
         self.hash_fn = hash_fn
         self.attempts = attempts
         self.force = force
+        self.storage_options = storage_options
 
     # -- configuration -----------------------------------------------------
     def _validate_params(self) -> None:
@@ -272,12 +300,17 @@ class CheckpointWrapper(BaseWrapper):
                     "(str or os.PathLike) or None."
                 )
                 raise TypeError(msg)
-            if is_url(value):
-                msg = (
-                    f"CheckpointWrapper got {name}={value!r}; URLs (s3://, gs://, "
-                    "file://, ...) are not supported: give a local path."
-                )
-                raise ValueError(msg)
+            if value is not None:
+                check_location(value, name)
+        options = self.storage_options
+        if options is not None and not (
+            isinstance(options, Mapping) and all(isinstance(k, str) for k in options)
+        ):
+            msg = (
+                f"CheckpointWrapper got storage_options={options!r}; it must be a "
+                "dict of fsspec options with str keys, or None."
+            )
+            raise TypeError(msg)
         if not isinstance(self.attempts, int) or self.attempts < 1:
             msg = (
                 f"CheckpointWrapper got attempts={self.attempts!r}; it must be an "
@@ -339,14 +372,24 @@ class CheckpointWrapper(BaseWrapper):
         )
 
     def checkpoint_path(self, key: str) -> str:
-        """The checkpoint file of ``key`` (the key is checked first)."""
+        """The checkpoint file of ``key`` (the key is checked first).
+
+        A local path, or a URL when ``features_dir`` is one (a ``file://``
+        URL gives the local path).
+        """
         check_key(key)
-        parts = [os.fspath(self.features_dir)]
+        parts = [location_root(self.features_dir)]
         if self.hash_fn is not None:
             bucket = str(self.hash_fn(key))
             check_key(bucket, owner="CheckpointWrapper's hash_fn")
             parts.append(bucket)
+        if "://" in parts[0] and is_url(parts[0]):
+            return join_location(*parts, key + _resolve_option(self, "extension"))
         return os.path.join(*parts, key + _resolve_option(self, "extension"))
+
+    def _features_fs(self) -> FileSystem:
+        """The filesystem of ``features_dir``."""
+        return filesystem(location_root(self.features_dir), self.storage_options)
 
     # -- identity ----------------------------------------------------------
     def _format_identity(self) -> str:
@@ -377,7 +420,7 @@ class CheckpointWrapper(BaseWrapper):
     def _model_header_if_matching(self) -> dict[str, Any] | None:
         if self.model_path is None:
             return None
-        header = read_model_header(self.model_path)
+        header = read_model_header(self.model_path, self.storage_options)
         if header is None or header.get("identity") != estimator_identity(
             self.estimator
         ):
@@ -446,7 +489,7 @@ class CheckpointWrapper(BaseWrapper):
             return False
         if upstream is not None and header.get("upstream") not in (None, upstream):
             return False
-        loaded = load_model(self.model_path)
+        loaded = load_model(self.model_path, self.storage_options)
         if loaded is None:
             return False
         header, model = loaded
@@ -465,7 +508,9 @@ class CheckpointWrapper(BaseWrapper):
         header["state"] = fitted_digest(self.estimator)
         header["data"] = data
         header["upstream"] = upstream
-        header = save_model(self.estimator, os.fspath(self.model_path), header)
+        header = save_model(
+            self.estimator, os.fspath(self.model_path), header, self.storage_options
+        )
         self.fitted_digest_ = header["state"]
         self.model_header_ = header
 
@@ -504,12 +549,21 @@ class CheckpointWrapper(BaseWrapper):
         return self
 
     # -- features ----------------------------------------------------------
-    def _save_one(self, path: str, encoded: Any, identity: Identity, value: Any) -> Any:
+    def _save_one(
+        self,
+        path: str,
+        encoded: Any,
+        identity: Identity,
+        value: Any,
+        fs: FileSystem = LOCAL,
+    ) -> Any:
         folder = os.path.dirname(path)
         save, _ = self._funcs()
         last: OSError | None = None
         for attempt in range(self.attempts):
             try:
+                if not fs.local:
+                    return self._save_stored(path, encoded, identity, value, fs)
                 if os.path.isdir(path):
                     msg = (
                         f"CheckpointWrapper cannot write checkpoint {path!r}: a "
@@ -534,11 +588,30 @@ class CheckpointWrapper(BaseWrapper):
         msg = f"CheckpointWrapper could not write checkpoint {path!r}: {last}"
         raise OSError(getattr(last, "errno", None), msg) from last
 
-    def _prepare_folder(self, folder: str, seen: set[str]) -> None:
+    def _save_stored(
+        self, path: str, encoded: Any, identity: Identity, value: Any, fs: FileSystem
+    ) -> Any:
+        """`_save_one` on a store: one atomic write (a PUT on object stores)."""
+        save, _ = self._funcs()
+        if save is None:
+            blob, record = encoded
+            st = fs.write_bytes(path, blob)
+        else:
+            record, st = ckpt.write_custom_stored(path, value, identity, save, fs)
+        ckpt.remember(path, save is not None, st, record, fs)
+        return st
+
+    def _prepare_folder(
+        self, folder: str, seen: set[str], fs: FileSystem = LOCAL
+    ) -> None:
         if folder in seen:
             return
         seen.add(folder)
-        root = os.path.realpath(os.fspath(self.features_dir))
+        if not fs.local:
+            fs.makedirs(folder)
+            fs.remove_stale_temporaries(folder)
+            return
+        root = os.path.realpath(location_root(self.features_dir))
         real = os.path.realpath(folder)
         if real != root and not real.startswith(root + os.sep):
             msg = (
@@ -587,6 +660,8 @@ class CheckpointWrapper(BaseWrapper):
         paths = [self.checkpoint_path(i.key) for i in identities]
         save, load = self._funcs()
         custom = save is not None
+        fs = self._features_fs()
+        options = None if fs.local else self.storage_options
         attribute = self._sample_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
         stamps: list[Any] = [None] * len(samples)
@@ -597,12 +672,14 @@ class CheckpointWrapper(BaseWrapper):
             if _is_failed(s, input_attribute):
                 continue
             state, st = (
-                ("missing", None) if self.force else ckpt.status(path, ident, custom)
+                ("missing", None)
+                if self.force
+                else ckpt.status(path, ident, custom, fs=fs)
             )
             if state == "valid":
                 stamps[i] = st
             elif state == "unknown":
-                if os.path.isdir(path):
+                if fs.isdir(path):
                     msg = (
                         f"CheckpointWrapper cannot write checkpoint {path!r}: a "
                         "folder of that name exists; remove it or change the key."
@@ -642,17 +719,16 @@ class CheckpointWrapper(BaseWrapper):
         for i, value in outputs.items():
             if value is None:
                 continue
-            self._prepare_folder(os.path.dirname(paths[i]), folders)
-            stamps[i] = self._save_one(paths[i], blobs.get(i), identities[i], value)
+            self._prepare_folder(fs.dirname(paths[i]), folders, fs)
+            stamps[i] = self._save_one(paths[i], blobs.get(i), identities[i], value, fs)
             computed += 1
         results = []
         for s, path, ident, st in zip(samples, paths, identities, stamps):
             if st is None:
                 results.append(failed_output(s, attribute))
             else:
-                results.append(
-                    lazy_output(s, attribute, CheckpointLoader(path, ident, st, load))
-                )
+                loader = CheckpointLoader(path, ident, st, load, options)
+                results.append(lazy_output(s, attribute, loader))
         if report is not None:
             report["computed"] = computed
             report["loaded"] = sum(st is not None for st in stamps) - computed
@@ -776,7 +852,19 @@ class CheckpointWrapper(BaseWrapper):
             return
         extension = _resolve_option(self, "extension")
         step = self.step_identity() if self._has_model_state() else None
-        root = os.fspath(self.features_dir)
+        root = location_root(self.features_dir)
+        fs = self._features_fs()
+        if not fs.local:
+            for path, rel, size, listed in fs.walk_files(root):
+                name = posixpath.basename(rel)
+                if not is_temporary_file(name) and (
+                    not name.endswith(extension) or name.endswith(".meta.json")
+                ):
+                    continue
+                judged = self._judge(path, step, extension, fs, size, listed)
+                if judged is not None:
+                    yield (path, *judged)
+            return
         for folder, dirs, files in os.walk(root):
             dirs.sort()
             for name in sorted(files):
@@ -790,29 +878,54 @@ class CheckpointWrapper(BaseWrapper):
                     yield (path, *judged)
 
     def _judge(
-        self, path: str, step: str | None, extension: str
+        self,
+        path: str,
+        step: str | None,
+        extension: str,
+        fs: FileSystem = LOCAL,
+        size: int | None = None,
+        listed: Any = None,
     ) -> tuple[str, int, Any] | None:
-        """``(status, size, stamp)`` of one file; None if it vanished."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return None
-        name = os.path.basename(path)
+        """``(status, size, stamp)`` of one file; None if it vanished.
+
+        ``size`` and ``listed`` (a stamp) are what a store's listing gave:
+        they save requests.
+        """
+        if fs.local:
+            try:
+                size = os.lstat(path).st_size
+            except FileNotFoundError:
+                return None
+            name = os.path.basename(path)
+        else:
+            if size is None:
+                found = fs.stamp(path)
+                if found is None:
+                    return None
+                size = found.size
+            name = posixpath.basename(path)
         if is_temporary_file(name):
             alive = temporary_owner_alive(name)
-            return ("writing" if alive else "temporary"), st.st_size, None
+            return ("writing" if alive else "temporary"), size, None
         if step is None:
-            return "unknown", st.st_size, None
+            return "unknown", size, None
         save, _ = self._funcs()
-        rel = os.path.relpath(path, os.fspath(self.features_dir))
-        rel = rel[: -len(extension)].replace(os.sep, "/")
+        rel = relative_location(path, location_root(self.features_dir))
+        rel = rel[: -len(extension)]
         key = _key_from_relative(rel, self.hash_fn)
         state, stamp_ = ckpt.status(
-            path, Identity(step, "", key or ""), save is not None, True
+            path,
+            Identity(step, "", key or ""),
+            save is not None,
+            True,
+            fs=fs,
+            known=listed,
         )
         if key is None and state in ("valid", "stale", "foreign"):
             state = "foreign"
-        return state, st.st_size, stamp_
+        if state == "missing":
+            return None  # removed since it was listed
+        return state, size, stamp_
 
     def remove_checkpoints(
         self,
@@ -831,24 +944,32 @@ class CheckpointWrapper(BaseWrapper):
             raise ValueError(msg)
         save, _ = self._funcs()
         step = self.step_identity() if self._has_model_state() else None
+        fs = self._features_fs() if self.features_dir is not None else LOCAL
         removed = []
         for path, state, size, stamp_ in list(self._walk()):
             if state not in statuses:
                 continue
-            if not dry_run and not self._still(path, state, stamp_, step):
+            if not dry_run and not self._still(path, state, stamp_, step, fs):
                 continue
             removed.append((path, state, size))
             if not dry_run:
-                ckpt.remove(path, save is not None)
+                ckpt.remove(path, save is not None, fs)
         return removed
 
-    def _still(self, path: str, state: str, stamp_: Any, step: str | None) -> bool:
+    def _still(
+        self,
+        path: str,
+        state: str,
+        stamp_: Any,
+        step: str | None,
+        fs: FileSystem = LOCAL,
+    ) -> bool:
         """Whether ``path`` is unchanged and judged ``state`` again."""
-        if stamp_ is not None and ckpt.stamp(path) != stamp_:
+        if stamp_ is not None and fs.stamp(path) != stamp_:
             return False
         save, _ = self._funcs()
-        ckpt.forget(path, save is not None)  # judge from the file, not the cache
-        again = self._judge(path, step, _resolve_option(self, "extension"))
+        ckpt.forget(path, save is not None, fs)  # judge from the file, not the cache
+        again = self._judge(path, step, _resolve_option(self, "extension"), fs)
         return again is not None and again[0] == state and again[2] == stamp_
 
 
