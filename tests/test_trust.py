@@ -603,21 +603,25 @@ def test_a_flipped_byte_is_detected_by_the_checksum(tmp_path):
 
 def test_switching_to_a_custom_format_recomputes(tmp_path):
     samples = make_samples(3)
+    log = str(tmp_path / "calls.log")
     wrapper = checkpointed(
-        CountingTransformer(stateless=True), tmp_path, extension=".npy"
+        CountingTransformer(stateless=True, log_path=log), tmp_path, extension=".npy"
     )
     wrapper.transform(samples)
     custom = checkpointed(
-        CountingTransformer(stateless=True),
+        CountingTransformer(stateless=True, log_path=log),
         tmp_path,
         extension=".npy",
         save_func=lambda d, p: np.save(open(p, "wb"), d),
         load_func=np.load,
     )
-    with pytest.raises(UnknownFileError):  # HDF5 files are not the custom format's
-        custom.transform(samples)
-    shutil.rmtree(tmp_path / "f")
-    custom.transform(samples)
+    # the step's own HDF5 checkpoints are samplepipe's, and stale: recomputed
+    with pytest.warns(CheckpointWarning, match="3 stale"):
+        out = custom.transform(samples)
+    assert count_rows(log, "transform") == 6
+    np.testing.assert_allclose(stack(out), stack(samples))
+    saved = np.load(tmp_path / "f" / f"{samples[0].key}.npy")  # the custom format
+    np.testing.assert_allclose(saved, samples[0].data)
     assert custom.step_identity() != wrapper.step_identity()
     VALIDATED.clear()
     # and back: the HDF5 step does not read the custom files as its own

@@ -82,7 +82,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, Protocol, TypeVar
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def _boot_id() -> str:
 
 _BOOT_ID = _boot_id()
 # Managers whose per-process state a forked child must drop (see _after_fork).
-_INSTANCES: weakref.WeakSet[_PollingLocks] = weakref.WeakSet()
+_INSTANCES: weakref.WeakSet[_PollingLocks[Any]] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
@@ -169,12 +169,23 @@ def _check_seconds(owner: str, name: str, value: object, *, zero: bool) -> float
     return float(value)
 
 
-class _PollingLocks:
+class _Holding(Protocol):
+    """What a manager keeps of a lock this process holds."""
+
+    @property
+    def holder(self) -> str: ...
+
+
+_H = TypeVar("_H", bound=_Holding)
+
+
+class _PollingLocks(Generic[_H]):
     """Bounded waits and async variants shared by samplepipe's lock managers.
 
     Subclasses implement ``_try_acquire`` (one attempt, never waits),
-    ``is_locked``, ``is_lock_holder``, ``release_lock``, ``_describe`` and
-    ``_forget_after_fork``.
+    ``is_locked``, ``is_lock_holder``, ``release_lock`` and ``_describe``; they
+    keep the locks this process holds in ``_held`` (key -> record), guarded
+    by ``_mutex``.
     """
 
     def __init__(self, *, max_wait: float, poll_interval: float) -> None:
@@ -183,6 +194,8 @@ class _PollingLocks:
         self.poll_interval = _check_seconds(
             name, "poll_interval", poll_interval, zero=False
         )
+        self._held: dict[str, _H] = {}
+        self._mutex = threading.Lock()
         _INSTANCES.add(self)
 
     def _try_acquire(self, key: str, holder: str, hold_timeout: float | None) -> bool:
@@ -192,10 +205,38 @@ class _PollingLocks:
         raise NotImplementedError
 
     def _forget_after_fork(self) -> None:
-        raise NotImplementedError
+        """Drop the held locks: they belong to the parent process."""
+        self._mutex = threading.Lock()
+        self._held = {}
 
     def is_locked(self, key: str) -> bool:
         raise NotImplementedError
+
+    def _held_by(self, key: str, holder: str, *, forget: bool = False) -> _H | None:
+        """The record of the lock of ``key`` if ``holder`` holds it here, else None.
+
+        With ``forget``, the lock is also dropped from the held locks.
+        """
+        with self._mutex:
+            mine = self._held.get(key)
+            if mine is None or mine.holder != holder:
+                return None
+            if forget:
+                del self._held[key]
+            return mine
+
+    def _release_unheld(self, key: str, holder: str) -> None:
+        """`release_lock` of a lock that ``holder`` does not hold in this process.
+
+        Nothing happens if the lock is free; `ValueError` if another holder
+        holds it.
+        """
+        if self.is_locked(key):
+            msg = (
+                f"{type(self).__name__} cannot release the lock of key {key!r} "
+                f"for holder {holder!r}: it is {self._describe(key)}."
+            )
+            raise ValueError(msg)
 
     def _deadline(self, timeout: float | None) -> float:
         wait = self.max_wait if timeout is None else max(0.0, timeout)
@@ -314,7 +355,7 @@ class _Seen:
     ident: tuple[int, int]
 
 
-class CrashSafeFileLocks(_PollingLocks):
+class CrashSafeFileLocks(_PollingLocks[_Held]):
     """File locks of this host that die with their holder (kernel ``flock``).
 
     A lock is the file ``<lock_files_directory>/<key>.lock``, on which its
@@ -371,8 +412,6 @@ class CrashSafeFileLocks(_PollingLocks):
     ) -> None:
         folder = os.path.expanduser(os.fspath(lock_files_directory))
         self.lock_files_directory = Path(os.path.abspath(folder))
-        self._held: dict[str, _Held] = {}
-        self._mutex = threading.Lock()
         super().__init__(max_wait=max_wait, poll_interval=poll_interval)
 
     def __repr__(self) -> str:
@@ -396,11 +435,10 @@ class CrashSafeFileLocks(_PollingLocks):
     def _forget_after_fork(self) -> None:
         # The child shares the parent's open file descriptions: closing its
         # copies lets the locks die with the parent, not with the child.
-        self._mutex = threading.Lock()
         for held in self._held.values():
             with contextlib.suppress(OSError):
                 os.close(held.fd)
-        self._held = {}
+        super()._forget_after_fork()
 
     def lock_path(self, key: str) -> Path:
         """The lock file of ``key``.
@@ -645,15 +683,9 @@ class CrashSafeFileLocks(_PollingLocks):
         ValueError
             The lock is held by another holder.
         """
-        with self._mutex:
-            mine = self._held.get(key)
-        if mine is None or mine.holder != holder:
-            if self.is_locked(key):
-                msg = (
-                    f"{type(self).__name__} cannot release the lock of key {key!r} "
-                    f"for holder {holder!r}: it is {self._describe(key)}."
-                )
-                raise ValueError(msg)
+        mine = self._held_by(key, holder)
+        if mine is None:
+            self._release_unheld(key, holder)
             return
         name = self.lock_path(key).name
         try:
@@ -674,9 +706,8 @@ class CrashSafeFileLocks(_PollingLocks):
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         """Whether ``holder``, in this process, holds the lock of ``key``."""
-        with self._mutex:
-            mine = self._held.get(key)
-        if mine is None or mine.holder != holder:
+        mine = self._held_by(key, holder)
+        if mine is None:
             return False
         seen = self._look(key)
         return seen is not None and seen.ident == mine.ident and not seen.expired
@@ -712,7 +743,7 @@ def _redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-class RedisLocks(_PollingLocks):
+class RedisLocks(_PollingLocks[_Lease]):
     """Locks in a Redis server, shared by every host that reaches it.
 
     A lock is the key ``<prefix><key>``, set with ``SET NX PX`` to a value
@@ -783,8 +814,6 @@ class RedisLocks(_PollingLocks):
                 "unix:///path/to/socket?db=N."
             )
             raise ValueError(msg) from exc
-        self._held: dict[str, _Lease] = {}
-        self._mutex = threading.Lock()
         self._renewer: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -807,8 +836,7 @@ class RedisLocks(_PollingLocks):
 
     def _forget_after_fork(self) -> None:
         # The parent keeps renewing its locks; the child holds none.
-        self._mutex = threading.Lock()
-        self._held = {}
+        super()._forget_after_fork()
         self._renewer = None
 
     def _redis_key(self, key: str) -> str:
@@ -953,17 +981,9 @@ class RedisLocks(_PollingLocks):
         """
         import redis
 
-        with self._mutex:
-            mine = self._held.get(key)
-            if mine is not None and mine.holder == holder:
-                del self._held[key]
-        if mine is None or mine.holder != holder:
-            if self.is_locked(key):
-                msg = (
-                    f"{type(self).__name__} cannot release the lock of key {key!r} "
-                    f"for holder {holder!r}: it is {self._describe(key)}."
-                )
-                raise ValueError(msg)
+        mine = self._held_by(key, holder, forget=True)
+        if mine is None:
+            self._release_unheld(key, holder)
             return
         try:
             self._client.eval(_RELEASE, 1, self._redis_key(key), mine.value)
@@ -984,9 +1004,8 @@ class RedisLocks(_PollingLocks):
 
     def is_lock_holder(self, key: str, holder: str) -> bool:
         """Whether ``holder``, in this process, holds the lock of ``key``."""
-        with self._mutex:
-            mine = self._held.get(key)
-        if mine is None or mine.holder != holder:
+        mine = self._held_by(key, holder)
+        if mine is None:
             return False
         with self._reaching_redis():
             return self._value(key) == mine.value

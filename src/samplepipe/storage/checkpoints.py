@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import hdf5
-from .files import VALIDATED, Stamp, atomic_write, stamp, temporary_name
+from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
 from .fs import ChangedWhileReading, FileSystem, filesystem
 from .identity import Identity
 from .keys import is_url
@@ -82,7 +82,9 @@ def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
             with open(sidecar(path), encoding="utf-8") as f:
                 meta = json.load(f)
         except FileNotFoundError:
-            return "unknown", None
+            # the step's default-format checkpoint, before a save_func was set?
+            result, record = read_record(path)
+            return (result, record) if result == "ok" else ("unknown", None)
         except (OSError, ValueError):
             return "corrupt", None
         if not isinstance(meta, dict):
@@ -132,9 +134,14 @@ def record_of_bytes(blob: bytes) -> tuple[str, str | None]:
 def _custom_record_of_bytes(
     blob: bytes, meta_blob: bytes | None
 ) -> tuple[str, str | None]:
-    """``(status, record)`` of a custom-format file and its sidecar's bytes."""
+    """``(status, record)`` of a custom-format file and its sidecar's bytes.
+
+    Without a sidecar, a default-format checkpoint (the step's format before
+    a ``save_func`` was set) is still samplepipe's, and stale.
+    """
     if meta_blob is None:
-        return "unknown", None
+        result, record = record_of_bytes(blob)
+        return (result, record) if result == "ok" else ("unknown", None)
     try:
         meta = json.loads(meta_blob)
     except ValueError:
@@ -309,12 +316,7 @@ def encode_default(value: Any, identity: Identity) -> tuple[bytes, str]:
 
 def write_default(path: str, blob: bytes) -> None:
     """Write an encoded default-format checkpoint atomically."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(blob)
-
-    atomic_write(path, write)
+    write_bytes(path, blob)
 
 
 def write_custom(
@@ -327,25 +329,17 @@ def write_custom(
     recomputed), never a file that loads as valid with the wrong record.
     Returns the record.
     """
-    tmp = temporary_name(path)
-    try:
+    record = ""
+
+    def write(tmp: str) -> None:
+        nonlocal record
         save(value, tmp)
         checksum = _file_checksum(tmp)
         record = identity.record(checksum, CUSTOM_KIND)
         meta = json.dumps({"record": record, "checksum": checksum})
+        write_bytes(sidecar(path), meta.encode("utf-8"))
 
-        def write_meta(meta_tmp: str) -> None:
-            with open(meta_tmp, "w", encoding="utf-8") as f:
-                f.write(meta)
-
-        atomic_write(sidecar(path), write_meta)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, write)  # moves the file in place after its sidecar
     return record
 
 

@@ -133,6 +133,20 @@ def image(payload: np.ndarray, record: str | None) -> bytes:
         return f.id.get_file_image()
 
 
+def _record(f: h5py.File) -> str | None:
+    """The record of an open file; None if it has none."""
+    record = f.attrs.get(ATTRIBUTE)
+    if isinstance(record, bytes):
+        record = record.decode("utf-8", "replace")
+    return record if isinstance(record, str) else None
+
+
+def _contents(f: h5py.File, payload: bool) -> tuple[str | None, Any]:
+    """``(record, payload array)`` of an open file; `KeyError` without ``array``."""
+    dataset = f[DATASET]
+    return _record(f), (dataset[...] if payload else None)
+
+
 def read(path: str | os.PathLike[str], payload: bool = True) -> tuple[str | None, Any]:
     """``(record, payload array)`` of an HDF5 file; record None if it has none.
 
@@ -140,12 +154,7 @@ def read(path: str | os.PathLike[str], payload: bool = True) -> tuple[str | None
     dataset ``array``.
     """
     with H5_LOCK, h5py.File(path, "r") as f:
-        record = f.attrs.get(ATTRIBUTE)
-        dataset = f[DATASET]
-        data = dataset[...] if payload else None
-    if isinstance(record, bytes):
-        record = record.decode("utf-8", "replace")
-    return (record if isinstance(record, str) else None), data
+        return _contents(f, payload)
 
 
 def _open_image(blob: bytes) -> h5py.File:
@@ -160,12 +169,7 @@ def read_image(blob: bytes, payload: bool = True) -> tuple[str | None, Any]:
     readable HDF5 with dataset ``array``.
     """
     with H5_LOCK, _open_image(blob) as f:
-        record = f.attrs.get(ATTRIBUTE)
-        dataset = f[DATASET]
-        data = dataset[...] if payload else None
-    if isinstance(record, bytes):
-        record = record.decode("utf-8", "replace")
-    return (record if isinstance(record, str) else None), data
+        return _contents(f, payload)
 
 
 def is_readable_image(blob: bytes) -> bool:
@@ -179,16 +183,26 @@ def is_readable_image(blob: bytes) -> bool:
 
 def load_image(blob: bytes) -> Any:
     """`load_hdf5` for the bytes of a file."""
-    record, payload = read_image(blob)
-    kind = _kind(record)
+    with H5_LOCK, _open_image(blob) as f:
+        payload, kind = _payload(f)
+    return decode(payload, kind)
+
+
+def _payload(f: h5py.File) -> tuple[Any, str]:
+    """``(payload, kind)`` of an open file, for `decode`.
+
+    Strings of a file samplepipe did not write come as ``str`` (their kind
+    ``"a"`` returns them unchanged).
+    """
+    kind = _kind(_record(f))
+    dataset = f[DATASET]
     if (
         kind == "a"
-        and payload.dtype.kind in "OS"
-        and h5py.check_string_dtype(payload.dtype)
+        and dataset.dtype.kind in "OS"
+        and h5py.check_string_dtype(dataset.dtype)
     ):
-        with H5_LOCK, _open_image(blob) as f:
-            return f[DATASET].asstr()[()]
-    return decode(payload, kind)
+        return dataset.asstr()[()], kind
+    return dataset[...], kind
 
 
 def _kind(record: str | None) -> str:
@@ -225,13 +239,6 @@ def save_hdf5(
 
 def load_hdf5(path: str | os.PathLike[str]) -> Any:
     """Read a file written by `save_hdf5` (or dataset ``array`` of any HDF5 file)."""
-    record, payload = read(path)
-    kind = _kind(record)
-    if (
-        kind == "a"
-        and payload.dtype.kind in "OS"
-        and h5py.check_string_dtype(payload.dtype)
-    ):
-        with H5_LOCK, h5py.File(path, "r") as f:
-            return f[DATASET].asstr()[()]
+    with H5_LOCK, h5py.File(path, "r") as f:
+        payload, kind = _payload(f)
     return decode(payload, kind)

@@ -8,7 +8,7 @@ import posixpath
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sklearn.utils.metaestimators import available_if
@@ -52,6 +52,9 @@ from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
 from ._sample_wrapper import BaseWrapper, _estimator_has, _flatten, _unflatten
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 DATA_VERSION_ATTRIBUTE = "data_version"
 _update_estimator = update_estimator  # the name _dask.py imports
@@ -265,19 +268,19 @@ class CheckpointWrapper(BaseWrapper):
 
     def __init__(
         self,
-        estimator,
-        features_dir=None,
-        model_path=None,
-        extension=None,
-        save_func=None,
-        load_func=None,
-        sample_attribute=None,
-        hash_fn=None,
-        attempts=10,
-        force=False,
+        estimator: Any,
+        features_dir: str | os.PathLike[str] | None = None,
+        model_path: str | os.PathLike[str] | None = None,
+        extension: str | None = None,
+        save_func: Callable[[Any, str], Any] | None = None,
+        load_func: Callable[[str], Any] | None = None,
+        sample_attribute: str | None = None,
+        hash_fn: Callable[[str], str] | None = None,
+        attempts: int = 10,
+        force: bool = False,
         *,
-        storage_options=None,
-    ):
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.estimator = estimator
         self.features_dir = features_dir
         self.model_path = model_path
@@ -378,7 +381,7 @@ class CheckpointWrapper(BaseWrapper):
         URL gives the local path).
         """
         check_key(key)
-        parts = [location_root(self.features_dir)]
+        parts = [self._features_root()]
         if self.hash_fn is not None:
             bucket = str(self.hash_fn(key))
             check_key(bucket, owner="CheckpointWrapper's hash_fn")
@@ -387,9 +390,19 @@ class CheckpointWrapper(BaseWrapper):
             return join_location(*parts, key + _resolve_option(self, "extension"))
         return os.path.join(*parts, key + _resolve_option(self, "extension"))
 
+    def _features_root(self) -> str:
+        """``features_dir`` as a local path or a URL (see `location_root`)."""
+        if self.features_dir is None:
+            msg = (
+                "CheckpointWrapper has features_dir=None: feature checkpoints are "
+                "off, so they have no location; set features_dir."
+            )
+            raise ValueError(msg)
+        return location_root(self.features_dir)
+
     def _features_fs(self) -> FileSystem:
         """The filesystem of ``features_dir``."""
-        return filesystem(location_root(self.features_dir), self.storage_options)
+        return filesystem(self._features_root(), self.storage_options)
 
     # -- identity ----------------------------------------------------------
     def _format_identity(self) -> str:
@@ -489,6 +502,7 @@ class CheckpointWrapper(BaseWrapper):
             return False
         if upstream is not None and header.get("upstream") not in (None, upstream):
             return False
+        assert self.model_path is not None  # the header was read from it
         loaded = load_model(self.model_path, self.storage_options)
         if loaded is None:
             return False
@@ -504,6 +518,12 @@ class CheckpointWrapper(BaseWrapper):
         ``data`` (the digest of the training samples) and ``upstream`` (of the
         steps before this one) are recorded in the header.
         """
+        if self.model_path is None:
+            msg = (
+                "CheckpointWrapper.save_model needs a model_path; it is None. Set "
+                "model_path to checkpoint the fitted estimator."
+            )
+            raise ValueError(msg)
         header = self._model_header()
         header["state"] = fitted_digest(self.estimator)
         header["data"] = data
@@ -528,7 +548,7 @@ class CheckpointWrapper(BaseWrapper):
             return None
         return _array_digest(X, y)
 
-    def fit(self, X, y=None, **fit_params):
+    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
         """Load the model checkpoint, or fit and save it.
 
         Returns
@@ -611,7 +631,7 @@ class CheckpointWrapper(BaseWrapper):
             fs.makedirs(folder)
             fs.remove_stale_temporaries(folder)
             return
-        root = os.path.realpath(location_root(self.features_dir))
+        root = os.path.realpath(self._features_root())
         real = os.path.realpath(folder)
         if real != root and not real.startswith(root + os.sep):
             msg = (
@@ -622,7 +642,7 @@ class CheckpointWrapper(BaseWrapper):
         remove_stale_temporaries(folder)
 
     @available_if(_estimator_has("transform"))
-    def transform(self, X):
+    def transform(self, X: Any) -> Any:
         """Transform samples, loading valid checkpoints and computing the rest.
 
         Parameters
@@ -647,7 +667,9 @@ class CheckpointWrapper(BaseWrapper):
         outputs = self.transform_samples(flat)
         return _unflatten(outputs, sets)
 
-    def transform_samples(self, samples, report=None):
+    def transform_samples(
+        self, samples: Sequence[Sample], report: dict[str, Any] | None = None
+    ) -> list[Sample]:
         """`transform` for a flat list of samples; fills ``report`` if given.
 
         ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
@@ -701,7 +723,7 @@ class CheckpointWrapper(BaseWrapper):
             detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
             warnings.warn(
                 f"CheckpointWrapper({self._name()}) recomputes {sum(bad.values())} "
-                f"checkpoint(s) in {os.fspath(self.features_dir)!r}: {detail} "
+                f"checkpoint(s) in {self._features_root()!r}: {detail} "
                 "(stale: made by other code, parameters, fitted model or input; "
                 "corrupt: unreadable or failing its checksum; foreign: holds "
                 "another key).",
@@ -741,7 +763,9 @@ class CheckpointWrapper(BaseWrapper):
             ]
         return results
 
-    def _compute(self, samples, todo, attribute):
+    def _compute(
+        self, samples: Sequence[Sample], todo: Sequence[int], attribute: str
+    ) -> dict[int, Any]:
         """``{index: value}`` of the checkpointed attribute for samples ``todo``."""
         if not todo:
             return {}
@@ -768,7 +792,7 @@ class CheckpointWrapper(BaseWrapper):
             values[i] = getattr(out, attribute, None)
         return values
 
-    def _encode(self, value, identity):
+    def _encode(self, value: Any, identity: Identity) -> tuple[bytes, str]:
         try:
             return ckpt.encode_default(value, identity)
         except TypeError as exc:
@@ -780,37 +804,37 @@ class CheckpointWrapper(BaseWrapper):
             raise TypeError(msg) from exc
 
     @available_if(_estimator_has("transform"))
-    def fit_transform(self, X, y=None, **fit_params):
+    def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Fit (or load the model), then transform with checkpoints."""
         return self.fit(X, y, **fit_params).transform(X)
 
     @available_if(_estimator_has("predict"))
-    def predict(self, X, **kwargs):
+    def predict(self, X: Any, **kwargs: Any) -> Any:
         """Predict through the wrapped estimator (not checkpointed)."""
         return self.estimator.predict(X, **kwargs)
 
     @available_if(_estimator_has("predict_proba"))
-    def predict_proba(self, X, **kwargs):
+    def predict_proba(self, X: Any, **kwargs: Any) -> Any:
         """Class probabilities through the wrapped estimator (not checkpointed)."""
         return self.estimator.predict_proba(X, **kwargs)
 
     @available_if(_estimator_has("predict_log_proba"))
-    def predict_log_proba(self, X, **kwargs):
+    def predict_log_proba(self, X: Any, **kwargs: Any) -> Any:
         """Log class probabilities through the wrapped estimator."""
         return self.estimator.predict_log_proba(X, **kwargs)
 
     @available_if(_estimator_has("decision_function"))
-    def decision_function(self, X, **kwargs):
+    def decision_function(self, X: Any, **kwargs: Any) -> Any:
         """Decision function through the wrapped estimator (not checkpointed)."""
         return self.estimator.decision_function(X, **kwargs)
 
     @available_if(_estimator_has("score_samples"))
-    def score_samples(self, X, **kwargs):
+    def score_samples(self, X: Any, **kwargs: Any) -> Any:
         """Per-sample scores through the wrapped estimator (not checkpointed)."""
         return self.estimator.score_samples(X, **kwargs)
 
     @available_if(_estimator_has("score"))
-    def score(self, X, y=None, **kwargs):
+    def score(self, X: Any, y: Any = None, **kwargs: Any) -> float:
         """Score through the wrapped estimator."""
         return self.estimator.score(X, y, **kwargs)
 
@@ -910,7 +934,7 @@ class CheckpointWrapper(BaseWrapper):
         if step is None:
             return "unknown", size, None
         save, _ = self._funcs()
-        rel = relative_location(path, location_root(self.features_dir))
+        rel = relative_location(path, self._features_root())
         rel = rel[: -len(extension)]
         key = _key_from_relative(rel, self.hash_fn)
         state, stamp_ = ckpt.status(

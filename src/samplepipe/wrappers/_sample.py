@@ -28,7 +28,7 @@ def _public_items(obj: object) -> list[tuple[str, Any]]:
 
 
 def _values_equal(a: Any, b: Any) -> bool:
-    """Exact, symmetric comparison used by ``Sample.__eq__``."""
+    """Exact, symmetric comparison used by ``__eq__`` of samples."""
     if a is b:
         return True
     if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
@@ -108,6 +108,21 @@ class _SampleBase:
         body = ", ".join(f"{k}={v}" for k, v in self._repr_items())
         return f"{type(self).__name__}({body})"
 
+    def __eq__(self, other: object) -> bool:
+        # The same class, attribute names and values, and the same content.
+        if type(self) is not type(other):
+            return NotImplemented
+        names = self._attribute_names()
+        if sorted(names) != sorted(other._attribute_names()):
+            return False
+        if not self._content_equal(other):
+            return False
+        return all(_values_equal(getattr(self, n), getattr(other, n)) for n in names)
+
+    def _content_equal(self, other: Self) -> bool:
+        """Whether the data (of samples) or the samples (of sets) are equal."""
+        raise NotImplementedError
+
     def __hash__(self) -> int:
         # Equal samples have equal keys, so hashing the key is consistent with
         # ``__eq__``. Samples without a key all share one bucket.
@@ -161,17 +176,8 @@ class Sample(_SampleBase):
     def _repr_items(self) -> list[tuple[str, str]]:
         return [("data", repr(self.data)), *super()._repr_items()]
 
-    def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
-            return NotImplemented
-        names = self._attribute_names()
-        if sorted(names) != sorted(other._attribute_names()):
-            return False
-        if not _values_equal(self.data, other.data):
-            return False
-        return all(_values_equal(getattr(self, n), getattr(other, n)) for n in names)
-
-    __hash__ = _SampleBase.__hash__
+    def _content_equal(self, other: Self) -> bool:
+        return _values_equal(self.data, other.data)
 
 
 class DelayedSample(Sample):
@@ -249,8 +255,6 @@ class DelayedSample(Sample):
 
         return cls(load, parent=sample, **kwargs)
 
-    __hash__ = _SampleBase.__hash__
-
 
 class SampleSet(_SampleBase, MutableSequence[Sample]):
     """A list of samples with metadata of its own.
@@ -313,18 +317,9 @@ class SampleSet(_SampleBase, MutableSequence[Sample]):
         samples = self.samples
         samples.insert(index, value)
 
-    def __eq__(self, other: object) -> bool:
-        if type(self) is not type(other):
-            return NotImplemented
-        names = self._attribute_names()
-        if sorted(names) != sorted(other._attribute_names()):
-            return False
-        if not all(_values_equal(getattr(self, n), getattr(other, n)) for n in names):
-            return False
+    def _content_equal(self, other: Self) -> bool:
         mine, theirs = list(self.samples), list(other.samples)
         return len(mine) == len(theirs) and all(a == b for a, b in zip(mine, theirs))
-
-    __hash__ = _SampleBase.__hash__
 
 
 class DelayedSampleSet(SampleSet):
@@ -351,21 +346,16 @@ class DelayedSampleSet(SampleSet):
 class DelayedSampleSetCached(DelayedSampleSet):
     """A `DelayedSampleSet` that calls ``load()`` once and keeps the samples."""
 
-    def __init__(
-        self,
-        load: Callable[[], Sequence[Sample]],
-        parent: Sample | SampleSet | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(load, parent=parent, **kwargs)
-        object.__setattr__(self, "_cached", None)
+    _cached: Sequence[Sample] | None = None  # set on the instance by `samples`
 
     @property
     def samples(self) -> Sequence[Sample]:
         """The samples, loaded on first access and kept."""
-        if self._cached is None:
-            object.__setattr__(self, "_cached", self._load())
-        return self._cached
+        cached = self._cached
+        if cached is None:
+            cached = self._load()
+            object.__setattr__(self, "_cached", cached)
+        return cached
 
 
 def stack_values(values: Iterable[Any]) -> np.ndarray | list[Any]:
