@@ -14,6 +14,9 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["DO_NOT_TRACK"] = "1"
+# The README's doctests run flows on Prefect's embedded server: on a busy
+# machine it needs longer than Prefect's default 20 s to start.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 for _name in [n for n in os.environ if n in ("PREFECT_API_URL", "PREFECT_API_KEY")]:
     del os.environ[_name]
 

@@ -107,6 +107,7 @@ def run(
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
+    storage_options: str = "{}",
     batch_size: int = 200,
     retries: int = 2,
     method: str = "transform",
@@ -137,6 +138,10 @@ def run(
         Folder of the feature checkpoints (one sub-folder per step).
     model_dir
         Folder of the fitted models (one file per step).
+    storage_options
+        JSON fsspec options for URL folders (s3://...), e.g.
+        '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
+        given through the environment.
     batch_size
         Samples per Prefect task run.
     retries
@@ -163,6 +168,7 @@ def run(
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
         "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
         "train_samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
+        "storage_options": _json(storage_options, "--storage-options") or None,
     }
     t0 = time.perf_counter()
     with Progress(
@@ -225,14 +231,15 @@ def run(
     return 0
 
 
-def _steps(command, pipeline, pipeline_kwargs, features_dir, model_dir):
+def _steps(command, pipeline, pipeline_kwargs, features_dir, model_dir, options):
     """``[(name, CheckpointWrapper)]`` of PIPELINE; a bad PIPELINE stops the command."""
     from .flows import load_object, prepare_steps
 
     kwargs = _json(pipeline_kwargs, "--pipeline-kwargs")
+    options = _json(options, "--storage-options")
     try:
         pipeline = load_object(pipeline, kwargs, "pipeline")
-        return prepare_steps(pipeline, features_dir, model_dir)
+        return prepare_steps(pipeline, features_dir, model_dir, options or None)
     except (ImportError, TypeError, ValueError) as exc:
         msg = f"samplepipe {command}: {exc}"
         raise CommandError(msg, code=2) from exc
@@ -290,7 +297,7 @@ def _unreadable_model(step):
     if step.model_path is None:
         return "no model_path"
     path = os.fspath(step.model_path)
-    if read_model_header(path) is None:
+    if read_model_header(path, step.storage_options) is None:
         return f"no model at {path}"
     return f"no model at {path} for these parameters"
 
@@ -349,6 +356,7 @@ def status(
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
+    storage_options: str = "{}",
 ) -> int:
     """Per step: checkpoints valid / stale / corrupt / foreign / unknown / temporary.
 
@@ -369,11 +377,17 @@ def status(
         Folder of the feature checkpoints.
     model_dir
         Folder of the fitted models.
+    storage_options
+        JSON fsspec options for URL folders (s3://...), e.g.
+        '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
+        given through the environment.
     """
     from .storage import read_model_header
 
     pipeline = _pipeline_or_demo("status", pipeline, features_dir, model_dir)
-    steps = _steps("status", pipeline, pipeline_kwargs, features_dir, model_dir)
+    steps = _steps(
+        "status", pipeline, pipeline_kwargs, features_dir, model_dir, storage_options
+    )
     table = Table(title=f"checkpoints in {escape(features_dir)}")
     columns = STATUSES
     for column in ("step", "model", *columns, "bytes"):
@@ -398,7 +412,8 @@ def status(
         if step.model_path is None:
             model = "-"
         else:
-            model = "present" if read_model_header(step.model_path) else "missing"
+            header = read_model_header(step.model_path, step.storage_options)
+            model = "present" if header else "missing"
         size = sum(s for _, _, s in files)
         table.add_row(escape(name), model, *cells, str(size))
     _print_table(table)
@@ -414,6 +429,7 @@ def clean(
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
+    storage_options: str = "{}",
     yes: bool = False,
     dry_run: bool = False,
 ) -> int:
@@ -441,13 +457,19 @@ def clean(
         Folder of the feature checkpoints.
     model_dir
         Folder of the fitted models.
+    storage_options
+        JSON fsspec options for URL folders (s3://...), e.g.
+        '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
+        given through the environment.
     yes
         Remove without asking.
     dry_run
         Only list what would be removed.
     """
     pipeline = _pipeline_or_demo("clean", pipeline, features_dir, model_dir)
-    steps = _steps("clean", pipeline, pipeline_kwargs, features_dir, model_dir)
+    steps = _steps(
+        "clean", pipeline, pipeline_kwargs, features_dir, model_dir, storage_options
+    )
     doomed, kept = [], []  # doomed: (name, step, files); kept: (name, why, files)
     for name, step, unknown in _judged(steps):
         if unknown is not None:
@@ -525,6 +547,7 @@ def serve(
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
+    storage_options: str = "{}",
     batch_size: int = 200,
     retries: int = 2,
     cron: str | None = None,
@@ -553,9 +576,13 @@ def serve(
     pipeline_kwargs
         JSON keyword arguments for PIPELINE.
     features_dir
-        Folder of the feature checkpoints (made absolute).
+        Folder of the feature checkpoints (a local folder is made absolute).
     model_dir
-        Folder of the fitted models (made absolute).
+        Folder of the fitted models (a local folder is made absolute).
+    storage_options
+        JSON fsspec options for URL folders (s3://...), e.g.
+        '{"endpoint_url": "http://127.0.0.1:9000"}'; they are stored with the
+        deployments: give credentials through the environment.
     batch_size
         Samples per Prefect task run.
     retries
@@ -569,12 +596,14 @@ def serve(
     from prefect.deployments.runner import EntrypointType
 
     from .flows import fit_pipeline, run_pipeline, transform_pipeline
+    from .storage import normalize_location
 
     common = {
         "pipeline": pipeline,
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
-        "features_dir": os.path.abspath(features_dir),
-        "model_dir": os.path.abspath(model_dir),
+        "features_dir": normalize_location(features_dir),
+        "model_dir": normalize_location(model_dir),
+        "storage_options": _json(storage_options, "--storage-options") or None,
         "batch_size": batch_size,
         "retries": retries,
     }

@@ -29,7 +29,16 @@ from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
 from .locks import lock_manager_from_url
-from .storage import check_step_name, combine, fitted_digest, sample_keys
+from .storage import (
+    check_location,
+    check_step_name,
+    combine,
+    fitted_digest,
+    is_url,
+    join_location,
+    location_root,
+    sample_keys,
+)
 from .tasks import (
     SampleFailures,
     StaleManifestError,
@@ -67,7 +76,9 @@ class RunOptions:
     Attributes
     ----------
     features_dir, model_dir : str
-        Where checkpoints and models go.
+        Where checkpoints and models go: local folders or fsspec URLs.
+    storage_options : dict or None
+        Passed to fsspec for URLs (steps that have their own keep theirs).
     batch_size : int
         Samples per task run.
     retries, retry_delay_seconds : int, float
@@ -97,6 +108,7 @@ class RunOptions:
     method: str = "transform"
     on_error: str = "raise"
     locks: str | None = None
+    storage_options: dict[str, Any] | None = None
 
     def check(self) -> RunOptions:
         for name in ("batch_size", "max_batches_in_flight"):
@@ -118,8 +130,17 @@ class RunOptions:
         for name in ("features_dir", "model_dir"):
             value = getattr(self, name)
             if not isinstance(value, str | os.PathLike):
-                msg = f"{name} must be a folder path, got {value!r}."
+                msg = f"{name} must be a folder path or URL, got {value!r}."
                 raise TypeError(msg)
+            check_location(value, name, owner="the flow")
+        if self.storage_options is not None and not isinstance(
+            self.storage_options, dict
+        ):
+            msg = (
+                f"storage_options must be a dict of fsspec options, got "
+                f"{self.storage_options!r}."
+            )
+            raise TypeError(msg)
         return self
 
     @classmethod
@@ -204,8 +225,14 @@ def _check_samples(samples, what="samples"):
 
 
 def _check_writable(path, what):
-    """Raise before any work unless ``path`` is (or can be made) a writable folder."""
-    path = os.path.abspath(os.fspath(path))
+    """Raise before any work unless ``path`` is (or can be made) a writable folder.
+
+    A URL is not checked here: an object store answers only when written to.
+    """
+    path = location_root(path)
+    if is_url(path):
+        return
+    path = os.path.abspath(path)
     probe = path
     while not os.path.exists(probe):
         parent = os.path.dirname(probe)
@@ -231,8 +258,8 @@ def _check_outputs(steps):
     for name, step in steps:
         if step.features_dir is not None:
             _check_writable(step.features_dir, f"features_dir of step {name!r}")
-        if step.model_path is not None:
-            model = os.path.abspath(os.fspath(step.model_path))
+        if step.model_path is not None and not is_url(location_root(step.model_path)):
+            model = os.path.abspath(location_root(step.model_path))
             if os.path.isdir(model):
                 msg = (
                     f"the model of step {name!r} would be written to {model!r}, "
@@ -246,13 +273,15 @@ def prepare_steps(
     pipeline: Any,
     features_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
+    storage_options: dict[str, Any] | None = None,
 ) -> list[tuple[str, CheckpointWrapper]]:
     """``[(name, CheckpointWrapper)]`` for each step of ``pipeline``.
 
     Plain estimators are wrapped in `SampleWrapper` and `CheckpointWrapper`
-    (``features_dir/<name>/`` and ``model_dir/<name>.pkl``); wrapped steps keep
-    their own folders and get these where theirs are unset. ``DaskWrapper``
-    and ``ToDaskBag`` are dropped: the task runner distributes the work.
+    (``features_dir/<name>/`` and ``model_dir/<name>.pkl``, with
+    ``storage_options``); wrapped steps keep their own folders and options and
+    get these where theirs are unset. ``DaskWrapper`` and ``ToDaskBag`` are
+    dropped: the task runner distributes the work.
     """
     if not isinstance(pipeline, Pipeline):
         msg = (
@@ -274,9 +303,11 @@ def prepare_steps(
         else:
             est = copy.copy(est)
         if est.features_dir is None:
-            est.features_dir = os.path.join(os.fspath(features_dir), name)
+            est.features_dir = join_location(os.fspath(features_dir), name)
         if est.model_path is None and estimator_requires_fit(est.estimator):
-            est.model_path = os.path.join(os.fspath(model_dir), f"{name}.pkl")
+            est.model_path = join_location(os.fspath(model_dir), f"{name}.pkl")
+        if est.storage_options is None:
+            est.storage_options = storage_options
         est._validate_params()
         steps.append((name, est))
     if not steps:
@@ -428,24 +459,30 @@ def _split_failures(name, failed, failures):
 
 def _fit_step(name, step, samples, options, rows, upstream):
     t0 = time.perf_counter()
-    task = fit_step.with_options(
-        **options.task_options(), refresh_cache=bool(step.force)
-    )
-    future = task.submit(step=step, samples=samples, name=name, upstream=upstream)
-    future.wait()
-    state = future.state
-    if not state.is_completed():
-        try:
-            state.result()
-        except Exception as exc:
-            msg = f"step {name!r} failed to fit: {exc!r}"
-            raise PipelineRunError(msg, name) from exc
-    manifest = future.result()
-    # The fit may have run in another thread or on a Dask worker: load the
-    # model saved by the task into this process's step.
-    if not step.load_model(data=step.training_digest(samples), upstream=upstream):
-        msg = f"step {name!r}: the model at {step.model_path!r} could not be loaded."
-        raise PipelineRunError(msg, name)
+    data = step.training_digest(samples)
+    refresh = bool(step.force)
+    while True:
+        task = fit_step.with_options(**options.task_options(), refresh_cache=refresh)
+        future = task.submit(step=step, samples=samples, name=name, upstream=upstream)
+        future.wait()
+        state = future.state
+        if not state.is_completed():
+            try:
+                state.result()
+            except Exception as exc:
+                msg = f"step {name!r} failed to fit: {exc!r}"
+                raise PipelineRunError(msg, name) from exc
+        manifest = future.result()
+        # The fit may have run in another thread or on a Dask worker: load the
+        # model saved by the task into this process's step.
+        if step.load_model(data=data, upstream=upstream):
+            break
+        if state.name != "Cached" or refresh:
+            msg = (
+                f"step {name!r}: the model at {step.model_path!r} could not be loaded."
+            )
+            raise PipelineRunError(msg, name)
+        refresh = True  # a cached fit whose model file is gone or replaced: redo
     fitted = state.name != "Cached" and manifest["fitted"]
     rows.append(
         {
@@ -565,7 +602,9 @@ def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
     options.check()
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
-    steps = prepare_steps(pipeline, options.features_dir, options.model_dir)
+    steps = prepare_steps(
+        pipeline, options.features_dir, options.model_dir, options.storage_options
+    )
     if fit and not samples:
         msg = "samples is empty: there is nothing to fit on; give training samples."
         raise ValueError(msg)
@@ -591,7 +630,7 @@ def _method_step(name, step, options):
     """
     new = copy.copy(step)
     new.estimator = UseMethod(step.estimator, options.method)
-    new.features_dir = os.path.join(
+    new.features_dir = join_location(
         os.fspath(options.features_dir), f"{name}.{options.method}"
     )
     new._predicts_for = step
@@ -680,7 +719,7 @@ _FLOW_PARAMETERS = """
         ``samples_kwargs``.
     features_dir, model_dir : str
         Checkpoints go to ``features_dir/<step>/<key>.h5`` and
-        ``model_dir/<step>.pkl``.
+        ``model_dir/<step>.pkl``: local folders or fsspec URLs (``s3://...``).
     batch_size : int, default=1000
         Samples per task run.
     retries, retry_delay_seconds : int, float
@@ -703,6 +742,10 @@ _FLOW_PARAMETERS = """
         Where the per-batch locks live: None reads ``SAMPLEPIPE_LOCKS`` (unset:
         file locks on this host); ``"redis://host:port/db"`` across hosts (see
         `samplepipe.locks.lock_manager_from_url`).
+    storage_options : dict, default=None
+        Passed to fsspec for URL folders (e.g. ``{"endpoint_url": ...}``).
+        Flow parameters are stored by the Prefect server: give credentials
+        through the environment or fsspec's configuration, not here.
 """
 
 
@@ -720,6 +763,7 @@ def fit_pipeline(
     max_batches_in_flight: int = 2,
     on_error: str = "raise",
     locks: str | None = None,
+    storage_options: dict | None = None,
 ) -> Pipeline:
     """Fit each step on the training samples transformed by the steps before it.
 
@@ -758,6 +802,7 @@ def transform_pipeline(
     method: str = "transform",
     on_error: str = "raise",
     locks: str | None = None,
+    storage_options: dict | None = None,
 ) -> list:
     """Apply the fitted steps batch by batch, step by step.
     {parameters}
@@ -797,6 +842,7 @@ def run_pipeline(
     method: str = "transform",
     on_error: str = "raise",
     locks: str | None = None,
+    storage_options: dict | None = None,
 ) -> list[dict]:
     """Fit on ``train_samples``, then transform ``samples``; what deployments run.
 

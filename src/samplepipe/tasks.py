@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,8 +30,14 @@ from .storage import (
     Identity,
     Stamp,
     estimator_identity,
+    filesystem,
     is_permanent,
+    is_url,
+    join_location,
     keys_digest,
+    normalize_location,
+    relative_location,
+    stamp_of,
 )
 from .wrappers import CheckpointWrapper
 from .wrappers._checkpoint import failed_output, lazy_output
@@ -87,27 +94,47 @@ class ManifestSerializer(Serializer):
         return manifest
 
 
-def check_manifest(manifest: dict[str, Any]) -> None:
+def _recorded_stamps(manifest: dict[str, Any]) -> list[tuple[str, Stamp]]:
+    """``(path, recorded stamp)`` of every file a manifest names."""
+    root = manifest.get("root", "")
+    named = [
+        (join_location(root, entry[0]), Stamp(*entry[1:5]))
+        for entry in manifest.get("files") or []
+        if entry is not None
+    ]
+    if manifest.get("model") is not None:
+        named.append((manifest["model"][0], Stamp(*manifest["model"][1:5])))
+    return named
+
+
+def check_manifest(
+    manifest: dict[str, Any],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    stored: bool = False,
+) -> None:
     """Raise `StaleManifestError` unless every named file is unchanged.
+
+    By default only local files are checked, one ``os.stat`` each (what
+    `ManifestSerializer` does when Prefect reads a cached result: it knows no
+    ``storage_options``). With ``stored=True`` only the files at URLs are
+    checked, one ``HEAD`` request each, with ``storage_options``; the flows do
+    that before they use a manifest of a step on an object store.
 
     A file is unchanged when its size, modification time, inode and change
     time are those recorded (a file swapped for another one is noticed).
     """
     if manifest.get("format") != MANIFEST_FORMAT:
         raise StaleManifestError("manifest of another samplepipe version")
-    root = manifest.get("root", "")
-    entries = list(manifest.get("files") or [])
-    if manifest.get("model") is not None:
-        entries.append(manifest["model"])
-    for entry in entries:
-        if entry is None:
+    for path, recorded in _recorded_stamps(manifest):
+        if is_url(path) != stored:
             continue
-        name, recorded = entry[0], Stamp(*entry[1:5])
-        path = os.path.join(root, name)
         try:
-            st = Stamp.of(os.stat(path))
+            st = stamp_of(path, storage_options) if stored else Stamp.of(os.stat(path))
         except OSError as exc:
             raise StaleManifestError(f"{path} is gone") from exc
+        if st is None:
+            raise StaleManifestError(f"{path} is gone")
         if st != recorded:
             raise StaleManifestError(f"{path} changed since it was recorded")
 
@@ -135,8 +162,9 @@ class StepCachePolicy(CachePolicy):
             f"format={FORMAT_VERSION}",
             f"task={method}",
             f"on_error={inputs.get('on_error', 'raise')}",
-            f"features_dir={os.path.abspath(os.fspath(step.features_dir or ''))}",
-            f"model_path={os.path.abspath(os.fspath(step.model_path or ''))}",
+            f"features_dir={normalize_location(step.features_dir or '')}",
+            f"model_path={normalize_location(step.model_path or '')}",
+            f"store={_store_token(step)}",
         ]
         if method == "fit":
             parts += [
@@ -152,6 +180,18 @@ class StepCachePolicy(CachePolicy):
                 + keys_digest(f"{s.key}={i}" for s, i in zip(samples, inputs))
             )
         return keys_digest(parts)
+
+
+def _store_token(step: CheckpointWrapper) -> str:
+    """Tells object stores apart (endpoint, options); empty for local paths.
+
+    Two stores may hold the same URL: fsspec's token of the filesystem, built
+    from the protocol and ``storage_options``, tells them apart.
+    """
+    for location in (step.features_dir, step.model_path):
+        if location is not None and is_url(location):
+            return filesystem(location, step.storage_options).token
+    return ""
 
 
 def step_cache_policy(locks: str | None = None) -> StepCachePolicy:
@@ -213,8 +253,11 @@ def transform_batch(
     """
     t0 = time.perf_counter()
     stop = start + len(samples) if stop is None else stop
+    if step.features_dir is None:
+        msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
+        raise ValueError(msg)
     report, errors = _transform_isolating(step, samples)
-    root = os.path.abspath(os.fspath(step.features_dir))
+    root = normalize_location(step.features_dir)
     manifest = {
         "format": MANIFEST_FORMAT,
         "step": name,
@@ -222,7 +265,7 @@ def transform_batch(
         "root": root,
         "identity": report["step"],
         "files": [
-            None if f is None else [os.path.relpath(f[0], root), *f[1], inputs]
+            None if f is None else [relative_location(f[0], root), *f[1], inputs]
             for f, inputs in zip(report["files"], report["inputs"])
         ],
         "computed": report["computed"],
@@ -302,6 +345,10 @@ def fit_model(
     models.
     """
     t0 = time.perf_counter()
+    model_path = step.model_path
+    if model_path is None:
+        msg = f"step {name!r} has no model_path: it has nowhere to save its model."
+        raise ValueError(msg)
     data = step.training_digest(samples)
     if step.force or not step.load_model(data=data, upstream=upstream):
         step.estimator.fit(samples)
@@ -309,12 +356,15 @@ def fit_model(
         fitted = True
     else:
         fitted = False
-    st = Stamp.of(os.stat(step.model_path))
+    st = stamp_of(model_path, step.storage_options)
+    if st is None:  # pragma: no cover - removed by someone else right away
+        msg = f"step {name!r}: the model at {model_path!r} vanished once saved."
+        raise FileNotFoundError(msg)
     get_run_logger().info("%s: %s", name, "fitted" if fitted else "model loaded")
     return {
         "format": MANIFEST_FORMAT,
         "step": name,
-        "model": (os.path.abspath(step.model_path), *st),
+        "model": (normalize_location(model_path), *st),
         "state": step.fitted_digest_,
         "fitted": fitted,
         "n_samples": len(samples),
@@ -337,13 +387,17 @@ def samples_from_manifest(
     """Output samples of a batch: lazy loaders of its files, metadata of inputs.
 
     Raises `StaleManifestError` unless the manifest names exactly this batch's
-    files, in order.
+    files, in order, and (on an object store) they are unchanged.
     """
     root = manifest["root"]
     entries = manifest["files"]
     if len(entries) != len(inputs):
         msg = f"manifest names {len(entries)} files for {len(inputs)} samples"
         raise StaleManifestError(msg)
+    stored = is_url(root)
+    if stored:
+        check_manifest(manifest, step.storage_options, stored=True)
+    options = step.storage_options if stored else None
     _, load_func = step._funcs()
     attribute = step._sample_attribute()
     out = []
@@ -354,15 +408,12 @@ def samples_from_manifest(
         name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry
         if manifest["identity"] is None:  # pragma: no cover - all failed
             raise StaleManifestError("manifest without a step identity")
-        path = os.path.join(root, name)
-        if os.path.normpath(path) != os.path.abspath(step.checkpoint_path(s.key)):
+        path = join_location(root, name)
+        if normalize_location(path) != normalize_location(step.checkpoint_path(s.key)):
             msg = f"manifest names {path!r} for sample {s.key!r}"
             raise StaleManifestError(msg)
         identity = Identity(manifest["identity"], inputs_digest, s.key)
         stamp_ = Stamp(size, mtime_ns, ino, ctime_ns)
-        out.append(
-            lazy_output(
-                s, attribute, CheckpointLoader(path, identity, stamp_, load_func)
-            )
-        )
+        loader = CheckpointLoader(path, identity, stamp_, load_func, options)
+        out.append(lazy_output(s, attribute, loader))
     return out

@@ -8,6 +8,7 @@ from typing import Any
 
 from sklearn.pipeline import Pipeline
 
+from ..storage.fs import join_location
 from ..storage.keys import check_step_name
 
 
@@ -150,11 +151,11 @@ def _wrap_pipeline(
             continue
         step_kwargs = dict(kwargs)
         if step_kwargs.get("features_dir") is not None:
-            step_kwargs["features_dir"] = os.path.join(
+            step_kwargs["features_dir"] = join_location(
                 os.fspath(step_kwargs["features_dir"]), name
             )
         if step_kwargs.get("model_path") is not None:
-            step_kwargs["model_path"] = os.path.join(
+            step_kwargs["model_path"] = join_location(
                 os.fspath(step_kwargs["model_path"]), f"{name}.pkl"
             )
         steps.append(
