@@ -200,6 +200,57 @@ def test_a_downstream_step_sees_the_same_identities_in_both_layouts(tmp_path):
     assert all(is_shard_name(n) for n in os.listdir(tmp_path / "shards" / "b"))
 
 
+VALUES = [
+    np.arange(5),
+    np.array([1, 2], dtype=">i4"),
+    np.zeros((2, 0)),
+    np.array(5.0),
+    np.array([True, False]),
+    np.array(["ab", "c"]),
+    np.array([b"x", b"yz"]),
+    np.array(["2020-01-01"], dtype="datetime64[D]"),
+    np.float32(2.5),
+    np.datetime64("2020-01-02"),
+    3,
+    2.5,
+    True,
+    1 + 2j,
+    "a\x00\u00e9",
+    b"\x00x",
+    bytearray(b"ab"),
+]
+
+
+def test_every_value_of_the_default_format_comes_back_exactly(tmp_path):
+    from samplepipe.storage import Identity, hdf5
+
+    encoded = [hdf5.encode(v) for v in VALUES]
+    payloads = [p for p, _ in encoded]
+    kinds = [k for _, k in encoded]
+    sums = shard_store.checksums(payloads, kinds)
+    assert sums == [hdf5.checksum(p, k) for p, k in encoded]
+    identities = [Identity("step", f"in{i}", f"k/{i}") for i in range(len(VALUES))]
+    records = [i.record(c, k) for i, c, k in zip(identities, sums, kinds)]
+    root = str(tmp_path / "f")
+    shard_store.shard_folder(root).write(records, payloads)
+    new_process()
+    found = ShardFolder(root, filesystem(root)).find(identities)
+    for value, ident, where in zip(VALUES, identities, found):
+        index, position = where
+        group, row, _ = index.entries[position].tolist()
+        checksum, kind = index.records[position].split(":", 5)[3:5]
+        loader = ShardLoader.make(
+            index.path, ident, index.stamp, None, group, row, checksum, kind
+        )
+        loaded = pickle.loads(pickle.dumps(loader))()
+        assert type(loaded) is type(value)
+        if isinstance(value, np.ndarray):
+            assert loaded.dtype == value.dtype and loaded.shape == value.shape
+            np.testing.assert_array_equal(loaded, value)
+        else:
+            assert loaded == value
+
+
 # ---------------------------------------------------------------------------
 # stale and corrupt entries
 # ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -190,6 +190,25 @@ def _payload(arrays: Mapping[int, np.ndarray], group: int, row: int) -> np.ndarr
     return array[row, ...]
 
 
+def checksums(payloads: Sequence[np.ndarray], kinds: Sequence[str]) -> list[str]:
+    """`samplepipe.storage.hdf5.checksum` of many payloads, equal to it.
+
+    Payloads of one kind, dtype and shape share the digest of their header.
+    """
+    bases: dict[tuple[str, str, tuple[int, ...]], Any] = {}
+    out = []
+    for payload, kind in zip(payloads, kinds):
+        head = (kind, payload.dtype.str, payload.shape)
+        base = bases.get(head)
+        if base is None:
+            text = f"{kind}|{payload.dtype.str}|{payload.shape}"
+            base = bases[head] = hashlib.blake2b(text.encode(), digest_size=16)
+        h = base.copy()
+        h.update(np.ascontiguousarray(payload).view(np.uint8).data)
+        out.append(h.hexdigest())
+    return out
+
+
 def _checksum_ok(payload: np.ndarray, record: str) -> bool:
     parts = record.split(":", 5)
     if len(parts) != 6:
@@ -274,10 +293,17 @@ class ShardIndex:
     records: list[str] = field(default_factory=list)
     entries: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), "<i8"))
     verified: list[bool | None] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.keys) != len(self.records):
+            self.keys = [r.split(":", 5)[-1] for r in self.records]
 
 
-@dataclass(frozen=True)
-class Found:
+_GONE = ShardIndex("", Stamp(0, 0, 0, 0), 0, "missing")
+
+
+class Found(NamedTuple):
     """Where a valid entry is: its shard and position."""
 
     shard: ShardIndex
@@ -288,23 +314,13 @@ class Found:
         return self.shard.records[self.position]
 
 
-def _judge(record: str, wanted: Identity) -> str:
-    """``valid`` or ``stale`` for an entry of ``wanted.key``."""
-    parts = record.split(":", 5)
-    if (
-        len(parts) == 6
-        and parts[0] == str(wanted.format)
-        and parts[1] == wanted.step
-        and parts[2] == wanted.inputs
-        and parts[5] == wanted.key
-    ):
-        return "valid"
-    return "stale"
+def _prefix(wanted: Identity) -> str:
+    """What the record of a valid entry of ``wanted`` starts with (its key aside)."""
+    return f"{wanted.format}:{wanted.step}:{wanted.inputs}:"
 
 
 def _of_step(record: str, step: str) -> bool:
-    parts = record.split(":", 5)
-    return len(parts) == 6 and parts[1] == step and parts[0] == str(FORMAT_VERSION)
+    return record.startswith(f"{FORMAT_VERSION}:{step}:")
 
 
 class ShardFolder:
@@ -472,15 +488,17 @@ class ShardFolder:
 
     def _add(self, index: ShardIndex) -> None:
         self.shards[index.path] = index
-        if index.status != "ok":
+        if index.status != "ok" or not index.records:
             return
-        for position, record in enumerate(index.records):
-            key = record.split(":", 5)[-1]
-            t = int(index.entries[position, 2])
-            self.max_time = max(self.max_time, t)
-            refs = self.by_key.setdefault(key, [])
-            refs.append((t, index.path, position))
-            if len(refs) > 1:
+        times = index.entries[:, 2].tolist()
+        self.max_time = max(self.max_time, max(times))
+        by_key, path = self.by_key, index.path
+        for position, (key, t) in enumerate(zip(index.keys, times)):
+            refs = by_key.get(key)
+            if refs is None:
+                by_key[key] = [(t, path, position)]
+            else:
+                refs.append((t, path, position))
                 refs.sort(reverse=True)
 
     def _drop(self, path: str) -> None:
@@ -488,8 +506,7 @@ class ShardFolder:
         DATA.forget(self._cache_key(path))
         if index is None or index.status != "ok":
             return
-        for record in index.records:
-            key = record.split(":", 5)[-1]
+        for key in set(index.keys):
             refs = self.by_key.get(key)
             if refs is None:
                 continue
@@ -501,13 +518,38 @@ class ShardFolder:
 
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
+        """Check every entry's payload against the checksum of its record.
+
+        The same digest as `samplepipe.storage.hdf5.checksum` of each row,
+        from one buffer per group (rows of a group share dtype and shape).
+        """
+        buffers: dict[int, tuple[memoryview, int, str]] = {}
+        for g, array in arrays.items():
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+            header = f"{array.dtype.str}|{array.shape[1:]}"
+            buffers[g] = (flat.data, row_bytes, header)
+        bases: dict[tuple[int, str], Any] = {}
+        entries = index.entries[:, :2].tolist()
+        verified = index.verified
         for position, record in enumerate(index.records):
-            g, row = int(index.entries[position, 0]), int(index.entries[position, 1])
-            try:
-                ok = _checksum_ok(_payload(arrays, g, row), record)
-            except (KeyError, ShardError):
-                ok = False
-            index.verified[position] = ok
+            g, row = entries[position]
+            parts = record.split(":", 5)
+            found = buffers.get(g)
+            if len(parts) != 6 or found is None:
+                verified[position] = False
+                continue
+            buffer, row_bytes, header = found
+            if not 0 <= row < len(arrays[g]):
+                verified[position] = False
+                continue
+            base = bases.get((g, parts[4]))
+            if base is None:
+                base = hashlib.blake2b(f"{parts[4]}|{header}".encode(), digest_size=16)
+                bases[(g, parts[4])] = base
+            h = base.copy()
+            h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
+            verified[position] = h.hexdigest() == parts[3]
 
     def _arrays(self, index: ShardIndex) -> dict[int, np.ndarray] | None:
         """The payloads of a shard as of its index's stamp; None if it changed."""
@@ -572,31 +614,39 @@ class ShardFolder:
             return results
 
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
-        candidates: list[list[tuple[ShardIndex, int]]] = []
+        by_key, shards = self.by_key, self.shards
+        prefixes = [_prefix(ident) for ident in wanted]
         to_verify: dict[str, ShardIndex] = {}
-        results: list[Found | str] = []
-        for ident in wanted:
-            refs = self.by_key.get(ident.key, ())
-            mine = []
-            for _, path, position in refs:
-                index = self.shards[path]
-                if _judge(index.records[position], ident) == "valid":
-                    mine.append((index, position))
+        for ident, prefix in zip(wanted, prefixes):
+            for _, path, position in by_key.get(ident.key, ()):
+                index = shards[path]
+                if index.records[position].startswith(prefix):
                     if index.verified[position] is None:
                         to_verify[path] = index
-            candidates.append(mine)
-            results.append("missing" if not refs else "stale")
+                    break  # the newest candidate; older ones if it fails
         settled = True
         for index in to_verify.values():
             settled = self.verify(index) and settled
-        for i, mine in enumerate(candidates):
-            for index, position in mine:
-                if index.verified[position]:
-                    results[i] = Found(index, position)
-                    break
-            else:
-                if mine:
-                    results[i] = "corrupt"
+        results: list[Found | str] = []
+        for ident, prefix in zip(wanted, prefixes):
+            refs = by_key.get(ident.key)
+            if not refs:
+                results.append("missing")
+                continue
+            result: Found | str = "stale"
+            for _, path, position in refs:
+                index = shards.get(path) or _GONE
+                if position < len(index.records) and index.records[position].startswith(
+                    prefix
+                ):
+                    ok = index.verified[position]
+                    if ok is None and self.verify(index) is False:
+                        settled = False
+                    if index.verified[position]:
+                        result = Found(index, position)
+                        break
+                    result = "corrupt"
+            results.append(result)
         return results, settled
 
     def find_record(self, record: str) -> Found | None:
@@ -894,6 +944,36 @@ class ShardLoader(CheckpointLoader):
     row: int = 0
     checksum: str = ""
     kind: str = "a"
+
+    @classmethod
+    def make(
+        cls,
+        path: str,
+        identity: Identity,
+        stamp: Stamp,
+        storage_options: Mapping[str, Any] | None,
+        group: int,
+        row: int,
+        checksum: str,
+        kind: str,
+    ) -> ShardLoader:
+        """A loader, built without the frozen dataclass's per-field setattr.
+
+        One per output sample: this is on the hot path of every transform.
+        """
+        loader = cls.__new__(cls)
+        loader.__dict__.update(
+            path=path,
+            identity=identity,
+            stamp=stamp,
+            load_func=None,
+            storage_options=storage_options,
+            group=group,
+            row=row,
+            checksum=checksum,
+            kind=kind,
+        )
+        return loader
 
     def __call__(self) -> Any:
         return hdf5.decode(self._payload(), self.kind)

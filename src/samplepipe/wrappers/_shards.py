@@ -17,7 +17,13 @@ import numpy as np
 from ..storage import hdf5
 from ..storage.files import is_permanent
 from ..storage.fs import location_root
-from ..storage.shards import Found, ShardFolder, ShardLoader, shard_folder
+from ..storage.shards import (
+    Found,
+    ShardFolder,
+    ShardLoader,
+    checksums,
+    shard_folder,
+)
 
 if TYPE_CHECKING:
     from ._checkpoint import CheckpointWrapper
@@ -32,20 +38,12 @@ def folder_of(wrapper: CheckpointWrapper) -> ShardFolder:
     )
 
 
-def _loader(found: Found, wrapper: CheckpointWrapper, identity: Any) -> ShardLoader:
-    index, position = found.shard, found.position
+def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+    index, position = found
     parts = index.records[position].split(":", 5)
-    options = None if wrapper._features_fs().local else wrapper.storage_options
-    return ShardLoader(
-        index.path,
-        identity,
-        index.stamp,
-        None,
-        options,
-        int(index.entries[position, 0]),
-        int(index.entries[position, 1]),
-        parts[3],
-        parts[4],
+    group, row, _ = index.entries[position].tolist()
+    return ShardLoader.make(
+        index.path, identity, index.stamp, options, group, row, parts[3], parts[4]
     )
 
 
@@ -96,7 +94,7 @@ def transform_samples(
     for start in range(0, len(todo), size):
         chunk = todo[start : start + size]
         values = wrapper._compute(samples, chunk, attribute)
-        records, payloads, where = [], [], []
+        payloads, kinds, where = [], [], []
         for i in chunk:
             value = values[i]
             if value is None:
@@ -110,19 +108,24 @@ def transform_samples(
                     f"its shard ({len(chunk)} samples) was written."
                 )
                 raise TypeError(msg) from exc
-            records.append(identities[i].record(hdf5.checksum(payload, kind), kind))
             payloads.append(payload)
+            kinds.append(kind)
             where.append(i)
-        if not records:
+        if not payloads:
             continue
+        records = [
+            identities[i].record(checksum, kind)
+            for i, checksum, kind in zip(where, checksums(payloads, kinds), kinds)
+        ]
         index, positions = _write(wrapper, folder, records, payloads)
         for i, position in zip(where, positions):
             found[i] = Found(index, position)
         computed += len(records)
     outputs = []
+    options = None if folder.fs.local else wrapper.storage_options
     for i, s in enumerate(samples):
         if i in found:
-            loader = _loader(found[i], wrapper, identities[i])
+            loader = _loader(found[i], options, identities[i])
             outputs.append(lazy_output(s, attribute, loader))
         else:
             outputs.append(failed_output(s, attribute))
