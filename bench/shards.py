@@ -6,7 +6,9 @@
 Measured side by side, each round into fresh folders:
 
 * raw h5py: write one file per sample (``f["array"] = x``), read them back;
-* ``CheckpointWrapper(layout="shards")`` first run (compute + write);
+* ``CheckpointWrapper(layout="shards")`` first run (compute + write), and
+  the same transform without checkpoints (``SampleWrapper`` alone: what any
+  layout pays for computing and making output samples);
 * its re-run in a new process (a child: imports and sample creation are not
   timed; the transform and reading every sample's data are). The child's
   first `step_identity` is timed apart: it costs the same in every layout
@@ -102,6 +104,7 @@ def main():
     X = np.stack([s.data for s in samples]) + 1.0
     work = tempfile.mkdtemp(prefix="samplepipe-bench-shards-")
     rows = {
+        "no checkpoint": [],
         "raw write": [],
         "raw read": [],
         "shards first": [],
@@ -113,6 +116,7 @@ def main():
         f"{n} samples x {d} float64 ({X.nbytes / 1e6:.2f} MB), shard_size="
         f"{args.shard_size}, {args.rounds} rounds in {work}"
     )
+    step(None, args.shard_size).step_identity()  # once per process, as the child
     try:
         for r in range(args.rounds):
             raw = os.path.join(work, f"raw{r}")
@@ -131,6 +135,12 @@ def main():
                     total += float(f["array"][()][0])
             rows["raw read"].append(time.perf_counter() - t0)
             disk["raw"] = disk_use(raw)
+
+            plain = step(None, args.shard_size).estimator
+            gc.collect()
+            t0 = time.perf_counter()
+            plain.transform(samples)
+            rows["no checkpoint"].append(time.perf_counter() - t0)
 
             features = os.path.join(work, f"shards{r}")
             wrapper = step(features, args.shard_size)
@@ -171,7 +181,7 @@ def main():
     best = {k: min(v) for k, v in rows.items()}
     print()
     for name, seconds in best.items():
-        print(f"  {name:14s} {seconds:8.3f} s  {n / seconds:10.0f} samples/s")
+        print(f"  {name:16s} {seconds:8.3f} s  {n / seconds:10.0f} samples/s")
     print()
     write_speedup = best["raw write"] / best["shards first"]
     read_speedup = best["raw read"] / best["shards rerun"]
@@ -184,10 +194,11 @@ def main():
     with_startup = best["raw read"] / (best["shards rerun"] + best["identity startup"])
     print(f"  the same, with the process's first step identity {with_startup:6.1f}x")
     for name, (blocks, size, files) in disk.items():
+        target = "  (target <= 1.5x)" if name == "shards" else ""
         print(
-            f"  disk, {name:6s}: {blocks / 1e6:7.2f} MB allocated, {size / 1e6:7.2f} MB "
-            f"apparent, {files:6d} files = {blocks / X.nbytes:5.2f}x the data"
-            + ("  (target <= 1.5x)" if name == "shards" else "")
+            f"  disk, {name:6s}: {blocks / 1e6:7.2f} MB allocated, "
+            f"{size / 1e6:7.2f} MB apparent, {files:6d} files = "
+            f"{blocks / X.nbytes:5.2f}x the data{target}"
         )
 
 

@@ -380,9 +380,10 @@ features, log, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 samples = random_samples(n, n_features=16, seed=7)
 w = CheckpointWrapper(
     SampleWrapper(CountingTransformer(
-        offset=1.0, stateless=True, log_path=log, delay=0.002)),
+        offset=1.0, stateless=True, log_path=log, delay=0.003)),
     features_dir=features, layout="shards", shard_size=100,
 )
+w.identities(samples)  # the one-off cost of a process's first identity
 print("READY", flush=True)
 w.transform(samples)
 print("DONE", flush=True)
@@ -391,7 +392,7 @@ print("DONE", flush=True)
 
 @pytest.mark.slow
 def test_killed_runs_lose_at_most_the_shard_being_written_and_resume(tmp_path):
-    # 3,000 rows at 2 ms each: more work than five kills at most 1 s apart,
+    # 3,000 rows at 3 ms each: more work than five kills at most 1.5 s apart,
     # so that every run is killed before it ends
     rng = random.Random(13)
     n, size, kills_wanted = 3000, 100, 5
@@ -401,7 +402,7 @@ def test_killed_runs_lose_at_most_the_shard_being_written_and_resume(tmp_path):
     reader = CheckpointWrapper(  # the child's step
         SampleWrapper(
             CountingTransformer(
-                offset=1.0, stateless=True, log_path=str(log), delay=0.002
+                offset=1.0, stateless=True, log_path=str(log), delay=0.003
             )
         ),
         features_dir=str(features),
@@ -419,7 +420,7 @@ def test_killed_runs_lose_at_most_the_shard_being_written_and_resume(tmp_path):
             text=True,
         )
         assert child.stdout.readline().strip() == "READY"
-        time.sleep(rng.uniform(0.1, 1.0))
+        time.sleep(rng.uniform(0.2, 1.5))
         if child.poll() is None:
             child.send_signal(signal.SIGKILL)
             kills += 1
@@ -443,6 +444,7 @@ def test_killed_runs_lose_at_most_the_shard_being_written_and_resume(tmp_path):
         assert count_rows(log, "transform") <= stored + kills * size
     assert kills == kills_wanted
     assert 0 < stored < n
+    print(f"\n{kills} kills, {stored} of {n} samples stored before the last run")
     before = count_rows(log, "transform")
     new_process()
     out = reader.transform(samples)

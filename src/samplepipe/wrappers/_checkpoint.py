@@ -886,6 +886,11 @@ class CheckpointWrapper(BaseWrapper):
         samplepipe, or a step whose fitted model cannot be read: samplepipe
         cannot judge it), ``temporary`` (left by a crashed writer) or
         ``writing`` (a temporary file of a live writer).
+
+        With ``layout="shards"`` each shard file is one item: ``valid`` while
+        it holds a valid entry, else ``stale`` (``corrupt`` if every entry
+        fails its checksum or the file is unreadable); see
+        `samplepipe.storage.shards`.
         """
         for path, state, size, _ in self._walk():
             yield path, state, size
