@@ -104,13 +104,10 @@ def _index_checksum(records: bytes, entries: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def build_shard(
-    records: Sequence[str], payloads: Sequence[np.ndarray], times: Sequence[int]
-) -> tuple[bytes, list[tuple[int, int]], dict[int, np.ndarray]]:
-    """The bytes of a shard holding these entries.
-
-    Returns ``(image, [(group, row)] per entry, {group: stacked payloads})``.
-    """
+def stack_payloads(
+    payloads: Sequence[np.ndarray],
+) -> tuple[list[tuple[int, int]], dict[int, np.ndarray]]:
+    """Stack payloads of one dtype and shape: ``([(group, row)], {group: array})``."""
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for i, payload in enumerate(payloads):
         groups.setdefault((payload.dtype.str, payload.shape), []).append(i)
@@ -123,12 +120,16 @@ def build_shard(
             data[row] = payloads[i]
             where[i] = (g, row)
         stacked[g] = data
-    entries = np.array(
-        [(g, row, t) for (g, row), t in zip(where, times)], dtype="<i8"
-    ).reshape(len(payloads), 3)
-    text = "\n".join(records).encode("utf-8", "surrogatepass")
+    return where, stacked
+
+
+def shard_image(
+    records: Sequence[str], entries: np.ndarray, stacked: Mapping[int, np.ndarray]
+) -> bytes:
+    """The bytes of a shard file: index, records and stacked payloads."""
     import h5py
 
+    text = "\n".join(records).encode("utf-8", "surrogatepass")
     name = f"samplepipe-shard-{threading.get_ident()}-{id(entries)}"
     size = sum(a.nbytes for a in stacked.values()) + len(text) + entries.nbytes
     with (
@@ -149,7 +150,42 @@ def build_shard(
         for g, array in stacked.items():
             data.create_dataset(str(g), data=array)
         f.flush()
-        return f.id.get_file_image(), where, stacked
+        return f.id.get_file_image()
+
+
+class RowDigests:
+    """`samplepipe.storage.hdf5.checksum` of rows of stacked payloads.
+
+    Equal to the checksum of each row as a payload of its own, from one
+    buffer per group and one digest of each header (kind, dtype, shape).
+    """
+
+    def __init__(self, arrays: Mapping[int, np.ndarray]) -> None:
+        self.arrays = arrays
+        self._buffers: dict[int, tuple[memoryview, int, str, int]] = {}
+        self._bases: dict[tuple[int, str], Any] = {}
+
+    def __call__(self, group: int, row: int, kind: str) -> str | None:
+        """The checksum of entry ``(group, row)`` as ``kind``; None if absent."""
+        found = self._buffers.get(group)
+        if found is None:
+            array = self.arrays.get(group)
+            if array is None:
+                return None
+            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+            row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
+            header = f"{array.dtype.str}|{array.shape[1:]}"
+            found = self._buffers[group] = (flat.data, row_bytes, header, len(array))
+        buffer, row_bytes, header, rows = found
+        if not 0 <= row < rows:
+            return None
+        base = self._bases.get((group, kind))
+        if base is None:
+            text = f"{kind}|{header}".encode()
+            base = self._bases[(group, kind)] = hashlib.blake2b(text, digest_size=16)
+        h = base.copy()
+        h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
+        return h.hexdigest()
 
 
 def _read_index(f: Any) -> tuple[list[str], np.ndarray]:
@@ -188,25 +224,6 @@ def _payload(arrays: Mapping[int, np.ndarray], group: int, row: int) -> np.ndarr
     if not 0 <= row < len(array):
         raise ShardError("an entry beyond its group")
     return array[row, ...]
-
-
-def checksums(payloads: Sequence[np.ndarray], kinds: Sequence[str]) -> list[str]:
-    """`samplepipe.storage.hdf5.checksum` of many payloads, equal to it.
-
-    Payloads of one kind, dtype and shape share the digest of their header.
-    """
-    bases: dict[tuple[str, str, tuple[int, ...]], Any] = {}
-    out = []
-    for payload, kind in zip(payloads, kinds):
-        head = (kind, payload.dtype.str, payload.shape)
-        base = bases.get(head)
-        if base is None:
-            text = f"{kind}|{payload.dtype.str}|{payload.shape}"
-            base = bases[head] = hashlib.blake2b(text.encode(), digest_size=16)
-        h = base.copy()
-        h.update(np.ascontiguousarray(payload).view(np.uint8).data)
-        out.append(h.hexdigest())
-    return out
 
 
 def _checksum_ok(payload: np.ndarray, record: str) -> bool:
@@ -298,6 +315,13 @@ class ShardIndex:
     def __post_init__(self) -> None:
         if len(self.keys) != len(self.records):
             self.keys = [r.split(":", 5)[-1] for r in self.records]
+        self._locations: list[list[int]] | None = None
+
+    def locations(self) -> list[list[int]]:
+        """``[group, row]`` of each entry (converted from ``entries`` once)."""
+        if self._locations is None:
+            self._locations = self.entries[:, :2].tolist()
+        return self._locations
 
 
 _GONE = ShardIndex("", Stamp(0, 0, 0, 0), 0, "missing")
@@ -518,38 +542,16 @@ class ShardFolder:
 
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
-        """Check every entry's payload against the checksum of its record.
-
-        The same digest as `samplepipe.storage.hdf5.checksum` of each row,
-        from one buffer per group (rows of a group share dtype and shape).
-        """
-        buffers: dict[int, tuple[memoryview, int, str]] = {}
-        for g, array in arrays.items():
-            flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-            row_bytes = array.dtype.itemsize * int(np.prod(array.shape[1:]))
-            header = f"{array.dtype.str}|{array.shape[1:]}"
-            buffers[g] = (flat.data, row_bytes, header)
-        bases: dict[tuple[int, str], Any] = {}
-        entries = index.entries[:, :2].tolist()
+        """Check every entry's payload against the checksum of its record."""
+        digest = RowDigests(arrays)
         verified = index.verified
-        for position, record in enumerate(index.records):
-            g, row = entries[position]
+        for position, ((g, row), record) in enumerate(
+            zip(index.locations(), index.records)
+        ):
             parts = record.split(":", 5)
-            found = buffers.get(g)
-            if len(parts) != 6 or found is None:
-                verified[position] = False
-                continue
-            buffer, row_bytes, header = found
-            if not 0 <= row < len(arrays[g]):
-                verified[position] = False
-                continue
-            base = bases.get((g, parts[4]))
-            if base is None:
-                base = hashlib.blake2b(f"{parts[4]}|{header}".encode(), digest_size=16)
-                bases[(g, parts[4])] = base
-            h = base.copy()
-            h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
-            verified[position] = h.hexdigest() == parts[3]
+            verified[position] = (
+                len(parts) == 6 and digest(g, row, parts[4]) == parts[3]
+            )
 
     def _arrays(self, index: ShardIndex) -> dict[int, np.ndarray] | None:
         """The payloads of a shard as of its index's stamp; None if it changed."""
@@ -675,30 +677,58 @@ class ShardFolder:
         records: Sequence[str],
         payloads: Sequence[np.ndarray],
         times: Sequence[int] | None = None,
-    ) -> tuple[ShardIndex, list[int]]:
-        """Write one new shard atomically; return its index and positions.
+    ) -> ShardIndex:
+        """Write one new shard of these entries atomically; entry i at position i.
 
         Entries take a new time unless ``times`` is given (compaction keeps
         the times of the entries it copies).
         """
+        where, stacked = stack_payloads(payloads)
+        return self._write(list(records), where, stacked, times)
+
+    def write_new(
+        self,
+        identities: Sequence[Identity],
+        payloads: Sequence[np.ndarray],
+        kinds: Sequence[str],
+    ) -> ShardIndex:
+        """`write` of encoded payloads: their records are made here.
+
+        Each record is ``identity.record(checksum, kind)``, the checksum
+        computed from the stacked payloads (equal to
+        `samplepipe.storage.hdf5.checksum`).
+        """
+        where, stacked = stack_payloads(payloads)
+        digest = RowDigests(stacked)
+        records = [
+            ident.record(str(digest(g, row, kind)), kind)
+            for ident, (g, row), kind in zip(identities, where, kinds)
+        ]
+        return self._write(records, where, stacked, None)
+
+    def _write(
+        self,
+        records: list[str],
+        where: list[tuple[int, int]],
+        stacked: dict[int, np.ndarray],
+        times: Sequence[int] | None,
+    ) -> ShardIndex:
         now = self.next_time()
-        if times is None:
-            times = [now] * len(records)
-        blob, where, stacked = build_shard(records, payloads, times)
+        entries = np.empty((len(records), 3), dtype="<i8")
+        entries[:, :2] = np.array(where, dtype="<i8").reshape(len(records), 2)
+        entries[:, 2] = now if times is None else np.asarray(times, dtype="<i8")
+        blob = shard_image(records, entries, stacked)
         path = join_location(self.root, shard_name(now))
         self.fs.makedirs(self.root)
         st = self.fs.write_bytes(path, blob)
-        entries = np.array(
-            [(g, row, t) for (g, row), t in zip(where, times)], dtype="<i8"
-        ).reshape(len(records), 3)
         index = ShardIndex(
-            path, st, len(blob), "ok", list(records), entries, [True] * len(records)
+            path, st, len(blob), "ok", records, entries, [True] * len(records)
         )
         with self.lock:
             self._drop(path)
             self._add(index)
         DATA.put(self._cache_key(path), st, stacked)
-        return index, list(range(len(records)))
+        return index
 
     # -- judging (status, clean, compact) ----------------------------------
     def judge(self, step: str | None) -> Iterator[tuple[str, str, int, Stamp | None]]:
@@ -819,7 +849,7 @@ class ShardFolder:
             while len(pending) >= limit and pending:
                 chunk = pending[:shard_size]
                 del pending[:shard_size]
-                written, _ = self.write(
+                written = self.write(
                     [r for r, _, _ in chunk],
                     [p for _, p, _ in chunk],
                     [t for _, _, t in chunk],

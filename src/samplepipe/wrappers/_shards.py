@@ -20,8 +20,8 @@ from ..storage.fs import location_root
 from ..storage.shards import (
     Found,
     ShardFolder,
+    ShardIndex,
     ShardLoader,
-    checksums,
     shard_folder,
 )
 
@@ -41,7 +41,7 @@ def folder_of(wrapper: CheckpointWrapper) -> ShardFolder:
 def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
     index, position = found
     parts = index.records[position].split(":", 5)
-    group, row, _ = index.entries[position].tolist()
+    group, row = index.locations()[position]
     return ShardLoader.make(
         index.path, identity, index.stamp, options, group, row, parts[3], parts[4]
     )
@@ -113,14 +113,11 @@ def transform_samples(
             where.append(i)
         if not payloads:
             continue
-        records = [
-            identities[i].record(checksum, kind)
-            for i, checksum, kind in zip(where, checksums(payloads, kinds), kinds)
-        ]
-        index, positions = _write(wrapper, folder, records, payloads)
-        for i, position in zip(where, positions):
+        chosen = [identities[i] for i in where]
+        index = _write(wrapper, folder, chosen, payloads, kinds)
+        for position, i in enumerate(where):
             found[i] = Found(index, position)
-        computed += len(records)
+        computed += len(where)
     outputs = []
     options = None if folder.fs.local else wrapper.storage_options
     for i, s in enumerate(samples):
@@ -146,21 +143,22 @@ def transform_samples(
 def _write(
     wrapper: CheckpointWrapper,
     folder: ShardFolder,
-    records: list[str],
+    identities: list[Any],
     payloads: list[np.ndarray],
-) -> Any:
+    kinds: list[str],
+) -> ShardIndex:
     """Write one shard, trying transient I/O errors ``attempts`` times."""
     last: OSError | None = None
     for attempt in range(wrapper.attempts):
         try:
-            return folder.write(records, payloads)
+            return folder.write_new(identities, payloads, kinds)
         except OSError as exc:
             last = exc
             if is_permanent(exc) or attempt + 1 == wrapper.attempts:
                 break
             time.sleep(min(0.1 * 2**attempt, 2.0))
     msg = (
-        f"CheckpointWrapper could not write a shard of {len(records)} samples "
+        f"CheckpointWrapper could not write a shard of {len(payloads)} samples "
         f"into {folder.root!r}: {last}"
     )
     raise OSError(getattr(last, "errno", None), msg) from last
