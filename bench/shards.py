@@ -175,6 +175,8 @@ def main():
             print(
                 f"  round {r + 1}: "
                 + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in rows.items())
+                + f"; ratios {rows['raw write'][-1] / rows['shards first'][-1]:.1f}x"
+                f" / {rows['raw read'][-1] / rows['shards rerun'][-1]:.1f}x"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
