@@ -48,6 +48,7 @@ from ..storage.models import (
     save_model,
     update_estimator,
 )
+from . import _shards
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
@@ -233,6 +234,16 @@ class CheckpointWrapper(BaseWrapper):
         left to the backend's usual environment variables: these options are
         kept in the wrapper's parameters (shown by ``repr``) and travel with
         the lazy samples.
+    layout : {"files", "shards"}, default="files"
+        ``"files"``: one file per sample, ``<features_dir>/<key>.h5``.
+        ``"shards"``: one HDF5 file per batch of computed samples (at most
+        ``shard_size`` each), holding each sample's record and payload as the
+        file layout does; see `samplepipe.storage.shards`. Fewer, larger
+        files: far faster to write and read, one request per batch on object
+        stores. ``save_func``, ``load_func`` and ``hash_fn`` do not apply.
+    shard_size : int, default=1000
+        With ``layout="shards"``: samples per shard, and per call of the
+        wrapped estimator's ``transform`` (a crash loses at most one shard).
 
     Notes
     -----
@@ -280,6 +291,8 @@ class CheckpointWrapper(BaseWrapper):
         force: bool = False,
         *,
         storage_options: dict[str, Any] | None = None,
+        layout: str = "files",
+        shard_size: int = 1000,
     ) -> None:
         self.estimator = estimator
         self.features_dir = features_dir
@@ -292,6 +305,8 @@ class CheckpointWrapper(BaseWrapper):
         self.attempts = attempts
         self.force = force
         self.storage_options = storage_options
+        self.layout = layout
+        self.shard_size = shard_size
 
     # -- configuration -----------------------------------------------------
     def _validate_params(self) -> None:
@@ -336,6 +351,32 @@ class CheckpointWrapper(BaseWrapper):
                 f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
             )
             raise TypeError(msg)
+        if self.layout != "files":
+            self._validate_shards()
+
+    def _validate_shards(self) -> None:
+        if self.layout != "shards":
+            msg = (
+                f"CheckpointWrapper got layout={self.layout!r}; it must be 'files' "
+                "(one file per sample) or 'shards' (one file per batch)."
+            )
+            raise ValueError(msg)
+        size = self.shard_size
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            msg = f"CheckpointWrapper got shard_size={size!r}; it must be an int >= 1."
+            raise ValueError(msg)
+        for name, value in (
+            ("save_func", _resolve_option(self, "save_func")),
+            ("load_func", _resolve_option(self, "load_func")),
+            ("hash_fn", self.hash_fn),
+        ):
+            if value is not None:
+                msg = (
+                    f"CheckpointWrapper got {name}={value!r} with layout='shards'; "
+                    "shards store every sample in the default HDF5 format, one "
+                    f"file per batch: remove {name} or use layout='files'."
+                )
+                raise ValueError(msg)
 
     def _sample_attribute(self) -> str:
         if self.sample_attribute is not None:
@@ -678,6 +719,8 @@ class CheckpointWrapper(BaseWrapper):
         path and `Stamp`, None for failed samples).
         """
         self._validate_params()
+        if self.layout == "shards":
+            return _shards.transform_samples(self, samples, report)
         identities = self.identities(samples)
         paths = [self.checkpoint_path(i.key) for i in identities]
         save, load = self._funcs()
@@ -867,12 +910,20 @@ class CheckpointWrapper(BaseWrapper):
         samplepipe, or a step whose fitted model cannot be read: samplepipe
         cannot judge it), ``temporary`` (left by a crashed writer) or
         ``writing`` (a temporary file of a live writer).
+
+        With ``layout="shards"`` each shard file is one item: ``valid`` while
+        it holds a valid entry, else ``stale`` (``corrupt`` if every entry
+        fails its checksum or the file is unreadable); see
+        `samplepipe.storage.shards`.
         """
         for path, state, size, _ in self._walk():
             yield path, state, size
 
     def _walk(self) -> Iterator[tuple[str, str, int, Any]]:
         if self.features_dir is None:
+            return
+        if self.layout == "shards":
+            yield from _shards.walk(self)
             return
         extension = _resolve_option(self, "extension")
         step = self.step_identity() if self._has_model_state() else None
@@ -966,6 +1017,8 @@ class CheckpointWrapper(BaseWrapper):
         if never:
             msg = f"remove_checkpoints never removes {sorted(never)} files."
             raise ValueError(msg)
+        if self.layout == "shards" and self.features_dir is not None:
+            return _shards.remove(self, statuses, dry_run)
         save, _ = self._funcs()
         step = self.step_identity() if self._has_model_state() else None
         fs = self._features_fs() if self.features_dir is not None else LOCAL
@@ -979,6 +1032,36 @@ class CheckpointWrapper(BaseWrapper):
             if not dry_run:
                 ckpt.remove(path, save is not None, fs)
         return removed
+
+    def compact_checkpoints(self, shard_size: int | None = None) -> dict[str, Any]:
+        """Merge small shards into full ones (``layout="shards"`` only).
+
+        Keeps each key's valid entry of this step (judged as
+        `iter_checkpoints` does) and drops stale, superseded and corrupt
+        entries of the merged shards. New shards are written before the old
+        ones are removed: readers never miss an entry. See
+        `samplepipe.storage.shards.compact`.
+
+        Parameters
+        ----------
+        shard_size : int, default=None
+            Entries per new shard (default: this wrapper's ``shard_size``).
+
+        Returns
+        -------
+        report : dict
+            ``shards`` (before), ``written``, ``removed`` (paths), ``kept``,
+            ``dropped`` (entries).
+        """
+        if self.layout != "shards" or self.features_dir is None:
+            msg = (
+                f"CheckpointWrapper.compact_checkpoints needs layout='shards' and a "
+                f"features_dir; got layout={self.layout!r}, "
+                f"features_dir={self.features_dir!r}."
+            )
+            raise ValueError(msg)
+        self._validate_params()
+        return _shards.compact(self, shard_size)
 
     def _still(
         self,

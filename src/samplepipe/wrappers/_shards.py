@@ -1,0 +1,200 @@
+"""CheckpointWrapper with ``layout="shards"``: transform, list, clean, compact.
+
+The storage side (the shard format, the per-process index, lazy loaders) is
+`samplepipe.storage.shards`; this module is what the wrapper does with it.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..storage import hdf5
+from ..storage.files import is_permanent
+from ..storage.shards import (
+    Found,
+    ShardFolder,
+    ShardIndex,
+    ShardLoader,
+    shard_folder,
+)
+
+if TYPE_CHECKING:
+    from ._checkpoint import CheckpointWrapper
+
+
+def folder_of(wrapper: CheckpointWrapper) -> ShardFolder:
+    """The `ShardFolder` of a wrapper's ``features_dir``."""
+    return shard_folder(
+        wrapper._features_root(),
+        wrapper.storage_options,
+        wrapper._features_fs(),
+    )
+
+
+def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+    index, position = found
+    parts = index.records[position].split(":", 5)
+    group, row = index.locations()[position]
+    return ShardLoader.make(
+        index.path, identity, index.stamp, options, group, row, parts[3], parts[4]
+    )
+
+
+def transform_samples(
+    wrapper: CheckpointWrapper, samples: Sequence[Any], report: dict | None
+) -> list[Any]:
+    """`CheckpointWrapper.transform_samples` for the sharded layout.
+
+    Valid entries are loaded lazily; the rest is computed ``shard_size``
+    samples at a time, each slice written as one shard right after it is
+    computed (a crash loses at most that slice).
+    """
+    from ._checkpoint import CheckpointWarning, _is_failed, failed_output, lazy_output
+
+    identities = wrapper.identities(samples)
+    attribute = wrapper._sample_attribute()
+    input_attribute = wrapper._sample_wrapper_option("input_attribute")
+    folder = folder_of(wrapper)
+    live = [i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)]
+    if wrapper.force:
+        results: list[Found | str] = ["missing"] * len(live)
+    else:
+        results = folder.find([identities[i] for i in live])
+    found: dict[int, Found] = {}
+    todo: list[int] = []
+    bad: dict[str, int] = {}
+    for i, result in zip(live, results):
+        if isinstance(result, Found):
+            found[i] = result
+            continue
+        todo.append(i)
+        if result != "missing":
+            bad[result] = bad.get(result, 0) + 1
+    if bad:
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
+        warnings.warn(
+            f"CheckpointWrapper({wrapper._name()}) recomputes {sum(bad.values())} "
+            f"checkpoint(s) in {wrapper._features_root()!r}: {detail} "
+            "(stale: made by other code, parameters, fitted model or input; "
+            "corrupt: failing its checksum).",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    computed = 0
+    if todo:
+        folder.fs.remove_stale_temporaries(folder.root)
+    size = wrapper.shard_size
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
+        values = wrapper._compute(samples, chunk, attribute)
+        payloads, kinds, where = [], [], []
+        for i in chunk:
+            value = values[i]
+            if value is None:
+                continue
+            try:
+                payload, kind = hdf5.encode(value)
+            except TypeError as exc:
+                msg = (
+                    f"CheckpointWrapper({wrapper._name()}) cannot checkpoint the "
+                    f"output of sample {identities[i].key!r}: {exc} Nothing of "
+                    f"its shard ({len(chunk)} samples) was written."
+                )
+                raise TypeError(msg) from exc
+            payloads.append(payload)
+            kinds.append(kind)
+            where.append(i)
+        if not payloads:
+            continue
+        chosen = [identities[i] for i in where]
+        index = _write(wrapper, folder, chosen, payloads, kinds)
+        for position, i in enumerate(where):
+            found[i] = Found(index, position)
+        computed += len(where)
+    outputs = []
+    options = None if folder.fs.local else wrapper.storage_options
+    for i, s in enumerate(samples):
+        if i in found:
+            loader = _loader(found[i], options, identities[i])
+            outputs.append(lazy_output(s, attribute, loader))
+        else:
+            outputs.append(failed_output(s, attribute))
+    if report is not None:
+        report["computed"] = computed
+        report["loaded"] = len(found) - computed
+        report["recomputed"] = sum(bad.values())
+        report["failed"] = len(samples) - len(found)
+        report["step"] = identities[0].step if identities else None
+        report["inputs"] = [i.inputs for i in identities]
+        report["files"] = [
+            (found[i].shard.path, found[i].shard.stamp) if i in found else None
+            for i in range(len(samples))
+        ]
+    return outputs
+
+
+def _write(
+    wrapper: CheckpointWrapper,
+    folder: ShardFolder,
+    identities: list[Any],
+    payloads: list[np.ndarray],
+    kinds: list[str],
+) -> ShardIndex:
+    """Write one shard, trying transient I/O errors ``attempts`` times."""
+    last: OSError | None = None
+    for attempt in range(wrapper.attempts):
+        try:
+            return folder.write_new(identities, payloads, kinds)
+        except OSError as exc:
+            last = exc
+            if is_permanent(exc) or attempt + 1 == wrapper.attempts:
+                break
+            time.sleep(min(0.1 * 2**attempt, 2.0))
+    msg = (
+        f"CheckpointWrapper could not write a shard of {len(payloads)} samples "
+        f"into {folder.root!r}: {last}"
+    )
+    raise OSError(getattr(last, "errno", None), msg) from last
+
+
+def walk(wrapper: CheckpointWrapper) -> Any:
+    """``(path, status, size, stamp)`` of every shard file (`iter_checkpoints`)."""
+    step = wrapper.step_identity() if wrapper._has_model_state() else None
+    return folder_of(wrapper).judge(step)
+
+
+def remove(
+    wrapper: CheckpointWrapper, statuses: Sequence[str], dry_run: bool
+) -> list[tuple[str, str, int]]:
+    """`remove_checkpoints` for shards: judged twice, removed if unchanged."""
+    listed = [
+        (path, state, size, st)
+        for path, state, size, st in walk(wrapper)
+        if state in statuses
+    ]
+    if dry_run:
+        return [(path, state, size) for path, state, size, _ in listed]
+    again = {path: (state, st) for path, state, _, st in walk(wrapper)}
+    folder = folder_of(wrapper)
+    removed = []
+    for path, state, size, st in listed:
+        if again.get(path) != (state, st):
+            continue  # a running job changed the picture in between
+        if folder.remove(path, st):
+            removed.append((path, state, size))
+    return removed
+
+
+def compact(wrapper: CheckpointWrapper, shard_size: int | None) -> dict[str, Any]:
+    """`CheckpointWrapper.compact_checkpoints`."""
+    step = wrapper.step_identity() if wrapper._has_model_state() else None
+    size = wrapper.shard_size if shard_size is None else shard_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        msg = f"compact_checkpoints got shard_size={size!r}; it must be an int >= 1."
+        raise ValueError(msg)
+    return folder_of(wrapper).compact(size, step)
