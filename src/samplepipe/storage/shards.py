@@ -739,9 +739,9 @@ class ShardFolder:
         """
         with self.lock:
             self.refresh()
-            shards = dict(self.shards)
-            others = dict(self.others)
             valid = self._valid_entries(step) if step is not None else set()
+            shards = dict(self.shards)  # without any that vanished meanwhile
+            others = dict(self.others)
         items: list[tuple[str, str, int, Stamp | None]] = []
         for path, index in shards.items():
             if index.status != "ok":
