@@ -61,12 +61,30 @@ _module_lock = threading.Lock()
 _distributions: Any = None  # importlib.metadata.packages_distributions(), once
 
 
+_STDLIB = tuple(
+    os.path.realpath(p).rstrip(os.sep) + os.sep
+    for p in {sysconfig.get_paths().get(k) for k in ("stdlib", "platstdlib")}
+    if p
+)
+
+
+def _in_stdlib(module: Any) -> bool:
+    """A module of the standard library (not of a site-packages below it)."""
+    path = getattr(module, "__file__", None)
+    if not path:
+        return False
+    real = os.path.realpath(path)
+    return real.startswith(_STDLIB) and f"{os.sep}site-packages{os.sep}" not in real
+
+
 def _top_level_version(top: str) -> str:
     global _distributions
     module = sys.modules.get(top)
     version = getattr(module, "__version__", None)
     if isinstance(version, str):
         return f"{top}=={version}"
+    if _in_stdlib(module):  # what the lookup below gives, without scanning
+        return f"{top}==python-{sys.version_info[0]}.{sys.version_info[1]}"
     from importlib import metadata
 
     if _distributions is None:
