@@ -154,3 +154,24 @@ def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
     assert not fs.exists(other) and not fs.exists(broken)
     assert fs.exists(mine)  # unknown: kept
     assert fs.exists(f"{root}/features/count/test/00004.h5")
+
+
+def test_a_sharded_step_is_a_clear_error_before_any_work(tmp_path):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from samplepipe import CheckpointWrapper, SampleWrapper
+
+    step = CheckpointWrapper(
+        SampleWrapper(StandardScaler()),
+        features_dir=str(tmp_path / "f"),
+        layout="shards",
+    )
+    with pytest.raises(ValueError, match="step 'scale' has layout='shards'"):
+        fit_pipeline(
+            Pipeline([("scale", step)]),
+            random_samples(4),
+            features_dir=str(tmp_path / "features"),
+            model_dir=str(tmp_path / "models"),
+        )
+    assert not any(tmp_path.iterdir())

@@ -308,6 +308,14 @@ def prepare_steps(
             est.model_path = join_location(os.fspath(model_dir), f"{name}.pkl")
         if est.storage_options is None:
             est.storage_options = storage_options
+        if getattr(est, "layout", "files") != "files":
+            msg = (
+                f"step {name!r} has layout={est.layout!r}; the flows checkpoint with "
+                "layout='files' only in this release (their task results name one "
+                "file per sample). Use the wrappers directly for shards, or "
+                "layout='files'."
+            )
+            raise ValueError(msg)
         est._validate_params()
         steps.append((name, est))
     if not steps:
