@@ -7,7 +7,7 @@ import os
 import posixpath
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -377,15 +377,23 @@ class CheckpointWrapper(BaseWrapper):
         A local path, or a URL when ``features_dir`` is one (a ``file://``
         URL gives the local path).
         """
-        check_key(key)
-        parts = [location_root(self.features_dir)]
-        if self.hash_fn is not None:
+        return self.checkpoint_paths([key])[0]
+
+    def checkpoint_paths(self, keys: Iterable[str]) -> list[str]:
+        """`checkpoint_path` of each key; the options are resolved once."""
+        root = location_root(self.features_dir)
+        extension = _resolve_option(self, "extension")
+        join = join_location if "://" in root and is_url(root) else os.path.join
+        paths = []
+        for key in keys:
+            check_key(key)
+            if self.hash_fn is None:
+                paths.append(join(root, key + extension))
+                continue
             bucket = str(self.hash_fn(key))
             check_key(bucket, owner="CheckpointWrapper's hash_fn")
-            parts.append(bucket)
-        if "://" in parts[0] and is_url(parts[0]):
-            return join_location(*parts, key + _resolve_option(self, "extension"))
-        return os.path.join(*parts, key + _resolve_option(self, "extension"))
+            paths.append(join(root, bucket, key + extension))
+        return paths
 
     def _features_fs(self) -> FileSystem:
         """The filesystem of ``features_dir``."""
@@ -647,17 +655,28 @@ class CheckpointWrapper(BaseWrapper):
         outputs = self.transform_samples(flat)
         return _unflatten(outputs, sets)
 
-    def transform_samples(self, samples, report=None):
+    def transform_samples(self, samples, report=None, identities=None):
         """`transform` for a flat list of samples; fills ``report`` if given.
 
         ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
         ``failed`` (samples whose output is None), ``step`` (the step identity),
         ``inputs`` (each sample's input identity) and ``files`` (each sample's
         path and `Stamp`, None for failed samples).
+
+        ``identities`` is ``(step_identity, [input identity of each sample])``
+        when the caller has computed them already (the flows compute them once
+        per batch for the cache key, after checking every key of the run);
+        None computes them here and checks the keys.
         """
         self._validate_params()
-        identities = self.identities(samples)
-        paths = [self.checkpoint_path(i.key) for i in identities]
+        if identities is None:
+            identities = self.identities(samples)
+        else:
+            step, inputs = identities
+            identities = [
+                Identity(step, i, s.key) for s, i in zip(samples, inputs, strict=True)
+            ]
+        paths = self.checkpoint_paths(i.key for i in identities)
         save, load = self._funcs()
         custom = save is not None
         fs = self._features_fs()
