@@ -173,11 +173,14 @@ class StepCachePolicy(CachePolicy):
                 f"upstream={inputs.get('upstream')}",
             ]
         else:
-            inputs = step.input_identities(samples)
-            parts.append(f"step={step.step_identity()}")
+            given = inputs.get("identities")
+            if given is None:
+                step_id, ids = step.step_identity(), step.input_identities(samples)
+            else:  # computed once by the flow (see transform_batch)
+                step_id, ids = given
+            parts.append(f"step={step_id}")
             parts.append(
-                "samples="
-                + keys_digest(f"{s.key}={i}" for s, i in zip(samples, inputs))
+                "samples=" + keys_digest(f"{s.key}={i}" for s, i in zip(samples, ids))
             )
         return keys_digest(parts)
 
@@ -242,8 +245,15 @@ def transform_batch(
     start: int = 0,
     stop: int | None = None,
     on_error: str = "raise",
+    identities: tuple[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     """Transform one batch through one checkpointed step; return its manifest.
+
+    ``identities`` is ``(step.step_identity(), step.input_identities(samples))``
+    when the caller computed them already: the cache key and the transform
+    then use these instead of hashing the step and the inputs again (the flows
+    compute the step's identity once per step, the inputs' once per batch,
+    after checking every key of the run). None computes them here.
 
     When the batch fails, the samples that fail are isolated by bisecting the
     batch; every other sample is checkpointed. With ``on_error="raise"`` the
@@ -256,7 +266,7 @@ def transform_batch(
     if step.features_dir is None:
         msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
         raise ValueError(msg)
-    report, errors = _transform_isolating(step, samples)
+    report, errors = _transform_isolating(step, samples, identities)
     root = normalize_location(step.features_dir)
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -298,11 +308,11 @@ def transform_batch(
     return manifest
 
 
-def _transform_isolating(step, samples):
+def _transform_isolating(step, samples, identities=None):
     """``(report, errors)`` of a batch, bisecting it around failing samples."""
     report: dict[str, Any] = {}
     try:
-        step.transform_samples(samples, report=report)
+        step.transform_samples(samples, report=report, identities=identities)
         return report, []
     except OSError:
         raise  # I/O: the whole task is retried
@@ -319,8 +329,12 @@ def _transform_isolating(step, samples):
             }
             return report, [[key, f"{type(exc).__name__}: {exc}"]]
     half = len(samples) // 2
-    left, left_errors = _transform_isolating(step, samples[:half])
-    right, right_errors = _transform_isolating(step, samples[half:])
+    left_ids = right_ids = None
+    if identities is not None:
+        left_ids = (identities[0], identities[1][:half])
+        right_ids = (identities[0], identities[1][half:])
+    left, left_errors = _transform_isolating(step, samples[:half], left_ids)
+    right, right_errors = _transform_isolating(step, samples[half:], right_ids)
     merged = {
         "computed": left["computed"] + right["computed"],
         "loaded": left["loaded"] + right["loaded"],
@@ -400,8 +414,9 @@ def samples_from_manifest(
     options = step.storage_options if stored else None
     _, load_func = step._funcs()
     attribute = step._sample_attribute()
+    expected = step.checkpoint_paths(s.key for s in inputs)
     out = []
-    for s, entry in zip(inputs, entries):
+    for s, entry, expected_path in zip(inputs, entries, expected):
         if entry is None:
             out.append(failed_output(s, attribute))
             continue
@@ -409,7 +424,7 @@ def samples_from_manifest(
         if manifest["identity"] is None:  # pragma: no cover - all failed
             raise StaleManifestError("manifest without a step identity")
         path = join_location(root, name)
-        if normalize_location(path) != normalize_location(step.checkpoint_path(s.key)):
+        if normalize_location(path) != normalize_location(expected_path):
             msg = f"manifest names {path!r} for sample {s.key!r}"
             raise StaleManifestError(msg)
         identity = Identity(manifest["identity"], inputs_digest, s.key)

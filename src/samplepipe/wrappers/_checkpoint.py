@@ -7,7 +7,7 @@ import os
 import posixpath
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -421,15 +421,23 @@ class CheckpointWrapper(BaseWrapper):
         A local path, or a URL when ``features_dir`` is one (a ``file://``
         URL gives the local path).
         """
-        check_key(key)
-        parts = [self._features_root()]
-        if self.hash_fn is not None:
+        return self.checkpoint_paths([key])[0]
+
+    def checkpoint_paths(self, keys: Iterable[str]) -> list[str]:
+        """`checkpoint_path` of each key; the options are resolved once."""
+        root = self._features_root()
+        extension = _resolve_option(self, "extension")
+        join = join_location if "://" in root and is_url(root) else os.path.join
+        paths = []
+        for key in keys:
+            check_key(key)
+            if self.hash_fn is None:
+                paths.append(join(root, key + extension))
+                continue
             bucket = str(self.hash_fn(key))
             check_key(bucket, owner="CheckpointWrapper's hash_fn")
-            parts.append(bucket)
-        if "://" in parts[0] and is_url(parts[0]):
-            return join_location(*parts, key + _resolve_option(self, "extension"))
-        return os.path.join(*parts, key + _resolve_option(self, "extension"))
+            paths.append(join(root, bucket, key + extension))
+        return paths
 
     def _features_root(self) -> str:
         """``features_dir`` as a local path or a URL (see `location_root`)."""
@@ -709,7 +717,10 @@ class CheckpointWrapper(BaseWrapper):
         return _unflatten(outputs, sets)
 
     def transform_samples(
-        self, samples: Sequence[Sample], report: dict[str, Any] | None = None
+        self,
+        samples: Sequence[Sample],
+        report: dict[str, Any] | None = None,
+        identities: tuple[str, list[str]] | None = None,
     ) -> list[Sample]:
         """`transform` for a flat list of samples; fills ``report`` if given.
 
@@ -717,12 +728,23 @@ class CheckpointWrapper(BaseWrapper):
         ``failed`` (samples whose output is None), ``step`` (the step identity),
         ``inputs`` (each sample's input identity) and ``files`` (each sample's
         path and `Stamp`, None for failed samples).
+
+        ``identities`` is ``(step_identity, [input identity of each sample])``
+        when the caller has computed them already (the flows compute them once
+        per batch for the cache key, after checking every key of the run);
+        None computes them here and checks the keys.
         """
         self._validate_params()
         if self.layout == "shards":
             return _shards.transform_samples(self, samples, report)
-        identities = self.identities(samples)
-        paths = [self.checkpoint_path(i.key) for i in identities]
+        if identities is None:
+            wanted = self.identities(samples)
+        else:
+            step, inputs = identities
+            wanted = [
+                Identity(step, i, s.key) for s, i in zip(samples, inputs, strict=True)
+            ]
+        paths = self.checkpoint_paths(i.key for i in wanted)
         save, load = self._funcs()
         custom = save is not None
         fs = self._features_fs()
@@ -733,7 +755,7 @@ class CheckpointWrapper(BaseWrapper):
         todo: list[int] = []
         bad: dict[str, int] = {}
         unknown: list[str] = []
-        for i, (s, path, ident) in enumerate(zip(samples, paths, identities)):
+        for i, (s, path, ident) in enumerate(zip(samples, paths, wanted)):
             if _is_failed(s, input_attribute):
                 continue
             state, st = (
@@ -779,16 +801,16 @@ class CheckpointWrapper(BaseWrapper):
         if save is None:  # encode all first: an unsupported value writes nothing
             for i, value in outputs.items():
                 if value is not None:
-                    blobs[i] = self._encode(value, identities[i])
+                    blobs[i] = self._encode(value, wanted[i])
         folders: set[str] = set()
         for i, value in outputs.items():
             if value is None:
                 continue
             self._prepare_folder(fs.dirname(paths[i]), folders, fs)
-            stamps[i] = self._save_one(paths[i], blobs.get(i), identities[i], value, fs)
+            stamps[i] = self._save_one(paths[i], blobs.get(i), wanted[i], value, fs)
             computed += 1
         results = []
-        for s, path, ident, st in zip(samples, paths, identities, stamps):
+        for s, path, ident, st in zip(samples, paths, wanted, stamps):
             if st is None:
                 results.append(failed_output(s, attribute))
             else:
@@ -799,8 +821,8 @@ class CheckpointWrapper(BaseWrapper):
             report["loaded"] = sum(st is not None for st in stamps) - computed
             report["recomputed"] = sum(bad.values())
             report["failed"] = sum(st is None for st in stamps)
-            report["step"] = identities[0].step if identities else None
-            report["inputs"] = [i.inputs for i in identities]
+            report["step"] = wanted[0].step if wanted else None
+            report["inputs"] = [i.inputs for i in wanted]
             report["files"] = [
                 (p, st) if st is not None else None for p, st in zip(paths, stamps)
             ]

@@ -1,0 +1,100 @@
+"""Flow-run heartbeats: off for in-process calls, kept for engine (deployment) runs.
+
+Prefect's flow engine joins its heartbeat thread at the end of every run (up
+to 1 s); samplepipe's flows called in-process run without it unless heartbeats
+are configured. A probe step counts the heartbeat threads alive while it runs.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.pipeline import Pipeline
+
+from .conftest import make_samples
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("prefect_harness")]
+
+
+def _is_heartbeat(thread):
+    # Prefect starts it as Thread(target=context.run, args=(heartbeat_loop,))
+    args = getattr(thread, "_args", ())
+    return bool(args) and getattr(args[0], "__name__", "") == "heartbeat_loop"
+
+
+class HeartbeatProbe(TransformerMixin, BaseEstimator):
+    """Writes, per transform call, how many heartbeat threads are alive."""
+
+    def __init__(self, log_path=None):
+        self.log_path = log_path
+
+    def fit(self, X, y=None):
+        return self
+
+    def transform(self, X):
+        alive = sum(_is_heartbeat(t) for t in threading.enumerate())
+        with open(self.log_path, "a") as f:
+            f.write(f"{alive}\n")
+        return np.asarray(X, dtype=float) + 1.0
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = False
+        return tags
+
+
+def _parameters(tmp_path):
+    return {
+        "pipeline": Pipeline([("probe", HeartbeatProbe(str(tmp_path / "probe.log")))]),
+        "samples": make_samples(6),
+        "features_dir": str(tmp_path / "features"),
+        "model_dir": str(tmp_path / "models"),
+        "batch_size": 3,
+    }
+
+
+def _seen(tmp_path):
+    return [int(n) for n in (tmp_path / "probe.log").read_text().split()]
+
+
+def test_an_in_process_call_runs_without_a_heartbeat_thread(tmp_path):
+    from samplepipe.flows import transform_pipeline
+
+    out = transform_pipeline(**_parameters(tmp_path))
+    assert [s.key for s in out] == [s.key for s in make_samples(6)]
+    assert _seen(tmp_path) == [0, 0]
+
+
+def test_an_engine_run_as_deployments_run_keeps_its_heartbeat(tmp_path):
+    # Workers and `serve` run a deployment's flow with run_flow, not __call__.
+    from prefect.flow_engine import run_flow
+
+    from samplepipe.flows import transform_pipeline
+
+    out = run_flow(transform_pipeline, parameters=_parameters(tmp_path))
+    assert len(out) == 6
+    assert _seen(tmp_path) == [1, 1]
+
+
+def test_configured_heartbeats_are_kept_in_process(tmp_path):
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    from samplepipe.flows import transform_pipeline
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 60}):
+        transform_pipeline(**_parameters(tmp_path))
+    assert _seen(tmp_path) == [1, 1]
+
+
+def test_a_subflow_keeps_its_heartbeat(tmp_path):
+    from prefect import flow
+
+    from samplepipe.flows import transform_pipeline
+
+    @flow
+    def parent():
+        return len(transform_pipeline(**_parameters(tmp_path)))
+
+    assert parent() == 6
+    assert _seen(tmp_path) == [2, 2]  # the parent's and the subflow's
