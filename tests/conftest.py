@@ -1,7 +1,7 @@
 """Shared fixtures (Prefect's environment is set in the root conftest.py)."""
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -10,7 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from samplepipe.server import free_port, stop_process
 from samplepipe.testing import random_samples
+
+BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
@@ -52,22 +55,60 @@ def samples():
     return make_samples(20)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def command_env(home, api_url=None):
+    """Environment of a ``samplepipe`` subprocess with its own Prefect home.
+
+    No Prefect setting of this process and no ``home`` on PYTHONPATH; with
+    ``api_url``, the command uses that server instead of starting its own.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    paths = [
+        p
+        for p in env.pop("PYTHONPATH", "").split(os.pathsep)
+        if p and os.path.abspath(p) != str(home)
+    ]
+    if paths:
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.update(
+        PREFECT_HOME=str(Path(home) / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        COLUMNS="200",
+        # two cores shared with other jobs: give `samplepipe run`'s server time
+        SAMPLEPIPE_SERVER_TIMEOUT="180",
+    )
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
+    return env
 
 
-def stop_process(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+SCRIPT = (str(BIN / "samplepipe"),)  # the console script
+PYTHON_M = (sys.executable, "-m", "samplepipe")
 
 
-BIN = Path(sys.executable).parent
+def samplepipe(*args, cwd, env=None, command=SCRIPT):
+    """``samplepipe ARGS`` run as a user runs it: a ``CompletedProcess`` (text)."""
+    return subprocess.run(
+        [*command, *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def random_samples_options(n_train, n, seed, prefix):
+    """Options of ``samplepipe run`` and ``serve`` for ``testing:random_samples``."""
+    return [
+        "--train-samples",
+        "samplepipe.testing:random_samples",
+        "--train-samples-kwargs",
+        json.dumps({"n": n_train}),
+        "--samples",
+        "samplepipe.testing:random_samples",
+        "--samples-kwargs",
+        json.dumps({"n": n, "seed": seed, "prefix": prefix}),
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -115,5 +156,5 @@ def prefect_server(tmp_path_factory):
         env["PREFECT_API_URL"] = url
         yield env
     finally:
-        stop_process(proc)
+        stop_process(proc, timeout=30)
         log.close()

@@ -3,20 +3,15 @@
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from samplepipe.storage.files import HOST_TAG
 
+from .conftest import command_env, random_samples_options, samplepipe
+
 pytestmark = pytest.mark.slow  # runs flows through the command line
 
-BIN = Path(sys.executable).parent
-QUIET_SERVER = {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # two cores shared with other jobs: give the embedded server time
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-}
 SMALL = [
     "--train-samples-kwargs",
     '{"subset": "train", "n": 300}',
@@ -28,14 +23,7 @@ SMALL = [
 
 
 def cli(*args, cwd, env=None, check=True):
-    result = subprocess.run(
-        [str(BIN / "samplepipe"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = samplepipe(*args, cwd=cwd, env=env)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout + result.stderr)
     return result
@@ -43,10 +31,9 @@ def cli(*args, cwd, env=None, check=True):
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """The demo run twice in a fresh PREFECT_HOME, on Prefect's embedded default."""
+    """The demo run twice in a fresh PREFECT_HOME, each run with its own server."""
     cwd = tmp_path_factory.mktemp("demo")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(cwd / ".prefect"), **QUIET_SERVER)
+    env = command_env(cwd)
     first = cli("run", *SMALL, cwd=cwd, env=env)
     features = cwd / "samplepipe-demo" / "features"
     files = {p: p.stat().st_mtime_ns for p in features.rglob("*.h5")}
@@ -104,23 +91,16 @@ def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
     ]
 
 
-def test_run_fails_with_the_step_named(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), **QUIET_SERVER)
+def test_run_fails_with_the_step_named(tmp_path, prefect_server):
+    # the session's server: what is tested here does not depend on the server
+    env = command_env(tmp_path, prefect_server["PREFECT_API_URL"])
     (tmp_path / "fail").write_text("x")  # step "count" raises OSError while it exists
     result = cli(
         "run",
         "samplepipe.testing:counting_pipeline",
         "--pipeline-kwargs",
         '{"log_dir": ".", "fail_marker": "fail"}',
-        "--train-samples",
-        "samplepipe.testing:random_samples",
-        "--train-samples-kwargs",
-        '{"n": 20}',
-        "--samples",
-        "samplepipe.testing:random_samples",
-        "--samples-kwargs",
-        '{"n": 20, "seed": 1, "prefix": "t"}',
+        *random_samples_options(20, 20, seed=1, prefix="t"),
         "--retries",
         "0",
         cwd=tmp_path,

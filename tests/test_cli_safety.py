@@ -22,9 +22,9 @@ import pytest
 from samplepipe.cli import main
 from samplepipe.storage.files import HOST_TAG
 
-pytestmark = pytest.mark.slow  # command-line runs in subprocesses
+from .conftest import PYTHON_M, SCRIPT, command_env, random_samples_options, samplepipe
 
-BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # command-line runs in subprocesses
 
 USER_MODULE = textwrap.dedent(
     '''
@@ -98,26 +98,6 @@ def cli(argv, capsys):
         print(exc.code, file=sys.stderr)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def clean_env(tmp_path):
-    """Environment of a subprocess: its own Prefect home, no cwd on PYTHONPATH."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    paths = [
-        p
-        for p in env.pop("PYTHONPATH", "").split(os.pathsep)
-        if p and os.path.abspath(p) != str(tmp_path)
-    ]
-    if paths:
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(
-        PREFECT_HOME=str(tmp_path / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        COLUMNS="200",
-        # two cores shared with other jobs: give the embedded server time
-        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-    )
-    return env
 
 
 @pytest.fixture
@@ -214,13 +194,13 @@ def test_bad_import_path_is_a_one_line_error(user_dir, capsys, command, spec, ex
 
 
 def test_bad_import_path_is_a_one_line_error_in_a_subprocess(user_dir):
-    result = subprocess.run(
-        [sys.executable, "-m", "samplepipe", "status", "userpipe:no_such", *DIRS],
+    result = samplepipe(
+        "status",
+        "userpipe:no_such",
+        *DIRS,
         cwd=user_dir,
-        env=clean_env(user_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env=command_env(user_dir),
+        command=PYTHON_M,
     )
     assert result.returncode == 2
     assert result.stdout == "" and "Traceback" not in result.stderr
@@ -374,15 +354,10 @@ def test_status_prints_names_with_markup_verbatim(user_dir, capsys):
     assert "│ a[red]b " in out and "│ c[bold]d " in out
 
 
-def test_run_prints_errors_with_markup_verbatim(tmp_path):
-    result = subprocess.run(
-        [str(BIN / "samplepipe"), "run", "no.such[/]module:pipe"],
-        cwd=tmp_path,
-        env=clean_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_run_prints_errors_with_markup_verbatim(tmp_path, prefect_server):
+    # the session's server: what is tested here does not depend on the server
+    env = command_env(tmp_path, prefect_server["PREFECT_API_URL"])
+    result = samplepipe("run", "no.such[/]module:pipe", cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "MarkupError" not in result.stderr
     assert "cannot import module 'no.such[/]module'" in " ".join(result.stderr.split())
@@ -425,23 +400,12 @@ def test_status_and_clean_tolerate_files_vanishing_during_the_scan(user_dir, cap
 
 
 # -- 5. the current folder is importable, and python -m samplepipe works -----
-@pytest.mark.parametrize(
-    "command",
-    [[str(BIN / "samplepipe")], [sys.executable, "-m", "samplepipe"]],
-    ids=["script", "python-m"],
-)
+@pytest.mark.parametrize("command", [SCRIPT, PYTHON_M], ids=["script", "python-m"])
 def test_cli_imports_a_module_from_the_current_folder(user_dir, command):
-    env = clean_env(user_dir)
+    env = command_env(user_dir)
 
     def run(*args):
-        return subprocess.run(
-            [*command, *args],
-            cwd=user_dir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        return samplepipe(*args, cwd=user_dir, env=env, command=command)
 
     status = run("status", *PIPE, *DIRS)
     assert status.returncode == 0, status.stderr
@@ -453,32 +417,19 @@ def test_cli_imports_a_module_from_the_current_folder(user_dir, command):
     assert usage.returncode == 0 and "Usage: samplepipe" in usage.stdout
 
 
-def test_run_imports_a_module_from_the_current_folder(user_dir):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "samplepipe",
-            "run",
-            *PIPE,
-            "--features-dir",
-            "out/features",
-            "--model-dir",
-            "out/models",
-            "--train-samples",
-            "samplepipe.testing:random_samples",
-            "--train-samples-kwargs",
-            '{"n": 20}',
-            "--samples",
-            "samplepipe.testing:random_samples",
-            "--samples-kwargs",
-            '{"n": 10, "seed": 1, "prefix": "t"}',
-        ],
+def test_run_imports_a_module_from_the_current_folder(user_dir, prefect_server):
+    # the session's server: what is tested here does not depend on the server
+    result = samplepipe(
+        "run",
+        *PIPE,
+        "--features-dir",
+        "out/features",
+        "--model-dir",
+        "out/models",
+        *random_samples_options(20, 10, seed=1, prefix="t"),
         cwd=user_dir,
-        env=clean_env(user_dir),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env=command_env(user_dir, prefect_server["PREFECT_API_URL"]),
+        command=PYTHON_M,
     )
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(user_dir / "out" / "models")) == [

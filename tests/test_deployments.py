@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 
 from samplepipe.testing import count_rows, random_samples
 
-from .conftest import stop_process as _stop
+from .conftest import random_samples_options, stop_process
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -74,14 +74,7 @@ def _serve(env, tmp_path, name, extra):
         "samplepipe.testing:counting_pipeline",
         "--pipeline-kwargs",
         json.dumps(extra.pop("pipeline_kwargs")),
-        "--train-samples",
-        "samplepipe.testing:random_samples",
-        "--train-samples-kwargs",
-        json.dumps({"n": 300}),
-        "--samples",
-        "samplepipe.testing:random_samples",
-        "--samples-kwargs",
-        json.dumps({"n": 400, "seed": 3, "prefix": "test"}),
+        *random_samples_options(300, 400, seed=3, prefix="test"),
         "--features-dir",
         str(tmp_path / "features"),
         "--model-dir",
@@ -90,6 +83,8 @@ def _serve(env, tmp_path, name, extra):
         "100",
         *[str(a) for a in extra.pop("args", [])],
     ]
+    # the runner asks the server for due runs every second (default 10 s)
+    env = {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
     log = open(tmp_path / f"serve-{name}.log", "w")
     return subprocess.Popen(
         args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
@@ -122,7 +117,7 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(prefect_server, tmp_pa
             "a completed scheduled run",
         )
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30)
     flow_run = completed[0]
     assert flow_run.auto_scheduled
     # (a busy SQLite server may drop a late task-run event: the files and the
@@ -173,11 +168,13 @@ def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
                 300,  # starting serve imports Prefect: slow on a busy machine
                 "served deployments",
             )
-            fit = run_deployment("fit-pipeline/retry-fit", timeout=180)
+            fit = run_deployment("fit-pipeline/retry-fit", timeout=180, poll_interval=1)
             assert fit.state.is_completed(), fit.state
             marker.write_text("x")
             before = count_rows(tmp_path / "count.log", "transform")
-            failed = run_deployment("transform-pipeline/retry-transform", timeout=180)
+            failed = run_deployment(
+                "transform-pipeline/retry-transform", timeout=180, poll_interval=1
+            )
             assert failed.state.is_failed(), failed.state
             # every sample but the bad one is computed (its batch is bisected)
             assert count_rows(tmp_path / "count.log", "transform") - before == 399
@@ -196,7 +193,7 @@ def test_a_failed_run_retried_through_the_api_computes_only_the_failed_batch(
                 "the retried run",
             )
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=30)
     assert done[0].run_count >= 2
     assert count_rows(tmp_path / "count.log", "transform") - before == 400
 
@@ -207,21 +204,18 @@ def _deployments(env):
 
 
 def test_prefect_deploy_all_registers_the_deployments(prefect_server, tmp_path):
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
     server = prefect_server
-    subprocess.run(
-        [
-            str(BIN / "prefect"),
-            "work-pool",
-            "create",
-            "samplepipe-process",
-            "--type",
-            "process",
-        ],
-        env=server,
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
+    with _client(server) as client:  # as `prefect work-pool create --type process`
+        client.create_work_pool(
+            WorkPoolCreate(
+                name="samplepipe-process",
+                type="process",
+                base_job_template=ProcessWorker.get_default_base_job_template(),
+            )
+        )
     result = subprocess.run(
         [str(BIN / "prefect"), "--no-prompt", "deploy", "--all"],
         env=server,

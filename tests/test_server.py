@@ -60,6 +60,11 @@ def factories(tmp_path, delay):
         "m",
         "--batch-size",
         "10",
+        # samples() takes no "subset" (the demo's default kwargs)
+        "--samples-kwargs",
+        "{}",
+        "--train-samples-kwargs",
+        "{}",
     ]
 
 
@@ -78,21 +83,31 @@ def alive(pid):
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
+def running(proc, done):
+    """Poll until ``done()`` returns something true; None if ``proc`` ends first."""
+    while proc.poll() is None:
+        found = done()
+        if found:
+            return found
+        time.sleep(0.2)
+    return None
+
+
 def test_a_killed_run_leaves_no_server(tmp_path):
     proc = run_command(tmp_path, *factories(tmp_path, delay=0.2))
-    deadline = time.monotonic() + 180
-    servers = []
-    while time.monotonic() < deadline and not servers:
-        servers = [
+
+    def server():
+        return [
             c
             for c in children(proc.pid)
             if b"uvicorn" in open(f"/proc/{c}/cmdline", "rb").read()
         ]
-        time.sleep(0.2)
-    assert servers, "the run did not start its server"
-    # wait until the flow really runs (its first checkpoints exist)
-    while time.monotonic() < deadline and not (tmp_path / "f").exists():
-        time.sleep(0.2)
+
+    servers = running(proc, server)
+    assert servers, "the run did not start its server: " + proc.communicate()[1]
+    # the flow really runs (its first checkpoints exist); its slow step sleeps
+    # 2 s per batch of 10 samples: the kill comes mid-run
+    assert running(proc, (tmp_path / "f").exists), proc.communicate()[1]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30

@@ -47,6 +47,8 @@ from samplepipe.storage import (
 )
 from samplepipe.testing import CountingTransformer, count_rows, random_samples
 
+from .conftest import stop_process
+
 BUCKET = "samplepipe-tests"
 
 # The S3 API server: moto's WSGI application behind a layer that counts the
@@ -176,12 +178,7 @@ def s3_server():
             )
             yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout=30)
 
 
 class Store:

@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 DEFAULT_TIMEOUT = 120.0
 _PR_SET_PDEATHSIG = 1
@@ -52,10 +53,21 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     os.setsid()  # Ctrl-C in the terminal goes to the command, which stops us
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that no socket holds now (the kernel's pick)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate ``process``; kill it if it has not exited after ``timeout`` s."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
@@ -106,7 +118,7 @@ def _local_server(timeout: float) -> Iterator[str]:
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "samplepipe-server.log"
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {
         # SQLite waits this long for a lock (Prefect's default, 10 s, gives
@@ -167,9 +179,4 @@ def _local_server(timeout: float) -> Iterator[str]:
         finally:
             os.environ.pop("PREFECT_API_URL", None)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

@@ -3,6 +3,8 @@
 The number of kills per loop is ``SAMPLEPIPE_KILLS`` (default 20).
 """
 
+import contextlib
+import functools
 import os
 import random
 import signal
@@ -46,15 +48,66 @@ def start(*args, env=None):
     return proc
 
 
-def kill_at_random(proc, rng, longest):
-    time.sleep(rng.uniform(0.0, longest))
-    finished = proc.poll() is not None
-    if not finished:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
-    return not finished
+class Forks:
+    """``_child.py forks``: imports samplepipe once, then forks each child to kill.
+
+    A forked child starts its work at once: no interpreter start-up and no
+    imports per kill (seconds each on a busy 2-core machine).
+    """
+
+    def __init__(self, *args, env=None):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CHILD), "forks", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout.readline().strip() == "READY"
+
+    def _ask(self, *words):
+        self.proc.stdin.write(" ".join(map(str, words)) + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline().strip()
+
+    def start(self, *args):
+        """Fork a child running ``_child.py ARGS``; its pid."""
+        return int(self._ask("start", *args))
+
+    def kill_at_random(self, pid, rng, longest, after=None):
+        """SIGKILL child ``pid`` at a random moment; True if it was still running.
+
+        The moment is up to ``longest`` seconds after the fork, or after
+        ``after()`` first returns true (polled while the child runs).
+        """
+        while after is not None and not after() and not ended(pid):
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, longest))
+        os.kill(pid, signal.SIGKILL)  # a child that ended is a zombie until waited
+        status = self._ask("wait", pid)
+        assert status in ("killed", "exit 0"), status  # exit 1: the child failed
+        return status == "killed"
+
+    def close(self):
+        self.proc.stdin.close()
+        assert self.proc.wait() == 0
+
+
+def computed_more(log, rows):
+    """True once ``log`` holds more than ``rows`` transformed rows."""
+    return count_rows(log, "transform") > rows
+
+
+def ended(pid):
+    """True once child ``pid`` has exited (a zombie until it is waited for)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+@pytest.fixture(scope="module")
+def forks():
+    with contextlib.closing(Forks()) as forks:
+        yield forks
 
 
 def check_folder(features, identities, expected, seen=None):
@@ -81,7 +134,7 @@ def check_folder(features, identities, expected, seen=None):
     return files, temps
 
 
-def test_killed_transforms_lose_nothing_and_resume(tmp_path):
+def test_killed_transforms_lose_nothing_and_resume(tmp_path, forks):
     rng = random.Random(1234)
     features, log = tmp_path / "features", tmp_path / "calls.log"
     n = 4 * N
@@ -93,8 +146,8 @@ def test_killed_transforms_lose_nothing_and_resume(tmp_path):
     seen = set()
     while kills < KILLS and attempts < 3 * KILLS:
         attempts += 1
-        proc = start("transform", features, log, n)
-        kills += kill_at_random(proc, rng, longest=1.5)
+        pid = forks.start("transform", features, log, n)
+        kills += forks.kill_at_random(pid, rng, longest=1.5)
         files, temps = check_folder(features, identities, expected, seen)
         checked += files
         assert temps <= 1  # only the file being written when the kill came
@@ -114,21 +167,21 @@ def test_killed_transforms_lose_nothing_and_resume(tmp_path):
     )
 
 
-def test_killed_model_saves_never_leave_a_broken_model(tmp_path):
+def test_killed_model_saves_never_leave_a_broken_model(tmp_path, forks):
     rng = random.Random(99)
     path = tmp_path / "models" / "model.pkl"
     kills = intact = 0
     for _ in range(max(KILLS // 2, 5)):
-        proc = start("model", path)
-        kills += kill_at_random(proc, rng, longest=2.0)
+        pid = forks.start("model", path)
+        kills += forks.kill_at_random(pid, rng, longest=2.0)
         if path.exists():
             loaded = load_model(str(path))
             assert loaded is not None, "a truncated or corrupt model file is in place"
             intact += 1
     temps = [p for p in path.parent.iterdir() if is_temporary_file(p.name)]
     assert len(temps) <= 1
-    proc = start("model", path)  # the next save removes what crashed writers left
-    kill_at_random(proc, rng, longest=1.5)
+    pid = forks.start("model", path)  # the next save removes what crashed writers left
+    forks.kill_at_random(pid, rng, longest=1.5)
     leftovers = [p for p in path.parent.iterdir() if is_temporary_file(p.name)]
     assert len(leftovers) <= 1  # at most the one written when this last kill came
     assert intact >= 1
@@ -144,16 +197,22 @@ def test_killed_flow_runs_resume_computing_only_the_missing(tmp_path, prefect_se
     samples = random_samples(N, n_features=16, seed=7)
     expected = {s.key: s.data + 1.0 for s in samples}
     kills = checked = 0
-    for _ in range(max(KILLS // 4, 3)):
-        proc = start("flow", features, log, N, env=prefect_server)
-        kills += kill_at_random(proc, rng, longest=6.0)
-        for folder, _, names in os.walk(step):
-            for name in names:
-                if name.endswith(".h5"):
-                    p = os.path.join(folder, name)
-                    key = os.path.relpath(p, step)[:-3]
-                    np.testing.assert_array_equal(load_hdf5(p), expected[key])
-                    checked += 1
+    with contextlib.closing(Forks("flow", env=prefect_server)) as forks:
+        for _ in range(max(KILLS // 4, 3)):
+            rows = count_rows(log, "transform")
+            pid = forks.start("flow", features, log, N)
+            # from the first batch computed: starting a flow run takes seconds
+            # on a busy machine, and a kill before any write proves nothing
+            computing = functools.partial(computed_more, log, rows)
+            kills += forks.kill_at_random(pid, rng, longest=6.0, after=computing)
+            for folder, _, names in os.walk(step):
+                for name in names:
+                    if name.endswith(".h5"):
+                        p = os.path.join(folder, name)
+                        key = os.path.relpath(p, step)[:-3]
+                        np.testing.assert_array_equal(load_hdf5(p), expected[key])
+                        checked += 1
+    assert checked > 0, "no kill came after a checkpoint was written"
     done = sum(1 for _, _, names in os.walk(step) for n in names if n.endswith(".h5"))
     before = count_rows(log, "transform")
     final = start("flow", features, log, N, env=prefect_server)

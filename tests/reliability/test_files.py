@@ -89,18 +89,18 @@ def test_a_folder_where_a_file_should_be_is_a_clear_error(tmp_path):
     assert count_rows(tmp_path / "calls.log", "transform") == 0  # raised before work
 
 
+def mount_tmpfs(mount, options):
+    """Make folder ``mount`` and mount a tmpfs there; False where not allowed."""
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)]
+    return subprocess.run(command, capture_output=True).returncode == 0
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root only); None where mounting is not allowed."""
     mount = tmp_path / "disk"
-    mount.mkdir()
-    ok = (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
+    ok = mount_tmpfs(mount, "size=1m")
     yield mount if ok else None
     if ok:
         subprocess.run(["umount", str(mount)], check=True)
@@ -150,14 +150,7 @@ def test_a_full_disk_is_a_clear_error_and_earlier_checkpoints_survive(
 
 def test_an_unwritable_folder_is_a_clear_error(tmp_path):
     mount = tmp_path / "ro"
-    mount.mkdir()
-    ok = (
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)],
-            capture_output=True,
-        ).returncode
-        == 0
-    )
+    ok = mount_tmpfs(mount, "ro,size=1m")
     if not ok:
         os.chmod(mount, 0o555)
         if os.access(mount, os.W_OK):
