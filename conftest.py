@@ -7,6 +7,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 # Keep Prefect's home (and SQLite database) in a throw-away folder, and never
 # phone home. Prefect reads these when it is first imported.
 _PREFECT_HOME = tempfile.mkdtemp(prefix="samplepipe-prefect-home-")
@@ -19,6 +21,13 @@ os.environ["DO_NOT_TRACK"] = "1"
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 for _name in [n for n in os.environ if n in ("PREFECT_API_URL", "PREFECT_API_KEY")]:
     del os.environ[_name]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.nodeid == "README.md::README.md":
+            # its Prefect example runs flows: a Prefect server starts (~30 s)
+            item.add_marker(pytest.mark.slow)
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -381,9 +381,8 @@ def bench_scale(points, work):
 
 def bench_dask(n, d, work):
     """Section 5: the same checkpointed transform on a 2-worker cluster."""
-    from distributed import Client, LocalCluster
-
     from samplepipe import ToDaskBag, wrap
+    from samplepipe.testing import local_cluster
 
     print(f"\n5. Dask: checkpointed transform of {n} x {d}")
     samples = make_samples(n, d)
@@ -394,16 +393,7 @@ def bench_dask(n, d, work):
         timed(lambda: single.transform(samples))[0],
         n,
     )
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster() as client:
         dasked = wrap(
             ["checkpoint", "dask"], cheap_step(), features_dir=os.path.join(work, "d2")
         )

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from samplepipe.server import free_port, stop_process
-from samplepipe.testing import random_samples
+from samplepipe.testing import local_cluster, random_samples
 
 BIN = Path(sys.executable).parent
 
@@ -28,18 +28,7 @@ def prefect_harness():
 @pytest.fixture(scope="session")
 def dask_client():
     """A real distributed cluster: two worker processes, no dashboard."""
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            host="127.0.0.1",
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    with local_cluster() as client:
         yield client
 
 

@@ -651,7 +651,11 @@ def test_hosts_never_hold_the_same_key_at_once(redis_url, workers, tmp_path):
 
 
 @needs_unshare
-@pytest.mark.parametrize("broken", [False, True], ids=["leased", "broken-no-lease"])
+@pytest.mark.parametrize(
+    "broken",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # waits out the lease
+    ids=["leased", "broken-no-lease"],
+)
 def test_killed_holder_on_another_host_releases_within_lease(
     redis_url, workers, broken
 ):

@@ -674,6 +674,7 @@ def test_stamp_of_follows_the_object(store, tmp_path):
 # ---------------------------------------------------------------------------
 # request counts on S3
 # ---------------------------------------------------------------------------
+@pytest.mark.slow  # 600 requests to the S3 server
 def test_s3_requests_for_100_samples(s3_server, tmp_path):
     store = Store(
         "s3",

@@ -295,6 +295,7 @@ print(step.step_identity(), len(removed), statuses)
 """
 
 
+@pytest.mark.slow  # two Python processes that import samplepipe
 def test_a_main_class_and_the_same_class_imported_are_one_identity(tmp_path):
     (tmp_path / "mymodule.py").write_text(MODULE)
     args = [str(tmp_path / "f"), str(tmp_path / "model.pkl")]
@@ -733,6 +734,7 @@ else:
 
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare")
+@pytest.mark.slow  # two Python processes that import samplepipe
 def test_a_long_dotted_hostname_writes_long_keys_and_cleans_up(tmp_path):
     if os.geteuid() != 0:
         pytest.fail("this test needs root for unshare --uts; run the suite as root")

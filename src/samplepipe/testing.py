@@ -6,6 +6,7 @@ calls are counted across threads, processes and Dask workers.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -157,3 +158,25 @@ def random_samples(n, n_features=4, seed=0, prefix="s", start=0):
         Sample(data[i], key=f"{prefix}/{i:05d}", target=i % 2, offset=float(i))
         for i in range(start, start + n)
     ]
+
+
+@contextlib.contextmanager
+def local_cluster(n_workers=2):
+    """A real Dask cluster on 127.0.0.1; yields its ``distributed.Client``.
+
+    ``n_workers`` worker processes of one thread each, no dashboard: what the
+    tests and ``bench/run.py`` run Dask on.
+    """
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
