@@ -26,6 +26,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.futures import as_completed
+from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
@@ -347,6 +348,8 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
 
     # Identities are hashed here once (the step's once per step) and given to
     # the task, whose cache key and transform would otherwise each hash them.
+    # quote(): Prefect need not visit each sample and identity looking for
+    # futures (they hold none); that visit cost more than the cache key.
     step_id = step.step_identity()
 
     def submit(batch=None, again=False):
@@ -354,12 +357,12 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
         inputs = samples[start:stop]
         future = (refresh if again else task).submit(
             step=step,
-            samples=inputs,
+            samples=quote(inputs),
             name=name,
             start=start,
             stop=stop,
             on_error=options.on_error,
-            identities=(step_id, step.input_identities(inputs)),
+            identities=quote((step_id, step.input_identities(inputs))),
         )
         running[future] = (start, stop, again)
 
@@ -451,7 +454,9 @@ def _fit_step(name, step, samples, options, rows, upstream):
     task = fit_step.with_options(
         **options.task_options(), refresh_cache=bool(step.force)
     )
-    future = task.submit(step=step, samples=samples, name=name, upstream=upstream)
+    future = task.submit(
+        step=step, samples=quote(samples), name=name, upstream=upstream
+    )
     future.wait()
     state = future.state
     if not state.is_completed():
