@@ -25,7 +25,9 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
@@ -324,6 +326,19 @@ class _Progress:
             callback(self.done, self.total, self.description)
 
 
+def _unvisited(value):
+    """``quote(value)`` under Prefect's thread runner, else ``value``.
+
+    Quoted, Prefect does not visit every sample of a task's parameters looking
+    for futures (they hold none). Dask's task packing turns the quote (a
+    tuple) into a plain tuple, so other runners get the value itself.
+    """
+    context = FlowRunContext.get()
+    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
+        return quote(value)
+    return value
+
+
 def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
@@ -357,12 +372,12 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
         inputs = samples[start:stop]
         future = (refresh if again else task).submit(
             step=step,
-            samples=quote(inputs),
+            samples=_unvisited(inputs),
             name=name,
             start=start,
             stop=stop,
             on_error=options.on_error,
-            identities=quote((step_id, step.input_identities(inputs))),
+            identities=_unvisited((step_id, step.input_identities(inputs))),
         )
         running[future] = (start, stop, again)
 
@@ -455,7 +470,7 @@ def _fit_step(name, step, samples, options, rows, upstream):
         **options.task_options(), refresh_cache=bool(step.force)
     )
     future = task.submit(
-        step=step, samples=quote(samples), name=name, upstream=upstream
+        step=step, samples=_unvisited(samples), name=name, upstream=upstream
     )
     future.wait()
     state = future.state
@@ -569,7 +584,6 @@ def _in_process_heartbeats() -> contextlib.AbstractContextManager[Any]:
     Setting ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (environment or profile)
     keeps heartbeats for in-process calls too.
     """
-    from prefect.context import FlowRunContext
     from prefect.settings import (
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         get_current_settings,

@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
+from prefect.utilities.annotations import BaseAnnotation
 
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
@@ -87,6 +88,16 @@ class ManifestSerializer(Serializer):
         return manifest
 
 
+def unquoted(value: Any) -> Any:
+    """``value`` without Prefect's ``quote``/``opaque`` wrapper.
+
+    The flows quote samples and identities so that Prefect does not visit each
+    of them; the thread runner unwraps them before the cache key and the task
+    see them, the Dask runner does not.
+    """
+    return value.unwrap() if isinstance(value, BaseAnnotation) else value
+
+
 def check_manifest(manifest: dict[str, Any]) -> None:
     """Raise `StaleManifestError` unless every named file is unchanged.
 
@@ -128,7 +139,7 @@ class StepCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         step = inputs["step"]
-        samples = inputs["samples"]
+        samples = unquoted(inputs["samples"])
         method = getattr(task_ctx.task, "name", "task") if task_ctx else "task"
         parts = [
             f"manifest={MANIFEST_FORMAT}",
@@ -145,7 +156,7 @@ class StepCachePolicy(CachePolicy):
                 f"upstream={inputs.get('upstream')}",
             ]
         else:
-            given = inputs.get("identities")
+            given = unquoted(inputs.get("identities"))
             if given is None:
                 step_id, ids = step.step_identity(), step.input_identities(samples)
             else:  # computed once by the flow (see transform_batch)
@@ -222,6 +233,7 @@ def transform_batch(
     An `OSError` is not bisected: the task fails and Prefect retries it.
     """
     t0 = time.perf_counter()
+    samples, identities = unquoted(samples), unquoted(identities)
     stop = start + len(samples) if stop is None else stop
     report, errors = _transform_isolating(step, samples, identities)
     root = os.path.abspath(os.fspath(step.features_dir))
@@ -316,6 +328,7 @@ def fit_model(
     models.
     """
     t0 = time.perf_counter()
+    samples = unquoted(samples)
     data = step.training_digest(samples)
     if step.force or not step.load_model(data=data, upstream=upstream):
         step.estimator.fit(samples)
