@@ -25,7 +25,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
@@ -362,6 +365,19 @@ class _Progress:
             callback(self.done, self.total, self.description)
 
 
+def _unvisited(value):
+    """``quote(value)`` under Prefect's thread runner, else ``value``.
+
+    Quoted, Prefect does not visit every sample of a task's parameters looking
+    for futures (they hold none). Dask's task packing turns the quote (a
+    tuple) into a plain tuple, so other runners get the value itself.
+    """
+    context = FlowRunContext.get()
+    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
+        return quote(value)
+    return value
+
+
 def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
@@ -386,6 +402,8 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
 
     # Identities are hashed here once (the step's once per step) and given to
     # the task, whose cache key and transform would otherwise each hash them.
+    # quote(): Prefect need not visit each sample and identity looking for
+    # futures (they hold none); that visit cost more than the cache key.
     step_id = step.step_identity()
 
     def submit(batch=None, again=False):
@@ -393,12 +411,12 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
         inputs = samples[start:stop]
         future = (refresh if again else task).submit(
             step=step,
-            samples=inputs,
+            samples=_unvisited(inputs),
             name=name,
             start=start,
             stop=stop,
             on_error=options.on_error,
-            identities=(step_id, step.input_identities(inputs)),
+            identities=_unvisited((step_id, step.input_identities(inputs))),
         )
         running[future] = (start, stop, again)
 
@@ -491,7 +509,9 @@ def _fit_step(name, step, samples, options, rows, upstream):
     refresh = bool(step.force)
     while True:
         task = fit_step.with_options(**options.task_options(), refresh_cache=refresh)
-        future = task.submit(step=step, samples=samples, name=name, upstream=upstream)
+        future = task.submit(
+            step=step, samples=_unvisited(samples), name=name, upstream=upstream
+        )
         future.wait()
         state = future.state
         if not state.is_completed():
@@ -609,7 +629,6 @@ def _in_process_heartbeats() -> contextlib.AbstractContextManager[Any]:
     Setting ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (environment or profile)
     keeps heartbeats for in-process calls too.
     """
-    from prefect.context import FlowRunContext
     from prefect.settings import (
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
         get_current_settings,

@@ -22,6 +22,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
+from prefect.utilities.annotations import BaseAnnotation
 
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
@@ -94,6 +95,16 @@ class ManifestSerializer(Serializer):
         return manifest
 
 
+def unquoted(value: Any) -> Any:
+    """``value`` without Prefect's ``quote``/``opaque`` wrapper.
+
+    The flows quote samples and identities so that Prefect does not visit each
+    of them; the thread runner unwraps them before the cache key and the task
+    see them, the Dask runner does not.
+    """
+    return value.unwrap() if isinstance(value, BaseAnnotation) else value
+
+
 def _recorded_stamps(manifest: dict[str, Any]) -> list[tuple[str, Stamp]]:
     """``(path, recorded stamp)`` of every file a manifest names."""
     root = manifest.get("root", "")
@@ -155,7 +166,7 @@ class StepCachePolicy(CachePolicy):
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs):
         step = inputs["step"]
-        samples = inputs["samples"]
+        samples = unquoted(inputs["samples"])
         method = getattr(task_ctx.task, "name", "task") if task_ctx else "task"
         parts = [
             f"manifest={MANIFEST_FORMAT}",
@@ -173,7 +184,7 @@ class StepCachePolicy(CachePolicy):
                 f"upstream={inputs.get('upstream')}",
             ]
         else:
-            given = inputs.get("identities")
+            given = unquoted(inputs.get("identities"))
             if given is None:
                 step_id, ids = step.step_identity(), step.input_identities(samples)
             else:  # computed once by the flow (see transform_batch)
@@ -262,6 +273,7 @@ def transform_batch(
     An `OSError` is not bisected: the task fails and Prefect retries it.
     """
     t0 = time.perf_counter()
+    samples, identities = unquoted(samples), unquoted(identities)
     stop = start + len(samples) if stop is None else stop
     if step.features_dir is None:
         msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
@@ -359,6 +371,7 @@ def fit_model(
     models.
     """
     t0 = time.perf_counter()
+    samples = unquoted(samples)
     model_path = step.model_path
     if model_path is None:
         msg = f"step {name!r} has no model_path: it has nowhere to save its model."
