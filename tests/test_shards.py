@@ -239,9 +239,8 @@ def test_every_value_of_the_default_format_comes_back_exactly(tmp_path):
         index, position = where
         group, row, _ = index.entries[position].tolist()
         checksum, kind = index.records[position].split(":", 5)[3:5]
-        loader = ShardLoader.make(
-            index.path, ident, index.stamp, None, group, row, checksum, kind
-        )
+        entry = (group, row, checksum, kind)
+        loader = ShardLoader.make(index.path, ident, index.stamp, None, entry)
         loaded = pickle.loads(pickle.dumps(loader))()
         assert type(loaded) is type(value)
         if isinstance(value, np.ndarray):

@@ -982,15 +982,14 @@ class ShardLoader(CheckpointLoader):
         identity: Identity,
         stamp: Stamp,
         storage_options: Mapping[str, Any] | None,
-        group: int,
-        row: int,
-        checksum: str,
-        kind: str,
+        entry: tuple[int, int, str, str],
     ) -> ShardLoader:
         """A loader, built without the frozen dataclass's per-field setattr.
 
-        One per output sample: this is on the hot path of every transform.
+        ``entry`` is ``(group, row, checksum, kind)``. One per output sample:
+        this is on the hot path of every transform.
         """
+        group, row, checksum, kind = entry
         loader = cls.__new__(cls)
         loader.__dict__.update(
             path=path,

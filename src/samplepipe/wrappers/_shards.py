@@ -40,9 +40,8 @@ def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
     index, position = found
     parts = index.records[position].split(":", 5)
     group, row = index.locations()[position]
-    return ShardLoader.make(
-        index.path, identity, index.stamp, options, group, row, parts[3], parts[4]
-    )
+    entry = (group, row, parts[3], parts[4])
+    return ShardLoader.make(index.path, identity, index.stamp, options, entry)
 
 
 def transform_samples(
