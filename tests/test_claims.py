@@ -591,8 +591,8 @@ _real_encode = CheckpointWrapper._encode
 _real_save_one = CheckpointWrapper._save_one
 
 
-def encode_later(self, value, identity):
-    """Broken on purpose (with `save_encoding_first`): encode while writing."""
+def encode_later(self, value, identity, check=False):
+    """Broken on purpose (with `save_encoding_first`): no check before writing."""
     return None
 
 

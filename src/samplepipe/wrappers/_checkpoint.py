@@ -14,6 +14,7 @@ import numpy as np
 from sklearn.utils.metaestimators import available_if
 
 from ..storage import checkpoints as ckpt
+from ..storage import hdf5
 from ..storage.checkpoints import CheckpointLoader, UnknownFileError
 from ..storage.files import (
     MAX_EXTENSION,
@@ -797,17 +798,18 @@ class CheckpointWrapper(BaseWrapper):
             )
         outputs = self._compute(samples, todo, attribute)
         computed = 0
-        blobs = {}
-        if save is None:  # encode all first: an unsupported value writes nothing
+        if save is None:  # check all first: an unsupported value writes nothing
             for i, value in outputs.items():
                 if value is not None:
-                    blobs[i] = self._encode(value, wanted[i])
+                    self._encode(value, wanted[i], check=True)
         folders: set[str] = set()
         for i, value in outputs.items():
             if value is None:
                 continue
+            # one file image at a time: memory stays that of the outputs
+            blob = None if save is not None else self._encode(value, wanted[i])
             self._prepare_folder(fs.dirname(paths[i]), folders, fs)
-            stamps[i] = self._save_one(paths[i], blobs.get(i), wanted[i], value, fs)
+            stamps[i] = self._save_one(paths[i], blob, wanted[i], value, fs)
             computed += 1
         results = []
         for s, path, ident, st in zip(samples, paths, wanted, stamps):
@@ -857,8 +859,17 @@ class CheckpointWrapper(BaseWrapper):
             values[i] = getattr(out, attribute, None)
         return values
 
-    def _encode(self, value: Any, identity: Identity) -> tuple[bytes, str]:
+    def _encode(
+        self, value: Any, identity: Identity, check: bool = False
+    ) -> tuple[bytes, str] | None:
+        """The file image and record of ``value``; with ``check``, only check it.
+
+        ``TypeError`` naming the sample for a value the format cannot store.
+        """
         try:
+            if check:
+                hdf5.encode(value)  # views of native arrays: nothing is copied
+                return None
             return ckpt.encode_default(value, identity)
         except TypeError as exc:
             msg = (
