@@ -6,6 +6,7 @@ refitted, and ``status``/``clean`` judge the objects.
 """
 
 import json
+import os
 import uuid
 
 import fsspec
@@ -36,13 +37,25 @@ def store(s3_server):  # noqa: F811 - the fixture imported above
     return root, options
 
 
+@pytest.fixture(params=["local", "s3"])
+def where(request, tmp_path):
+    """``(root, storage_options)``: a local folder or a folder on the S3 server."""
+    if request.param == "local":
+        return str(tmp_path / "store"), None
+    return request.getfixturevalue("store")
+
+
 def s3(options):
     fs = fsspec.filesystem("s3", **options)
     fs.invalidate_cache()
     return fs
 
 
-def run(tmp_path, root, options):
+def filesystem_of(options):
+    return fsspec.filesystem("file") if options is None else s3(options)
+
+
+def run(tmp_path, root, options, layout="files"):
     return run_pipeline(
         counting_pipeline(str(tmp_path)),
         random_samples(N, prefix="train"),
@@ -51,6 +64,7 @@ def run(tmp_path, root, options):
         model_dir=f"{root}/models",
         storage_options=options,
         batch_size=BATCH,
+        layout=layout,
     )
 
 
@@ -64,27 +78,40 @@ def rows_of(summary):
     return out
 
 
-def test_a_flow_on_s3_computes_once_then_only_what_was_deleted(tmp_path, store):
-    root, options = store
-    first = rows_of(run(tmp_path, root, options))
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_a_flow_computes_once_then_only_what_was_deleted(tmp_path, where, layout):
+    root, options = where
+    first = rows_of(run(tmp_path, root, options, layout))
     assert first["count", "transform"]["computed"] == 2 * N  # train and test
     assert count_rows(tmp_path / "count.log", "transform") == 2 * N
-    fs = s3(options)
+    fs = filesystem_of(options)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/features/count"))
-    assert len(names) == 2 * N and all(n.endswith(".h5") for n in names)
+    if layout == "files":
+        assert len(names) == 2 * N and all(n.endswith(".h5") for n in names)
+    else:  # one shard per batch (train and test) of this step
+        assert len(names) == 2 * N // BATCH
+        assert all(n.startswith("shard-") and n.endswith(".h5") for n in names)
     assert fs.exists(f"{root}/models/scale.pkl")
 
-    second = rows_of(run(tmp_path, root, options))
+    second = rows_of(run(tmp_path, root, options, layout))
     assert count_rows(tmp_path / "count.log", "transform") == 2 * N  # nothing new
     assert sum(r["computed"] for r in second.values()) == 0
     assert second["count", "transform"]["cached batches"] == 2 * N // BATCH
 
-    # one checkpoint object deleted behind the cache's back: exactly it again
-    fs.rm(f"{root}/features/count/test/00007.h5")
-    third = rows_of(run(tmp_path, root, options))
-    assert count_rows(tmp_path / "count.log", "transform") == 2 * N + 1
-    assert sum(r["computed"] for r in third.values()) == 1
-    assert s3(options).exists(f"{root}/features/count/test/00007.h5")
+    # one checkpoint file deleted behind the cache's back: exactly its samples
+    if layout == "files":
+        fs.rm(f"{root}/features/count/test/00007.h5")
+        lost = 1
+    else:
+        fs.rm(f"{root}/features/count/{names[3]}")
+        lost = BATCH
+    third = rows_of(run(tmp_path, root, options, layout))
+    assert count_rows(tmp_path / "count.log", "transform") == 2 * N + lost
+    assert sum(r["computed"] for r in third.values()) == lost
+    assert third["count", "transform"]["cached batches"] == 2 * N // BATCH - 1
+    fs = filesystem_of(options)
+    after = [p.rsplit("/", 1)[-1] for p in fs.find(f"{root}/features/count")]
+    assert len(after) == len(names)  # the lost one written again, nothing else
 
 
 def test_a_deleted_model_object_is_refitted_not_served_from_the_cache(tmp_path, store):
@@ -99,22 +126,29 @@ def test_a_deleted_model_object_is_refitted_not_served_from_the_cache(tmp_path, 
     assert count_rows(tmp_path / "count.log", "transform") == 2 * N
 
 
-def test_outputs_on_s3_equal_scikit_learns_and_load_lazily(tmp_path, store):
-    root, options = store
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_outputs_equal_scikit_learns_and_load_lazily(tmp_path, where, layout):
+    root, options = where
     kwargs = {
         "features_dir": f"{root}/features",
         "model_dir": f"{root}/models",
         "batch_size": BATCH,
         "storage_options": options,
+        "layout": layout,
     }
     train, test = random_samples(N, prefix="train"), random_samples(N, prefix="test")
     fitted = fit_pipeline(counting_pipeline(str(tmp_path)), train, **kwargs)
-    out = transform_pipeline(fitted, test, **kwargs)
-    assert [o.key for o in out] == [s.key for s in test]
-    assert [o.target for o in out] == [s.target for s in test]  # metadata kept
+    assert all(step.layout == layout for _, step in fitted.steps)
     plain = counting_pipeline(str(tmp_path)).fit(np.stack([s.data for s in train]))
     expected = plain.transform(np.stack([s.data for s in test]))
-    np.testing.assert_allclose(np.stack([o.data for o in out]), expected)
+    calls = []
+    for attempt in ("computed", "cached"):
+        out = transform_pipeline(fitted, test, **kwargs)
+        assert [o.key for o in out] == [s.key for s in test], attempt
+        assert [o.target for o in out] == [s.target for s in test]  # metadata kept
+        np.testing.assert_allclose(np.stack([o.data for o in out]), expected)
+        calls.append(count_rows(tmp_path / "count.log", "transform"))
+    assert calls[0] >= N and calls[1] == calls[0]  # the second computed nothing
 
 
 def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
@@ -156,7 +190,48 @@ def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
     assert fs.exists(f"{root}/features/count/test/00004.h5")
 
 
-def test_a_sharded_step_is_a_clear_error_before_any_work(tmp_path):
+def test_status_and_clean_judge_shards(tmp_path, where, capsys):
+    root, options = where
+    run(tmp_path, root, options, layout="shards")
+    fs = filesystem_of(options)
+    folder = f"{root}/features/count"
+    shards = sorted(fs.find(folder))
+    mine = f"{folder}/mine.h5"  # an HDF5 file samplepipe did not write
+    with h5py.File(tmp_path / "mine.h5", "w") as f:
+        f["x"] = np.arange(3)
+    fs.put_file(str(tmp_path / "mine.h5"), mine)
+    args = [
+        "--pipeline",
+        "samplepipe.testing:counting_pipeline",
+        "--pipeline-kwargs",
+        json.dumps({"log_dir": str(tmp_path)}),
+        "--features-dir",
+        f"{root}/features",
+        "--model-dir",
+        f"{root}/models",
+        "--storage-options",
+        json.dumps(options or {}),
+    ]
+
+    def count_cells(layout):
+        capsys.readouterr()
+        assert cli.main(["status", *args, "--layout", layout]) == 0
+        table = capsys.readouterr().out
+        row = next(line for line in table.splitlines() if "│ count" in line)
+        return [c.strip() for c in row.split("│") if c.strip()][:7]
+
+    # step, model, valid, stale, corrupt, foreign, unknown
+    assert count_cells("shards") == ["count", "present", str(2 * N), "0", "0", "0", "1"]
+    # judged as one file per sample, the shards are files samplepipe cannot name
+    files_view = count_cells("files")
+    assert files_view[2] == "0" and files_view[6] == str(len(shards) + 1)
+
+    assert cli.main(["clean", "--yes", *args, "--layout", "shards"]) == 0
+    fs = filesystem_of(options)
+    assert sorted(fs.find(folder)) == sorted([*shards, mine])  # nothing removed
+
+
+def test_a_step_that_has_its_own_layout_keeps_it(tmp_path):
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -167,11 +242,36 @@ def test_a_sharded_step_is_a_clear_error_before_any_work(tmp_path):
         features_dir=str(tmp_path / "f"),
         layout="shards",
     )
-    with pytest.raises(ValueError, match="step 'scale' has layout='shards'"):
+    fitted = fit_pipeline(
+        Pipeline([("scale", step), ("plain", StandardScaler())]),
+        random_samples(8),
+        features_dir=str(tmp_path / "features"),
+        model_dir=str(tmp_path / "models"),
+        batch_size=4,
+    )
+    assert [s.layout for _, s in fitted.steps] == ["shards", "files"]
+    out = transform_pipeline(
+        fitted,
+        random_samples(8),
+        features_dir=str(tmp_path / "features"),
+        model_dir=str(tmp_path / "models"),
+        batch_size=4,
+    )
+    assert len(out) == 8
+    assert all(n.startswith("shard-") for n in os.listdir(tmp_path / "f"))
+    plain = [
+        f for _, _, files in os.walk(tmp_path / "features" / "plain") for f in files
+    ]
+    assert len(plain) == 8 and all(f.endswith(".h5") for f in plain)
+
+
+def test_an_unknown_layout_is_a_clear_error_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match=r"layout='shard' is not one of"):
         fit_pipeline(
-            Pipeline([("scale", step)]),
+            counting_pipeline(str(tmp_path)),
             random_samples(4),
             features_dir=str(tmp_path / "features"),
             model_dir=str(tmp_path / "models"),
+            layout="shard",
         )
-    assert not any(tmp_path.iterdir())
+    assert not (tmp_path / "features").exists()

@@ -108,6 +108,7 @@ def run(
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
     storage_options: str = "{}",
+    layout: str = "files",
     batch_size: int = 200,
     retries: int = 2,
     method: str = "transform",
@@ -142,6 +143,9 @@ def run(
         JSON fsspec options for URL folders (s3://...), e.g.
         '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
         given through the environment.
+    layout
+        files (one <key>.h5 per sample) or shards (one file per batch of
+        samples): how the pipeline's plain steps checkpoint.
     batch_size
         Samples per Prefect task run.
     retries
@@ -169,6 +173,7 @@ def run(
         "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
         "train_samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
         "storage_options": _json(storage_options, "--storage-options") or None,
+        "layout": layout,
     }
     t0 = time.perf_counter()
     with Progress(
@@ -231,15 +236,21 @@ def run(
     return 0
 
 
-def _steps(command, pipeline, pipeline_kwargs, features_dir, model_dir, options):
-    """``[(name, CheckpointWrapper)]`` of PIPELINE; a bad PIPELINE stops the command."""
-    from .flows import load_object, prepare_steps
+def _steps(command, pipeline, pipeline_kwargs, features_dir, model_dir, store):
+    """``[(name, CheckpointWrapper)]`` of PIPELINE; a bad PIPELINE stops the command.
+
+    ``store`` is ``(--storage-options, --layout)``.
+    """
+    from .flows import LAYOUTS, load_object, prepare_steps
 
     kwargs = _json(pipeline_kwargs, "--pipeline-kwargs")
-    options = _json(options, "--storage-options")
+    options, layout = _json(store[0], "--storage-options"), store[1]
     try:
+        if layout not in LAYOUTS:
+            msg = f"--layout {layout!r} is not one of {list(LAYOUTS)}."
+            raise ValueError(msg)
         pipeline = load_object(pipeline, kwargs, "pipeline")
-        return prepare_steps(pipeline, features_dir, model_dir, options or None)
+        return prepare_steps(pipeline, features_dir, model_dir, options or None, layout)
     except (ImportError, TypeError, ValueError) as exc:
         msg = f"samplepipe {command}: {exc}"
         raise CommandError(msg, code=2) from exc
@@ -357,6 +368,7 @@ def status(
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
     storage_options: str = "{}",
+    layout: str = "files",
 ) -> int:
     """Per step: checkpoints valid / stale / corrupt / foreign / unknown / temporary.
 
@@ -381,12 +393,20 @@ def status(
         JSON fsspec options for URL folders (s3://...), e.g.
         '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
         given through the environment.
+    layout
+        files (one <key>.h5 per sample) or shards (one file per batch of
+        samples): how the pipeline's plain steps checkpoint.
     """
     from .storage import read_model_header
 
     pipeline = _pipeline_or_demo("status", pipeline, features_dir, model_dir)
     steps = _steps(
-        "status", pipeline, pipeline_kwargs, features_dir, model_dir, storage_options
+        "status",
+        pipeline,
+        pipeline_kwargs,
+        features_dir,
+        model_dir,
+        (storage_options, layout),
     )
     table = Table(title=f"checkpoints in {escape(features_dir)}")
     columns = STATUSES
@@ -430,6 +450,7 @@ def clean(
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
     storage_options: str = "{}",
+    layout: str = "files",
     yes: bool = False,
     dry_run: bool = False,
 ) -> int:
@@ -461,6 +482,9 @@ def clean(
         JSON fsspec options for URL folders (s3://...), e.g.
         '{"endpoint_url": "http://127.0.0.1:9000"}'; credentials are better
         given through the environment.
+    layout
+        files (one <key>.h5 per sample) or shards (one file per batch of
+        samples): how the pipeline's plain steps checkpoint.
     yes
         Remove without asking.
     dry_run
@@ -468,7 +492,12 @@ def clean(
     """
     pipeline = _pipeline_or_demo("clean", pipeline, features_dir, model_dir)
     steps = _steps(
-        "clean", pipeline, pipeline_kwargs, features_dir, model_dir, storage_options
+        "clean",
+        pipeline,
+        pipeline_kwargs,
+        features_dir,
+        model_dir,
+        (storage_options, layout),
     )
     doomed, kept = [], []  # doomed: (name, step, files); kept: (name, why, files)
     for name, step, unknown in _judged(steps):
@@ -548,6 +577,7 @@ def serve(
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
     storage_options: str = "{}",
+    layout: str = "files",
     batch_size: int = 200,
     retries: int = 2,
     cron: str | None = None,
@@ -583,6 +613,9 @@ def serve(
         JSON fsspec options for URL folders (s3://...), e.g.
         '{"endpoint_url": "http://127.0.0.1:9000"}'; they are stored with the
         deployments: give credentials through the environment.
+    layout
+        files (one <key>.h5 per sample) or shards (one file per batch of
+        samples): how the pipeline's plain steps checkpoint.
     batch_size
         Samples per Prefect task run.
     retries
@@ -604,6 +637,7 @@ def serve(
         "features_dir": normalize_location(features_dir),
         "model_dir": normalize_location(model_dir),
         "storage_options": _json(storage_options, "--storage-options") or None,
+        "layout": layout,
         "batch_size": batch_size,
         "retries": retries,
     }

@@ -71,6 +71,7 @@ class PipelineRunError(RuntimeError):
 
 
 ON_ERROR = ("raise", "skip")
+LAYOUTS = ("files", "shards")
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class RunOptions:
         Where the per-batch locks live (`samplepipe.locks.lock_manager_from_url`):
         None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host);
         ``"redis://host:port/db"`` for several hosts.
+    layout : str
+        ``"files"`` or ``"shards"``, for the steps the flow wraps itself.
     """
 
     features_dir: str
@@ -113,6 +116,7 @@ class RunOptions:
     on_error: str = "raise"
     locks: str | None = None
     storage_options: dict[str, Any] | None = None
+    layout: str = "files"
 
     def check(self) -> RunOptions:
         for name in ("batch_size", "max_batches_in_flight"):
@@ -137,6 +141,9 @@ class RunOptions:
                 msg = f"{name} must be a folder path or URL, got {value!r}."
                 raise TypeError(msg)
             check_location(value, name, owner="the flow")
+        if self.layout not in LAYOUTS:
+            msg = f"layout={self.layout!r} is not one of {list(LAYOUTS)}."
+            raise ValueError(msg)
         if self.storage_options is not None and not isinstance(
             self.storage_options, dict
         ):
@@ -278,12 +285,14 @@ def prepare_steps(
     features_dir: str | os.PathLike[str],
     model_dir: str | os.PathLike[str],
     storage_options: dict[str, Any] | None = None,
+    layout: str | None = None,
 ) -> list[tuple[str, CheckpointWrapper]]:
     """``[(name, CheckpointWrapper)]`` for each step of ``pipeline``.
 
     Plain estimators are wrapped in `SampleWrapper` and `CheckpointWrapper`
     (``features_dir/<name>/`` and ``model_dir/<name>.pkl``, with
-    ``storage_options``); wrapped steps keep their own folders and options and
+    ``storage_options`` and ``layout``, None: the wrapper's default
+    ``"files"``); wrapped steps keep their own folders, options and layout and
     get these where theirs are unset. ``DaskWrapper`` and ``ToDaskBag`` are
     dropped: the task runner distributes the work.
     """
@@ -300,7 +309,8 @@ def prepare_steps(
             continue
         while isinstance(est, DaskWrapper):
             est = est.estimator
-        if not isinstance(est, CheckpointWrapper):
+        wrapped = isinstance(est, CheckpointWrapper)
+        if not wrapped:
             if not getattr(est, "_is_samplepipe_wrapper", False):
                 est = SampleWrapper(est)
             est = CheckpointWrapper(est)
@@ -312,14 +322,8 @@ def prepare_steps(
             est.model_path = join_location(os.fspath(model_dir), f"{name}.pkl")
         if est.storage_options is None:
             est.storage_options = storage_options
-        if getattr(est, "layout", "files") != "files":
-            msg = (
-                f"step {name!r} has layout={est.layout!r}; the flows checkpoint with "
-                "layout='files' only in this release (their task results name one "
-                "file per sample). Use the wrappers directly for shards, or "
-                "layout='files'."
-            )
-            raise ValueError(msg)
+        if layout is not None and not wrapped:
+            est.layout = layout
         est._validate_params()
         steps.append((name, est))
     if not steps:
@@ -684,7 +688,11 @@ def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
     samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
     steps = prepare_steps(
-        pipeline, options.features_dir, options.model_dir, options.storage_options
+        pipeline,
+        options.features_dir,
+        options.model_dir,
+        options.storage_options,
+        options.layout,
     )
     if fit and not samples:
         msg = "samples is empty: there is nothing to fit on; give training samples."
@@ -827,6 +835,11 @@ _FLOW_PARAMETERS = """
         Passed to fsspec for URL folders (e.g. ``{"endpoint_url": ...}``).
         Flow parameters are stored by the Prefect server: give credentials
         through the environment or fsspec's configuration, not here.
+    layout : {"files", "shards"}, default="files"
+        How the steps the flow wraps itself checkpoint: one ``<key>.h5`` per
+        sample, or shards of up to 1,000 samples (one file, one request on an
+        object store; see `CheckpointWrapper`). Steps that are already
+        `CheckpointWrapper` keep their own layout.
 """
 
 
@@ -845,6 +858,7 @@ def fit_pipeline(
     on_error: str = "raise",
     locks: str | None = None,
     storage_options: dict | None = None,
+    layout: str = "files",
 ) -> Pipeline:
     """Fit each step on the training samples transformed by the steps before it.
 
@@ -884,6 +898,7 @@ def transform_pipeline(
     on_error: str = "raise",
     locks: str | None = None,
     storage_options: dict | None = None,
+    layout: str = "files",
 ) -> list:
     """Apply the fitted steps batch by batch, step by step.
     {parameters}
@@ -924,6 +939,7 @@ def run_pipeline(
     on_error: str = "raise",
     locks: str | None = None,
     storage_options: dict | None = None,
+    layout: str = "files",
 ) -> list[dict]:
     """Fit on ``train_samples``, then transform ``samples``; what deployments run.
 

@@ -30,6 +30,7 @@ from .storage import (
     CheckpointLoader,
     Identity,
     Stamp,
+    check_key,
     estimator_identity,
     filesystem,
     is_permanent,
@@ -40,6 +41,7 @@ from .storage import (
     relative_location,
     stamp_of,
 )
+from .storage.shards import ShardLoader
 from .wrappers import CheckpointWrapper
 from .wrappers._checkpoint import failed_output, lazy_output
 
@@ -108,11 +110,14 @@ def unquoted(value: Any) -> Any:
 def _recorded_stamps(manifest: dict[str, Any]) -> list[tuple[str, Stamp]]:
     """``(path, recorded stamp)`` of every file a manifest names."""
     root = manifest.get("root", "")
-    named = [
-        (join_location(root, entry[0]), Stamp(*entry[1:5]))
-        for entry in manifest.get("files") or []
-        if entry is not None
-    ]
+    # a shard holds many samples: each file once
+    named = list(
+        {
+            entry[0]: (join_location(root, entry[0]), Stamp(*entry[1:5]))
+            for entry in manifest.get("files") or []
+            if entry is not None
+        }.values()
+    )
     if manifest.get("model") is not None:
         named.append((manifest["model"][0], Stamp(*manifest["model"][1:5])))
     return named
@@ -176,6 +181,7 @@ class StepCachePolicy(CachePolicy):
             f"features_dir={normalize_location(step.features_dir or '')}",
             f"model_path={normalize_location(step.model_path or '')}",
             f"store={_store_token(step)}",
+            f"layout={step.layout}",
         ]
         if method == "fit":
             parts += [
@@ -286,8 +292,13 @@ def transform_batch(
         "start": start,
         "root": root,
         "identity": report["step"],
+        "layout": step.layout,
+        # [name, *stamp, input identity] per sample; shards add the entry's
+        # (group, row, checksum, kind)
         "files": [
-            None if f is None else [relative_location(f[0], root), *f[1], inputs]
+            None
+            if f is None
+            else [relative_location(f[0], root), *f[1], inputs, *f[2:3]]
             for f, inputs in zip(report["files"], report["inputs"])
         ],
         "computed": report["computed"],
@@ -408,18 +419,32 @@ fit_step = _task_options(fit_model).with_options(name="fit", task_run_name="{nam
 fit_step.__doc__ = fit_model.__doc__
 
 
+def _is_relative_name(name: Any) -> bool:
+    """Whether ``name`` is a path inside its root (the rules of keys)."""
+    try:
+        check_key(name, owner="manifest")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def samples_from_manifest(
     manifest: dict[str, Any], inputs: list[Any], step: CheckpointWrapper
 ) -> list[Any]:
     """Output samples of a batch: lazy loaders of its files, metadata of inputs.
 
     Raises `StaleManifestError` unless the manifest names exactly this batch's
-    files, in order, and (on an object store) they are unchanged.
+    files (or shard entries), in order, and (on an object store) they are
+    unchanged.
     """
     root = manifest["root"]
     entries = manifest["files"]
     if len(entries) != len(inputs):
         msg = f"manifest names {len(entries)} files for {len(inputs)} samples"
+        raise StaleManifestError(msg)
+    layout = manifest.get("layout", "files")
+    if layout != step.layout:
+        msg = f"manifest of layout={layout!r}, the step has {step.layout!r}"
         raise StaleManifestError(msg)
     stored = is_url(root)
     if stored:
@@ -427,21 +452,35 @@ def samples_from_manifest(
     options = step.storage_options if stored else None
     _, load_func = step._funcs()
     attribute = step._sample_attribute()
-    expected = step.checkpoint_paths(s.key for s in inputs)
+    sharded = layout == "shards"
+    folder = normalize_location(step.features_dir or "")
+    expected: list[str | None] = [None] * len(inputs)
+    if not sharded:  # shards: any shard in the step's folder
+        expected = list(step.checkpoint_paths(s.key for s in inputs))
     out = []
     for s, entry, expected_path in zip(inputs, entries, expected):
         if entry is None:
             out.append(failed_output(s, attribute))
             continue
-        name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry
+        name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry[:6]
         if manifest["identity"] is None:  # pragma: no cover - all failed
             raise StaleManifestError("manifest without a step identity")
         path = join_location(root, name)
-        if normalize_location(path) != normalize_location(expected_path):
+        if sharded:
+            inside = root == folder and _is_relative_name(name)
+        else:
+            inside = normalize_location(path) == normalize_location(expected_path or "")
+        if not inside:
             msg = f"manifest names {path!r} for sample {s.key!r}"
             raise StaleManifestError(msg)
         identity = Identity(manifest["identity"], inputs_digest, s.key)
         stamp_ = Stamp(size, mtime_ns, ino, ctime_ns)
-        loader = CheckpointLoader(path, identity, stamp_, load_func, options)
+        loader: CheckpointLoader
+        if sharded:
+            group, row, checksum, kind = entry[6]
+            where = (int(group), int(row), str(checksum), str(kind))
+            loader = ShardLoader.make(path, identity, stamp_, options, where)
+        else:
+            loader = CheckpointLoader(path, identity, stamp_, load_func, options)
         out.append(lazy_output(s, attribute, loader))
     return out

@@ -36,12 +36,17 @@ def folder_of(wrapper: CheckpointWrapper) -> ShardFolder:
     )
 
 
-def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+def entry_of(found: Found) -> tuple[int, int, str, str]:
+    """``(group, row, checksum, kind)`` of a found entry (see `ShardLoader`)."""
     index, position = found
     parts = index.records[position].split(":", 5)
     group, row = index.locations()[position]
-    entry = (group, row, parts[3], parts[4])
-    return ShardLoader.make(index.path, identity, index.stamp, options, entry)
+    return int(group), int(row), parts[3], parts[4]
+
+
+def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+    index = found[0]
+    return ShardLoader.make(index.path, identity, index.stamp, options, entry_of(found))
 
 
 def transform_samples(
@@ -130,8 +135,11 @@ def transform_samples(
         report["failed"] = len(samples) - len(found)
         report["step"] = identities[0].step if identities else None
         report["inputs"] = [i.inputs for i in identities]
+        # (shard, its stamp, the entry): what the flows' manifests record
         report["files"] = [
-            (found[i].shard.path, found[i].shard.stamp) if i in found else None
+            (found[i].shard.path, found[i].shard.stamp, entry_of(found[i]))
+            if i in found
+            else None
             for i in range(len(samples))
         ]
     return outputs
