@@ -531,6 +531,7 @@ def test_iter_and_remove_checkpoints_understand_shards(store, tmp_path):
     new_process()
     found = {p: s for p, s, _ in new.iter_checkpoints()}
     wanted = {a: "stale", b: "valid", c: "valid", user: "unknown"}
+    wanted[store.url("f", "notes.txt")] = "unknown"  # listed, never removed
     if store.name == "local":
         wanted[store.url("f", dead)] = "temporary"
     assert found == wanted

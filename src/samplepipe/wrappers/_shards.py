@@ -20,6 +20,8 @@ from ..storage.shards import (
     ShardFolder,
     ShardIndex,
     ShardLoader,
+    is_shard_name,
+    is_shard_temporary,
     shard_folder,
 )
 
@@ -170,9 +172,17 @@ def _write(
 
 
 def walk(wrapper: CheckpointWrapper) -> Any:
-    """``(path, status, size, stamp)`` of every shard file (`iter_checkpoints`)."""
+    """``(path, status, size, stamp)`` of every file (`iter_checkpoints`).
+
+    Shards and their temporaries are judged; any other file under
+    ``features_dir`` is ``unknown`` (never removed).
+    """
     step = wrapper.step_identity() if wrapper._has_model_state() else None
-    return folder_of(wrapper).judge(step)
+    yield from folder_of(wrapper).judge(step)
+    fs = wrapper._features_fs()
+    for path, rel, size, _ in fs.walk_files(wrapper._features_root()):
+        if "/" in rel or not (is_shard_name(rel) or is_shard_temporary(rel)):
+            yield path, "unknown", size, None
 
 
 def remove(
