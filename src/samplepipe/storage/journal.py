@@ -36,15 +36,16 @@ Journals of folders that no longer exist, or unused for 30 days, are removed
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import stat
 import tempfile
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from .files import HOST_TAG, Stamp
 
@@ -85,7 +86,12 @@ def default_folder() -> str:
 
 
 def _digest(body: bytes) -> bytes:
-    return hashlib.blake2b(body, digest_size=8).hexdigest().encode()
+    """CRC-32 of a line's body: catches torn, mixed and bit-flipped lines.
+
+    (Not a defence against someone who can write the journal: its folder is
+    private, and such a person could write checkpoints as well.)
+    """
+    return b"%08x" % zlib.crc32(body)
 
 
 def encode_line(name: str, st: Stamp, record: str | None) -> bytes:
@@ -94,22 +100,34 @@ def encode_line(name: str, st: Stamp, record: str | None) -> bytes:
     return _digest(body) + b" " + body + b"\n"
 
 
-def decode_line(line: bytes) -> tuple[str, Stamp, str | None] | None:
-    """``(name, stamp, record)`` of a journal line; None for a header or bad line."""
-    digest, _, body = line.partition(b" ")
-    if not body or _digest(body) != digest:
-        return None
+def decode_lines(lines: Iterable[bytes]) -> list[tuple[str, Stamp, str | None]]:
+    """``(name, stamp, record)`` of each good line; headers and bad lines left out."""
+    bodies = []
+    for line in lines:
+        digest, _, body = line.partition(b" ")
+        if body and _digest(body) == digest:
+            bodies.append(body)
+    try:  # one parse for all lines: a journal of 10,000 lines in milliseconds
+        items = json.loads(b"[" + b",".join(bodies) + b"]")
+    except ValueError:
+        items = [_loads(body) for body in bodies]
+    return [entry for entry in map(_entry, items) if entry is not None]
+
+
+def _loads(body: bytes) -> Any:
     try:
-        item = json.loads(body)
+        return json.loads(body)
     except ValueError:
         return None
-    if not isinstance(item, list) or len(item) != 6:
+
+
+def _entry(item: Any) -> tuple[str, Stamp, str | None] | None:
+    if type(item) is not list or len(item) != 6:
         return None
     name, size, mtime_ns, ino, ctime_ns, record = item
-    if not isinstance(name, str) or not (record is None or isinstance(record, str)):
+    if type(name) is not str or not (record is None or type(record) is str):
         return None
-    numbers = (size, mtime_ns, ino, ctime_ns)
-    if not all(type(n) is int for n in numbers):
+    if not (type(size) is type(mtime_ns) is type(ino) is type(ctime_ns) is int):
         return None
     return name, Stamp(size, mtime_ns, ino, ctime_ns), record
 
@@ -233,7 +251,7 @@ class Journals:
             return
         with self._lock:
             for folder, entries in by_folder.items():
-                view = self._view(folder)
+                view = self._refresh(folder)  # the folder now, not a removed one
                 if view is not None:
                     self._append(view, entries)
             if not self._collected and self._root is not None:
@@ -380,10 +398,8 @@ class Journals:
         finally:
             os.close(fd)
         end = data.rfind(b"\n") + 1  # a line still being written waits
-        for line in data[:end].split(b"\n")[:-1]:
-            item = decode_line(line)
-            if item is not None:
-                view.apply(*item)
+        for item in decode_lines(data[:end].split(b"\n")[:-1]):
+            view.apply(*item)
         view.offset += end
         if view.lines > 2 * len(view.entries) + 1000:
             self._rewrite(view)
@@ -516,10 +532,21 @@ def _read_all(fd: int, size: int) -> bytes:
 
 
 def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view[:_CHUNK])
-        view = view[written:]
+    """Write ``data`` in writes of whole lines (at most `_CHUNK` bytes each).
+
+    On a local filesystem one ``write`` to a file opened with ``O_APPEND``
+    lands whole, so lines of processes appending at once never mix; a line cut
+    short anyway (a full disk, a kill) fails its digest and is ignored.
+    """
+    start = 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + _CHUNK) + 1
+        if end <= start:  # a line longer than a chunk
+            end = data.find(b"\n", start) + 1 or len(data)
+        view = memoryview(data)[start:end]
+        while view:
+            view = view[os.write(fd, view) :]
+        start = end
 
 
 JOURNAL = Journals()
