@@ -434,3 +434,25 @@ def test_a_journal_of_superseded_lines_is_rewritten(tmp_path, journal_dir):
         lines = f.read().splitlines()
     assert len(lines) == 2  # the header and the one line that counts
     assert lines[1] + b"\n" == encode_line("x.h5", st, "current")
+
+
+def test_status_reads_no_journaled_file_and_clean_judges_from_the_files(
+    tmp_path, opened
+):
+    samples = make_samples(4)
+    step = counting(tmp_path / "f", tmp_path / "log")
+    step.transform(samples)
+    other = CheckpointWrapper(
+        SampleWrapper(CountingTransformer(offset=2.0, stateless=True)),
+        features_dir=str(tmp_path / "f"),
+    )
+    new_process()
+    opened.clear()
+    assert {s for _, s, _ in step.iter_checkpoints()} == {"valid"}
+    assert opened == []  # each file trusted from its journal line
+    # for another step the files are stale: judged, and removed, from the files
+    paths = [step.checkpoint_path(s.key) for s in samples]
+    removed = other.remove_checkpoints()
+    assert sorted(p for p, s, _ in removed if s == "stale") == sorted(paths)
+    assert all(p in opened for p in paths)  # each file read to judge it
+    assert os.listdir(tmp_path / "f" / "s") == []
