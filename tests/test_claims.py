@@ -73,6 +73,16 @@ Damaged files and files samplepipe did not write
   README.md); stamps hold "inode and change time" (a swapped file is noticed):
     test_a_file_swapped_after_transform_is_not_loaded
         [stamp-of-size-and-mtime]
+    (the loader also checks each payload against its record, so the variants
+    that let a damaged or swapped file through also skip that check; the
+    check itself: test_journal.py::
+    test_a_payload_changed_under_the_loader_is_never_returned)
+- "Re-runs in a new process open each checkpoint once ... a replaced,
+  rewritten or truncated file does not match and is read again" (the journal):
+    test_journal.py::test_a_new_process_opens_each_checkpoint_once [journal off]
+    test_journal.py::test_a_changed_file_under_its_journal_line_is_not_trusted
+        [lookup-by-name-only]
+    test_journal.py::test_damaged_journal_lines_are_ignored [no line digest]
     the same stamps in cached Prefect manifests (flow runs, no broken variant):
     test_flows_trust.py::test_a_swapped_file_behind_a_cached_manifest_is_noticed
     test_flows_trust.py::test_a_reordered_cached_manifest_is_not_used
@@ -177,6 +187,7 @@ from sklearn.pipeline import Pipeline
 
 import samplepipe.storage.checkpoints as ckpt
 import samplepipe.storage.files as files
+import samplepipe.storage.hdf5 as hdf5_module
 import samplepipe.storage.identity as identity_module
 import samplepipe.storage.keys as keys_module
 import samplepipe.storage.models as models
@@ -526,6 +537,16 @@ def verified_without_checksum(record, payload):
     except ValueError:
         return "unknown", None
     return "ok", record
+
+
+def load_verified_without_checksum(path, record):
+    """Broken on purpose: a loader that decodes a payload without checking it.
+
+    (The loader checks the payload against its record as it reads it, so a
+    variant that lets a damaged or swapped file through validation must skip
+    that check too for the damage to reach the caller.)
+    """
+    return hdf5_module.decode(hdf5_module.read_payload(path), record.split(":")[4])
 
 
 _real_verified = ckpt._verified
@@ -1076,6 +1097,7 @@ def check_damaged_checkpoints_are_recomputed_alone(tmp_path):
         "skips-the-checksum",
         "damaged checkpoint was loaded",
         verified=((ckpt, "_verified"), verified_without_checksum),
+        load=((hdf5_module, "load_verified"), load_verified_without_checksum),
     ),
     broken(
         "recomputes-the-whole-batch",
@@ -1136,6 +1158,7 @@ def check_a_file_swapped_after_transform_is_not_loaded(tmp_path):
         "stamp-of-size-and-mtime",
         "DID NOT RAISE",
         stamp=((ckpt, "stamp"), stamp_of_size_and_mtime),
+        load=((hdf5_module, "load_verified"), load_verified_without_checksum),
     )
 )
 def test_a_file_swapped_after_transform_is_not_loaded(tmp_path, claim):

@@ -15,6 +15,9 @@ modules behind it hold one concern each:
     model files (JSON header + cloudpickle payload).
 ``files``
     atomic writes, temporary files, file stamps, the validation cache.
+``journal``
+    validated files recorded across processes (`journal.JOURNAL`), outside
+    ``features_dir``: a new process trusts a file from one stat.
 ``fs``
     where files live: local paths and fsspec URLs (`filesystem`, `stamp_of`).
 

@@ -29,7 +29,7 @@ import json
 import os
 import posixpath
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,7 @@ from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
 from .fs import ChangedWhileReading, FileSystem, filesystem
 from .identity import Identity
+from .journal import JOURNAL
 from .keys import is_url
 
 CUSTOM_KIND = "custom"
@@ -214,25 +215,54 @@ def status(
     when None); ``known`` a stamp of the object that a store's listing gave
     just before (saves a request per object).
     """
+    found, st, _ = check(path, wanted, custom, any_inputs, fs, known)
+    return found, st
+
+
+def check(
+    path: str,
+    wanted: Identity,
+    custom: bool = False,
+    any_inputs: bool = False,
+    fs: FileSystem | None = None,
+    known: Stamp | None = None,
+) -> tuple[str, Stamp | None, str | None]:
+    """`status`, plus the verified record of the file (None unless it has one).
+
+    A local default-format file is judged, in this order, from this process's
+    validation cache, from the journal of its folder (`samplepipe.storage.
+    journal`: a line of another process with this file's stamp), or by reading
+    it; a file read and verified is added to the journal. The journal only
+    ever makes a file ``valid``: every other status comes from the file.
+    """
     if fs is not None and not fs.local:
         return _stored_status(path, wanted, custom, any_inputs, fs, known)
     st = stamp(path)
     if st is None:
         if os.path.lexists(path):
-            return "unknown", None
-        return "missing", None
+            return "unknown", None, None
+        return "missing", None, None
     cached = VALIDATED.get(_cache_key(path, custom))
     if cached is not None and cached[0] == st:
         found_record = cached[1]
     else:
+        if not custom:
+            journaled = JOURNAL.lookup(path, st)
+            if journaled is not None and judge(journaled, wanted, any_inputs) == (
+                "valid"
+            ):
+                remember(path, custom, st, journaled)
+                return "valid", st, journaled
         result, record = read_record(path, custom)
         if result != "ok" or record is None:
-            return result, st
+            return result, st, None
         found_record = record
         if stamp(path) != st:  # replaced while we read it: judge again later
-            return "corrupt", st
+            return "corrupt", st, None
         remember(path, custom, st, found_record)
-    return judge(found_record, wanted, any_inputs), st
+        if not custom:
+            JOURNAL.add([(path, st, found_record)])
+    return judge(found_record, wanted, any_inputs), st, found_record
 
 
 def judge(record: str, wanted: Identity, any_inputs: bool = False) -> str:
@@ -259,8 +289,8 @@ def _stored_status(
     any_inputs: bool,
     fs: FileSystem,
     known: Stamp | None = None,
-) -> tuple[str, Stamp | None]:
-    """`status` on a filesystem that is not local (an object store).
+) -> tuple[str, Stamp | None, str | None]:
+    """`check` on a filesystem that is not local (an object store).
 
     A file validated before costs one stamp (a HEAD, none with ``known``);
     otherwise the object is read once (a GET, and a HEAD for its stamp unless
@@ -271,17 +301,17 @@ def _stored_status(
         st = known or fs.stamp(path)
         if st is None:
             forget(path, custom, fs)
-            return "missing", None
+            return "missing", None, None
         if cached[0] == st:
-            return judge(cached[1], wanted, any_inputs), st
+            return judge(cached[1], wanted, any_inputs), st, cached[1]
     result, record, st, _ = read_stored_record(path, custom, fs, known)
     if result == "changed":
-        return "corrupt", fs.stamp(path)  # replaced while we read it
+        return "corrupt", fs.stamp(path), None  # replaced while we read it
     if result != "ok" or record is None:
-        return result, st
+        return result, st, None
     assert st is not None
     remember(path, custom, st, record, fs)
-    return judge(record, wanted, any_inputs), st
+    return judge(record, wanted, any_inputs), st, record
 
 
 def _cache_key(path: str, custom: bool, fs: FileSystem | None = None) -> str:
@@ -301,6 +331,14 @@ def remember(
 def forget(path: str, custom: bool, fs: FileSystem | None = None) -> None:
     """Forget that ``path`` was validated: the next `status` reads the file."""
     VALIDATED.forget(_cache_key(path, custom, fs))
+
+
+def journal_written(written: Sequence[tuple[str, Stamp, str]]) -> None:
+    """Record ``(path, stamp, record)`` of local default-format files just written.
+
+    A new process then trusts them from one stat (see `check`).
+    """
+    JOURNAL.add(written)
 
 
 def encode_default(value: Any, identity: Identity) -> tuple[bytes, str]:
@@ -393,6 +431,13 @@ class CheckpointLoader:
     modification time, inode and change time); a changed file is validated
     again before it is read.
 
+    A default-format file is then opened once: its payload is read and checked
+    against the checksum of ``record``, the verified record of the file (when
+    the loader has none, the file's own record is read, verified and judged in
+    the same open). A file that fails raises `CorruptCheckpointError`, is no
+    longer trusted by this process nor by the journal, and is recomputed by
+    the next ``transform``: a loaded value is always the one validated.
+
     A checkpoint at a URL is read once per call and verified from its bytes
     (record and checksum): one GET, no stamp check. The loader keeps the URL
     and ``storage_options`` (never an open filesystem); a custom ``load_func``
@@ -404,23 +449,48 @@ class CheckpointLoader:
     stamp: Stamp
     load_func: Callable[[str], Any] | None = None
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
+    record: str | None = field(default=None, repr=False)
 
     def __call__(self) -> Any:
         custom = self.load_func is not None
         if "://" in self.path and is_url(self.path):
             return self._load_stored(custom)
-        if stamp(self.path) != self.stamp:
-            found, _ = status(self.path, self.identity, custom)
+        record = self.record
+        st = stamp(self.path)
+        if st != self.stamp:
+            found, st, record = check(self.path, self.identity, custom)
             if found != "valid":
-                msg = (
-                    f"Checkpoint {self.path!r} changed since it was written and is "
-                    f"now {found}; transform the samples again to recompute it."
-                )
-                raise CorruptCheckpointError(msg)
+                raise CorruptCheckpointError(self._changed(found))
         if custom:
             assert self.load_func is not None
             return self.load_func(self.path)
-        return hdf5.load_hdf5(self.path)
+        try:
+            if record is None:
+                return self._load_and_judge()
+            return hdf5.load_verified(self.path, record)
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            forget(self.path, custom)
+            if st is not None:
+                JOURNAL.revoke(self.path, st)
+            raise CorruptCheckpointError(self._changed("corrupt")) from exc
+
+    def _load_and_judge(self) -> Any:
+        """Read the record and payload in one open; verify both, then decode."""
+        record, payload = hdf5.read(self.path)
+        found, record = _verified(record, payload)
+        if found == "ok":
+            assert record is not None
+            found = judge(record, self.identity)
+        if found != "valid":
+            raise CorruptCheckpointError(self._changed(found))
+        assert record is not None
+        return hdf5.decode(payload, record.split(":", 5)[4])
+
+    def _changed(self, found: str) -> str:
+        return (
+            f"Checkpoint {self.path!r} changed since it was written and is "
+            f"now {found}; transform the samples again to recompute it."
+        )
 
     def _load_stored(self, custom: bool) -> Any:
         """Read the object once and verify it from its bytes, then decode it."""
@@ -438,11 +508,7 @@ class CheckpointLoader:
             assert record is not None
             found = judge(record, self.identity)
         if found != "valid":
-            msg = (
-                f"Checkpoint {self.path!r} changed since it was written and is "
-                f"now {found}; transform the samples again to recompute it."
-            )
-            raise CorruptCheckpointError(msg)
+            raise CorruptCheckpointError(self._changed(found))
         assert blob is not None
         if not custom:
             return hdf5.load_image(blob)

@@ -640,7 +640,8 @@ class CheckpointWrapper(BaseWrapper):
                         "folder of that name exists; remove it or change the key."
                     )
                     raise IsADirectoryError(errno.EISDIR, msg)
-                os.makedirs(folder, exist_ok=True)
+                if attempt:  # made by _prepare_folder; removed since?
+                    os.makedirs(folder, exist_ok=True)
                 if save is None:
                     blob, record = encoded
                     ckpt.write_default(path, blob)
@@ -689,6 +690,7 @@ class CheckpointWrapper(BaseWrapper):
                 f"{real!r}, outside features_dir {root!r} (a symbolic link?)."
             )
             raise ValueError(msg)
+        os.makedirs(folder, exist_ok=True)
         remove_stale_temporaries(folder)
 
     @available_if(_estimator_has("transform"))
@@ -753,19 +755,21 @@ class CheckpointWrapper(BaseWrapper):
         attribute = self._sample_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
         stamps: list[Any] = [None] * len(samples)
+        records: list[str | None] = [None] * len(samples)  # verified, for loaders
         todo: list[int] = []
         bad: dict[str, int] = {}
         unknown: list[str] = []
         for i, (s, path, ident) in enumerate(zip(samples, paths, wanted)):
             if _is_failed(s, input_attribute):
                 continue
-            state, st = (
-                ("missing", None)
+            state, st, record = (
+                ("missing", None, None)
                 if self.force
-                else ckpt.status(path, ident, custom, fs=fs)
+                else ckpt.check(path, ident, custom, fs=fs)
             )
             if state == "valid":
                 stamps[i] = st
+                records[i] = record
             elif state == "unknown":
                 if fs.isdir(path):
                     msg = (
@@ -803,6 +807,7 @@ class CheckpointWrapper(BaseWrapper):
                 if value is not None:
                     self._encode(value, wanted[i], check=True)
         folders: set[str] = set()
+        written: list[tuple[str, Any, str]] = []  # for the journal (local HDF5)
         for i, value in outputs.items():
             if value is None:
                 continue
@@ -810,13 +815,18 @@ class CheckpointWrapper(BaseWrapper):
             blob = None if save is not None else self._encode(value, wanted[i])
             self._prepare_folder(fs.dirname(paths[i]), folders, fs)
             stamps[i] = self._save_one(paths[i], blob, wanted[i], value, fs)
+            if blob is not None:
+                records[i] = blob[1]
+                if fs.local:
+                    written.append((paths[i], stamps[i], blob[1]))
             computed += 1
+        ckpt.journal_written(written)
         results = []
-        for s, path, ident, st in zip(samples, paths, wanted, stamps):
+        for s, path, ident, st, record in zip(samples, paths, wanted, stamps, records):
             if st is None:
                 results.append(failed_output(s, attribute))
             else:
-                loader = CheckpointLoader(path, ident, st, load, options)
+                loader = CheckpointLoader(path, ident, st, load, options, record)
                 results.append(lazy_output(s, attribute, loader))
         if report is not None:
             report["computed"] = computed
