@@ -91,6 +91,56 @@ def test_status_counts_a_corrupt_file_and_clean_removes_it(demo):
     ]
 
 
+def test_own_factories_in_the_current_folder_with_shards(tmp_path, prefect_server):
+    # the README's "Running on several machines" command, on local folders: the
+    # user's factories take no keyword arguments (the demo's subset is not
+    # passed to them), and --layout shards reaches the steps and status
+    (tmp_path / "mymodule.py").write_text(
+        "import samplepipe\n"
+        "from samplepipe.testing import random_samples\n"
+        "from sklearn.decomposition import PCA\n"
+        "from sklearn.pipeline import Pipeline\n"
+        "from sklearn.preprocessing import StandardScaler\n\n"
+        "@samplepipe.factory\n"
+        "def make_pipeline():\n"
+        "    return Pipeline([('scale', StandardScaler()), ('pca', PCA(2))])\n\n"
+        "@samplepipe.factory\n"
+        "def train_samples():\n"
+        "    return random_samples(30, prefix='train')\n\n"
+        "@samplepipe.factory\n"
+        "def test_samples():\n"
+        "    return random_samples(20, prefix='test')\n"
+    )
+    env = command_env(tmp_path, prefect_server["PREFECT_API_URL"])
+    where = ["--features-dir", "features", "--model-dir", "models"]
+    cli(
+        "run",
+        "mymodule:make_pipeline",
+        "--train-samples",
+        "mymodule:train_samples",
+        "--samples",
+        "mymodule:test_samples",
+        *where,
+        "--layout",
+        "shards",
+        "--batch-size",
+        "10",
+        cwd=tmp_path,
+        env=env,
+    )
+    for step in ("scale", "pca"):
+        names = os.listdir(tmp_path / "features" / step)
+        # scale: train (3 batches) and test (2); pca: test only
+        assert len(names) == (5 if step == "scale" else 2), names
+        assert all(n.startswith("shard-") for n in names)
+    status = cli(
+        "status", "mymodule:make_pipeline", *where, "--layout", "shards", cwd=tmp_path
+    )
+    rows = [line for line in status.stdout.splitlines() if "│ pca" in line]
+    cells = [c.strip() for c in rows[0].split("│") if c.strip()]
+    assert cells[:7] == ["pca", "present", "2", "0", "0", "0", "0"], status.stdout
+
+
 def test_run_fails_with_the_step_named(tmp_path, prefect_server):
     # the session's server: what is tested here does not depend on the server
     env = command_env(tmp_path, prefect_server["PREFECT_API_URL"])

@@ -57,6 +57,14 @@ def _json(value, option):
     return obj
 
 
+def _samples_kwargs(value, samples, subset):
+    """--(train-)samples-kwargs; unset: the demo's subset for its samples, else none."""
+    if value is not None:
+        option = "--samples-kwargs" if subset == "test" else "--train-samples-kwargs"
+        return _json(value, option)
+    return {"subset": subset} if samples == DEMO_SAMPLES else {}
+
+
 def _quiet_prefect():
     # Task-level INFO logs would scroll over the progress bar.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -101,9 +109,9 @@ def run(
     pipeline: str | None = None,
     *,
     samples: str = DEMO_SAMPLES,
-    samples_kwargs: str = '{"subset": "test"}',
+    samples_kwargs: str | None = None,
     train_samples: str = DEMO_SAMPLES,
-    train_samples_kwargs: str = '{"subset": "train"}',
+    train_samples_kwargs: str | None = None,
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
@@ -128,11 +136,13 @@ def run(
     samples
         Import path of a function that returns the samples to transform.
     samples_kwargs
-        JSON keyword arguments for SAMPLES.
+        JSON keyword arguments for SAMPLES (default: {"subset": "test"} for the
+        demo's samples, none for others).
     train_samples
         Import path of a function that returns the training samples.
     train_samples_kwargs
-        JSON keyword arguments for TRAIN_SAMPLES.
+        JSON keyword arguments for TRAIN_SAMPLES (default: {"subset": "train"}
+        for the demo's samples, none for others).
     pipeline_kwargs
         JSON keyword arguments for PIPELINE.
     features_dir
@@ -170,8 +180,10 @@ def run(
 
     kwargs = {
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
-        "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
-        "train_samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
+        "samples_kwargs": _samples_kwargs(samples_kwargs, samples, "test"),
+        "train_samples_kwargs": _samples_kwargs(
+            train_samples_kwargs, train_samples, "train"
+        ),
         "storage_options": _json(storage_options, "--storage-options") or None,
         "layout": layout,
     }
@@ -570,9 +582,9 @@ def serve(
     *,
     name: str = "samplepipe-demo",
     samples: str = DEMO_SAMPLES,
-    samples_kwargs: str = '{"subset": "test"}',
+    samples_kwargs: str | None = None,
     train_samples: str = DEMO_SAMPLES,
-    train_samples_kwargs: str = '{"subset": "train"}',
+    train_samples_kwargs: str | None = None,
     pipeline_kwargs: str = "{}",
     features_dir: str = DEMO_FEATURES_DIR,
     model_dir: str = DEMO_MODEL_DIR,
@@ -598,11 +610,13 @@ def serve(
     samples
         Import path of the samples to transform.
     samples_kwargs
-        JSON keyword arguments for SAMPLES.
+        JSON keyword arguments for SAMPLES (default: {"subset": "test"} for the
+        demo's samples, none for others).
     train_samples
         Import path of the training samples.
     train_samples_kwargs
-        JSON keyword arguments for TRAIN_SAMPLES.
+        JSON keyword arguments for TRAIN_SAMPLES (default: {"subset": "train"}
+        for the demo's samples, none for others).
     pipeline_kwargs
         JSON keyword arguments for PIPELINE.
     features_dir
@@ -643,11 +657,11 @@ def serve(
     }
     train = {
         "samples": train_samples,
-        "samples_kwargs": _json(train_samples_kwargs, "--train-samples-kwargs"),
+        "samples_kwargs": _samples_kwargs(train_samples_kwargs, train_samples, "train"),
     }
     test = {
         "samples": samples,
-        "samples_kwargs": _json(samples_kwargs, "--samples-kwargs"),
+        "samples_kwargs": _samples_kwargs(samples_kwargs, samples, "test"),
     }
     schedule: dict[str, Any] = {}
     if cron is not None:
