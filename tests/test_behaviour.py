@@ -119,6 +119,11 @@ def user_hdf5():
         return f.id.get_file_image()
 
 
+def stored(store):
+    """Every file under ``features_dir``, as the paths samplepipe reports."""
+    return {store.url("f", name) for name in store.files("f")}
+
+
 def dead_temporary(path):
     """The name a writer of ``path`` that died (pid above pid_max) left behind."""
     folder, name = path.rsplit("/", 1) if "://" in path else os.path.split(path)
@@ -132,26 +137,26 @@ def test_a_second_transform_computes_nothing_and_a_new_process_loads(
     layout, store, tmp_path
 ):
     log = tmp_path / "calls.log"
-    samples = random_samples(10)
+    samples = random_samples(6)
     w = step(layout, store, log)
     np.testing.assert_array_equal(values(w.transform(samples)), expected(samples))
-    assert count_rows(log, "transform") == 10
+    assert count_rows(log, "transform") == 6
     np.testing.assert_array_equal(values(w.transform(samples)), expected(samples))
     new_process()
     again = step(layout, store, log).transform(samples)
     np.testing.assert_array_equal(values(again), expected(samples))
-    assert count_rows(log, "transform") == 10
+    assert count_rows(log, "transform") == 6
 
 
 def test_adding_samples_computes_only_those(layout, store, tmp_path):
     log = tmp_path / "calls.log"
-    step(layout, store, log).transform(random_samples(6))
-    step(layout, store, log).transform(random_samples(9))  # same process
-    assert count_rows(log, "transform") == 9
+    step(layout, store, log).transform(random_samples(3))
+    step(layout, store, log).transform(random_samples(5))  # same process
+    assert count_rows(log, "transform") == 5
     new_process()
-    more = random_samples(11)
+    more = random_samples(7)
     out = step(layout, store, log).transform(more)
-    assert count_rows(log, "transform") == 11
+    assert count_rows(log, "transform") == 7
     np.testing.assert_array_equal(values(out), expected(more))
 
 
@@ -160,19 +165,19 @@ def test_adding_samples_computes_only_those(layout, store, tmp_path):
 # ---------------------------------------------------------------------------
 def test_a_changed_input_recomputes_that_sample_alone(layout, store, tmp_path):
     log = tmp_path / "calls.log"
-    samples = random_samples(10)
+    samples = random_samples(6)
     step(layout, store, log).transform(samples)
     changed = list(samples)
     changed[4] = Sample(samples[4].data + 100.0, parent=samples[4])
     new_process()
     with one_warning("recomputes 1 checkpoint.*1 stale"):
         out = step(layout, store, log).transform(changed)
-    assert count_rows(log, "transform") == 11
+    assert count_rows(log, "transform") == 7
     np.testing.assert_array_equal(values(out), expected(changed))
     step(layout, store, log).transform(changed)  # no warning: the new one wins
     new_process()
     out = step(layout, store, log).transform(changed)
-    assert count_rows(log, "transform") == 11
+    assert count_rows(log, "transform") == 7
     np.testing.assert_array_equal(values(out), expected(changed))
 
 
@@ -180,7 +185,7 @@ def test_changed_parameters_or_a_refit_recompute_all_with_one_warning(
     layout, store, tmp_path
 ):
     log = tmp_path / "calls.log"
-    samples, train = random_samples(10), random_samples(5, seed=3)
+    samples, train = random_samples(6), random_samples(5, seed=3)
     X = np.stack([s.data for s in samples])
 
     def fitted(offset, training):
@@ -188,17 +193,17 @@ def test_changed_parameters_or_a_refit_recompute_all_with_one_warning(
         return w.fit(training)
 
     fitted(1.0, samples).transform(samples)
-    with one_warning("recomputes 10 checkpoint.*10 stale"):
+    with one_warning("recomputes 6 checkpoint.*6 stale"):
         out = fitted(2.0, samples).transform(samples)  # other parameters
     np.testing.assert_array_equal(values(out), X + 2.0 + X.mean(axis=0))
-    with one_warning("recomputes 10 checkpoint.*10 stale"):
+    with one_warning("recomputes 6 checkpoint.*6 stale"):
         out = fitted(2.0, train).transform(samples)  # another fitted model
     mean = np.stack([s.data for s in train]).mean(axis=0)
     np.testing.assert_array_equal(values(out), X + 2.0 + mean)
-    assert count_rows(log, "transform") == 30
+    assert count_rows(log, "transform") == 18
     new_process()
     fitted(2.0, train).transform(samples)
-    assert count_rows(log, "transform") == 30
+    assert count_rows(log, "transform") == 18
 
 
 # ---------------------------------------------------------------------------
@@ -223,20 +228,10 @@ DAMAGE = {  # what a damage recomputes: the samples of the file, or one sample
 @pytest.mark.parametrize("process", ["same process", "new process"])
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
 def test_a_damaged_checkpoint_is_recomputed_with_a_warning_never_served(
-    layout, store, tmp_path, damage, process, request
+    layout, store, tmp_path, damage, process
 ):
-    if (layout, damage) == ("shards", "truncated"):
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                raises=NotOneWarning,
-                reason="an unreadable shard's samples are recomputed silently: "
-                "its index cannot be read, so they count as missing, not corrupt "
-                "(no CheckpointWarning, report['recomputed'] == 0)",
-            )
-        )
     log = tmp_path / "calls.log"
-    samples = random_samples(10)
+    samples = random_samples(8)
     truth = expected(samples)
     before, paths = transform_reporting(step(layout, store, log), samples)
     target = 5  # files: its own file; shards: the middle shard
@@ -247,19 +242,22 @@ def test_a_damaged_checkpoint_is_recomputed_with_a_warning_never_served(
         new_process()
         with pytest.raises(CorruptCheckpointError):
             _ = before[target].data  # never the damaged bytes
-        other = next(i for i in range(10) if i not in sharing)
+        other = next(i for i in range(8) if i not in sharing)
         np.testing.assert_array_equal(before[other].data, truth[other])
     recomputed = len(sharing) if scope == "file" else 1
     with recorded_warnings() as caught:
         out = step(layout, store, log).transform(samples)
-    assert count_rows(log, "transform") == 10 + recomputed
+    assert count_rows(log, "transform") == 8 + recomputed
     np.testing.assert_array_equal(values(out), truth)
-    step(layout, store, log).transform(samples)
     new_process()
-    out = step(layout, store, log).transform(samples)
-    np.testing.assert_array_equal(values(out), truth)
-    assert count_rows(log, "transform") == 10 + recomputed
-    assert_one_warning(caught, f"recomputes {recomputed} checkpoint.*corrupt")
+    step(layout, store, log).transform(samples)  # what was recomputed loads
+    assert count_rows(log, "transform") == 8 + recomputed
+    if (layout, damage) == ("shards", "truncated"):
+        # its index is unreadable: its keys are unknown, so they look missing
+        match = f"computes {recomputed} checkpoint.*1 shard.*unreadable \\(corrupt\\)"
+    else:
+        match = f"recomputes {recomputed} checkpoint.*corrupt"
+    assert_one_warning(caught, match)
 
 
 # ---------------------------------------------------------------------------
@@ -298,7 +296,7 @@ def test_a_file_samplepipe_did_not_write_is_never_overwritten_or_removed(
 # ---------------------------------------------------------------------------
 def test_outputs_load_lazily_and_survive_pickling(layout, store, tmp_path):
     log = tmp_path / "calls.log"
-    samples = random_samples(6)
+    samples = random_samples(5)
     out = step(layout, store, log).transform(samples)
     assert all(isinstance(o, DelayedSample) and "data" not in vars(o) for o in out)
     blob = pickle.dumps(out)
@@ -307,7 +305,7 @@ def test_outputs_load_lazily_and_survive_pickling(layout, store, tmp_path):
     restored = pickle.loads(blob)
     np.testing.assert_array_equal(values(restored), expected(samples))
     np.testing.assert_array_equal(values(out), expected(samples))
-    assert count_rows(log, "transform") == 6  # loading computes nothing
+    assert count_rows(log, "transform") == 5  # loading computes nothing
 
 
 # ---------------------------------------------------------------------------
@@ -317,12 +315,12 @@ def test_remove_checkpoints_removes_only_stale_corrupt_and_temporary_items(
     layout, store, tmp_path
 ):
     log = tmp_path / "calls.log"
-    samples = random_samples(14)
+    samples = random_samples(11)
     other = step(layout, store, tmp_path / "other.log", offset=9.0)
-    _, stale = transform_reporting(other, samples[:3])  # another step's
+    _, stale = transform_reporting(other, samples[:2])  # another step's
     w = step(layout, store, log)
-    _, paths = transform_reporting(w, samples[3:])
-    corrupt = paths[4]  # the file holding samples[7]
+    _, paths = transform_reporting(w, samples[2:])
+    corrupt = paths[4]  # the file holding samples[6]
     store.write(corrupt, store.read(corrupt)[:100])
     temporary = dead_temporary(paths[-1])
     store.write(temporary, b"half a file")
@@ -334,21 +332,21 @@ def test_remove_checkpoints_removes_only_stale_corrupt_and_temporary_items(
         corrupt: "corrupt",
         temporary: "temporary",
     }
+    before = stored(store)
     dry = w.remove_checkpoints(dry_run=True)
     assert w.remove_checkpoints(dry_run=True) == dry
-    assert store.exists(corrupt) and store.exists(temporary)
+    assert stored(store) == before == set(found)
     removed = w.remove_checkpoints()
     assert sorted(removed) == sorted(dry)
     assert sorted((p, s) for p, s, _ in removed) == sorted(
         [*((p, "stale") for p in set(stale)), (corrupt, "corrupt")]
         + [(temporary, "temporary")]
     )
-    assert not any(store.exists(p) for p, _, _ in removed)
-    assert all(store.exists(p) for p in set(paths) - {corrupt})
+    assert stored(store) == set(paths) - {corrupt}
     new_process()
     out = w.transform(samples)  # exactly the removed samples
     lost = sum(p == corrupt for p in paths)
-    assert count_rows(log, "transform") == 11 + 3 + lost
+    assert count_rows(log, "transform") == 9 + 2 + lost
     np.testing.assert_array_equal(values(out), expected(samples))
     assert {s for _, s, _ in w.iter_checkpoints()} == {"valid"}
 
@@ -411,8 +409,9 @@ def valid_outputs(wrapper, samples, marker):
         return {s.key: o for s, o in zip(part, out)}
 
     marker.touch()
-    try:
-        return loads(samples)
+    try:  # a block of valid samples loads in one call
+        blocks = [samples[i : i + 50] for i in range(0, len(samples), 50)]
+        return {k: o for block in blocks for k, o in loads(block).items()}
     finally:
         marker.unlink()
 
@@ -423,7 +422,7 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
     layout, store, tmp_path
 ):
     rng = random.Random(13)
-    n, shard_size, kills_wanted = 1500, 50, 5
+    n, shard_size, kills_wanted = 1000, 50, 5
     log, marker = tmp_path / "calls.log", tmp_path / "fail"
     spec = {
         "n": n,

@@ -91,6 +91,18 @@ def transform_samples(
             CheckpointWarning,
             stacklevel=3,
         )
+    unreadable = [p for p, index in folder.shards.items() if index.status == "corrupt"]
+    if todo and unreadable:
+        # an unreadable shard's keys are unknown: its samples look missing
+        warnings.warn(
+            f"CheckpointWrapper({wrapper._name()}) computes {len(todo)} "
+            f"checkpoint(s) in {wrapper._features_root()!r} that no readable shard "
+            f"holds; {len(unreadable)} shard(s) there are unreadable (corrupt), "
+            f"e.g. {unreadable[0]!r}, and may have held them. `samplepipe clean` "
+            "(or remove_checkpoints) removes them.",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     computed = 0
     if todo:
         folder.fs.remove_stale_temporaries(folder.root)
