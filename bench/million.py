@@ -21,7 +21,8 @@ Each child reports its RSS after imports and after building the sample list
 reset before it), and the files and bytes written. The parent reports the
 largest peak RSS of its children (``RUSAGE_CHILDREN``: the flow processes and
 the Prefect server) and the server's RSS at the end. Everything is written
-under a temporary folder, removed at the end. Nothing here is a test.
+under temporary folders (PREFECT_HOME too, unless set), removed at the end.
+Nothing here is a test.
 """
 
 from __future__ import annotations
@@ -40,9 +41,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault(
-    "PREFECT_HOME", tempfile.mkdtemp(prefix="samplepipe-bench-prefect-")
-)
+OWN_PREFECT_HOME = "PREFECT_HOME" not in os.environ  # removed at the end if ours
+if OWN_PREFECT_HOME:  # children inherit the parent's
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="samplepipe-bench-prefect-")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_LEVEL"] = "ERROR"
 os.environ["DO_NOT_TRACK"] = "1"
@@ -278,6 +279,8 @@ def main():
             results["server_rss_mib"] = server_rss_mib()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        if OWN_PREFECT_HOME:
+            shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     say(f"\nPrefect server RSS at the end: {results['server_rss_mib']:,.0f} MiB")
     say(
