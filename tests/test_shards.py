@@ -250,6 +250,24 @@ def test_every_value_of_the_default_format_comes_back_exactly(tmp_path):
             assert loaded == value
 
 
+@pytest.mark.parametrize("whole", [True, False])
+def test_a_local_entry_that_missed_the_cache_reads_its_shard_once(
+    tmp_path, monkeypatch, whole
+):
+    """One open per shard when its payloads were evicted, not one per entry."""
+    store = Store("local", str(tmp_path / "store"))
+    samples = random_samples(25)
+    out = sharded(store, tmp_path / "calls.log").transform(samples)
+    if not whole:
+        monkeypatch.setattr(shard_store, "WHOLE_READ_BYTES", 0)
+    shard_store.DATA.clear()  # evicted, as by a data set larger than DATA
+    first = out[0]._load
+    key = f"{filesystem(first.path).token}|{first.path}"
+    np.testing.assert_array_equal(out[0].data, samples[0].data + 1.0)
+    assert (shard_store.DATA.get(key) is not None) is whole
+    np.testing.assert_array_equal(values(out), expected(samples))
+
+
 # ---------------------------------------------------------------------------
 # stale and corrupt entries
 # ---------------------------------------------------------------------------

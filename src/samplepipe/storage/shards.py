@@ -289,6 +289,10 @@ class ShardData:
 
 DATA = ShardData()
 
+# A local shard up to this size is read whole when one of its entries misses
+# `DATA` (one open instead of one per entry); a larger one, row by row.
+WHOLE_READ_BYTES = 16 << 20
+
 
 # ---------------------------------------------------------------------------
 # one shard's index, one folder of shards
@@ -1050,14 +1054,24 @@ class ShardLoader(CheckpointLoader):
     def _read_row(self, fs: FileSystem) -> np.ndarray | None:
         """The entry's payload read from the shard and verified; None if not.
 
-        Locally one dataset row of the shard is read; from a store the whole
-        object (one GET), whose payloads then serve the shard's other entries.
+        Locally a shard of at most `WHOLE_READ_BYTES` is read whole (one
+        open: its other entries are usually loaded next, e.g. by the next
+        step of a flow) and kept in `DATA` while its stamp is the one the
+        entry was validated with; a larger shard gives one dataset row. From a
+        store the whole object (one GET), whose payloads then serve the
+        shard's other entries.
         """
         import h5py
 
         record = self.identity.record(self.checksum, self.kind)
         try:
-            if fs.local:
+            if fs.local and self.stamp.size <= WHOLE_READ_BYTES:
+                with hdf5.H5_LOCK, h5py.File(self.path, "r") as f:
+                    arrays = {int(g): d[()] for g, d in f["data"].items()}
+                if LOCAL.stamp(self.path) == self.stamp:
+                    DATA.put(f"{fs.token}|{self.path}", self.stamp, arrays)
+                payload = np.array(_payload(arrays, self.group, self.row))
+            elif fs.local:
                 with hdf5.H5_LOCK, h5py.File(self.path, "r") as f:
                     payload = np.array(f[f"data/{self.group}"][self.row, ...])
             else:
