@@ -1079,10 +1079,10 @@ class ShardLoader(CheckpointLoader):
                 if stamped is None:
                     return None
                 folder = shard_folder(fs.dirname(self.path), self.storage_options, fs)
-                index, arrays = folder._index_of_bytes(self.path, *stamped)
-                if index.status != "ok" or arrays is None:
+                index, stored = folder._index_of_bytes(self.path, *stamped)
+                if index.status != "ok" or stored is None:
                     return None
-                payload = np.array(_payload(arrays, self.group, self.row))
+                payload = np.array(_payload(stored, self.group, self.row))
         except (OSError, KeyError, ValueError, IndexError):
             return None
         return payload if _checksum_ok(payload, record) else None
