@@ -458,6 +458,7 @@ def samples_from_manifest(
     if not sharded:  # shards: any shard in the step's folder
         expected = list(step.checkpoint_paths(s.key for s in inputs))
     out = []
+    paths: dict[str, str] = {}
     for s, entry, expected_path in zip(inputs, entries, expected):
         if entry is None:
             out.append(failed_output(s, attribute))
@@ -465,7 +466,9 @@ def samples_from_manifest(
         name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry[:6]
         if manifest["identity"] is None:  # pragma: no cover - all failed
             raise StaleManifestError("manifest without a step identity")
-        path = join_location(root, name)
+        path = paths.get(name)
+        if path is None:  # one string per file: a shard is named by many samples
+            path = paths[name] = join_location(root, name)
         if sharded:
             inside = root == folder and _is_relative_name(name)
         else:
