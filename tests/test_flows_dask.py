@@ -187,6 +187,9 @@ def dask_cluster_commands(tmp_path):
             "--port",
             str(port),
             "--no-dashboard",
+            # its HTTP server (health, metrics) runs even without a dashboard
+            "--dashboard-address",
+            "127.0.0.1:0",
         ],
         env=env,
         stdout=log,
@@ -208,6 +211,8 @@ def dask_cluster_commands(tmp_path):
                         "--nthreads",
                         "1",
                         "--no-dashboard",
+                        "--dashboard-address",
+                        "127.0.0.1:0",
                     ],
                     env=env,
                     stdout=log,
