@@ -25,6 +25,12 @@ from .conftest import free_port, make_samples, stop_process
 
 pytestmark = [
     pytest.mark.slow,  # worker processes and Prefect flow runs
+    # The session's test server is Prefect's default server here (the harness
+    # registers it as such): alone or in the suite, the flows' API is one
+    # server that outlives every cluster of these tests. Without it, Prefect
+    # starts its own on a random port of 8000-8999 and trusts any answer
+    # there: a server of another process on that port passes its check.
+    pytest.mark.usefixtures("prefect_harness"),
 ]
 
 BIN = Path(sys.executable).parent
@@ -37,8 +43,8 @@ STEPS = ("shift", "last")
 def embedded_api():
     """Prefect's embedded default: no PREFECT_API_URL, whatever ran before.
 
-    The flow then talks to a server subprocess of this process (Prefect's
-    ephemeral server; the session's test server if one is running).
+    The flow then talks to Prefect's default server, a subprocess of this
+    process: here the session's test server (``prefect_harness``).
     """
     from prefect.settings import (
         PREFECT_API_URL,
