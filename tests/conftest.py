@@ -26,10 +26,25 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
-def dask_client():
-    """A real distributed cluster: two worker processes, no dashboard."""
-    with local_cluster() as client:
+def session_dask_client():
+    """A real distributed cluster: two worker processes, no dashboard.
+
+    Not the process's default client (see `dask_client`).
+    """
+    with local_cluster(set_as_default=False) as client:
         yield client
+
+
+@pytest.fixture
+def dask_client(session_dask_client):
+    """The session's cluster, Dask's current client within the test only.
+
+    A default client would outlive the test: ``prefect_dask.DaskTaskRunner``
+    takes ``distributed.get_client()``'s cluster over its ``address=``, so the
+    flows of later tests would run on this cluster, not on the one they name.
+    """
+    with session_dask_client.as_current():
+        yield session_dask_client
 
 
 def make_samples(n, n_features=4, start=0, prefix="s", seed=0):

@@ -66,8 +66,10 @@ def _samples_kwargs(value, samples, subset):
 
 
 def _quiet_prefect():
-    # Task-level INFO logs would scroll over the progress bar.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # Task-level INFO logs would scroll over the progress bar: quiet Prefect's
+    # console handler only. (PREFECT_LOGGING_LEVEL=WARNING would also drop them
+    # before they reach the API, i.e. the run page's Logs tab.)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
 def _print_table(table):

@@ -33,6 +33,7 @@ from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
 from .locks import lock_manager_from_url
+from .server import api_for_tasks
 from .storage import (
     check_location,
     check_step_name,
@@ -589,13 +590,14 @@ class _Run:
 def _summarized(title, work, *args):
     """Run ``work(*args, run)``; publish the summary (and failures) even on failure."""
     run = _Run(title)
-    try:
-        return work(*args, run)
-    finally:
-        if run.rows:
-            _summary(run.rows, title)
-        if run.failures:
-            _failures_table(run.failures, title)
+    with api_for_tasks():  # Dask workers report to this flow's API
+        try:
+            return work(*args, run)
+        finally:
+            if run.rows:
+                _summary(run.rows, title)
+            if run.failures:
+                _failures_table(run.failures, title)
 
 
 # ---------------------------------------------------------------------------

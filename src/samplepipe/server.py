@@ -19,6 +19,9 @@ To keep one server running across commands (no start-up cost per run)::
 
     prefect server start &
     export PREFECT_API_URL=http://127.0.0.1:4200/api
+
+`api_for_tasks` makes the task runs of a flow on Prefect's embedded default
+report to the flow's own server, wherever they run (Dask workers).
 """
 
 from __future__ import annotations
@@ -180,3 +183,44 @@ def _local_server(timeout: float) -> Iterator[str]:
             os.environ.pop("PREFECT_API_URL", None)
     finally:
         stop_process(process)
+
+
+@contextlib.contextmanager
+def api_for_tasks() -> Iterator[str | None]:
+    """Within a flow run, send the URL of the flow's API with every task.
+
+    Prefect sends its settings with each task submitted to another process
+    (`prefect.context.serialize_context`; `prefect_dask.DaskTaskRunner` does).
+    On Prefect's embedded default (no ``PREFECT_API_URL``) these settings name
+    no API, so each Dask worker process started a Prefect server of its own
+    (tens of seconds each) and sent its task runs there. Within this block the
+    settings name the server of the flow run (a subprocess of this process on
+    127.0.0.1), so the task runs of workers on this host report to it, and
+    no worker starts a server.
+
+    Workers on other hosts cannot reach 127.0.0.1: run a server they can
+    reach (``prefect server start --host 0.0.0.0``) and set
+    ``PREFECT_API_URL`` where the flow runs; the workers get it with each task.
+
+    Yields
+    ------
+    str or None
+        The URL set for the block; None when nothing was changed (outside a
+        flow run, or with ``PREFECT_API_URL`` already set).
+    """
+    from prefect.client.base import ServerType
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    context = FlowRunContext.get()
+    client: Any = context.client if context is not None else None
+    if (
+        PREFECT_API_URL.value()
+        or client is None
+        or client.server_type != ServerType.EPHEMERAL
+    ):
+        yield None
+        return
+    url = str(client.api_url).rstrip("/")
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield url

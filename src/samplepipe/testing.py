@@ -161,11 +161,16 @@ def random_samples(n, n_features=4, seed=0, prefix="s", start=0):
 
 
 @contextlib.contextmanager
-def local_cluster(n_workers=2):
+def local_cluster(n_workers=2, *, set_as_default=True):
     """A real Dask cluster on 127.0.0.1; yields its ``distributed.Client``.
 
     ``n_workers`` worker processes of one thread each, no dashboard: what the
-    tests and ``bench/run.py`` run Dask on.
+    tests and ``bench/run.py`` run Dask on. With ``set_as_default=False`` the
+    client is not the process's default: use ``client.as_current()`` where
+    Dask should find it. A default client is found by every later
+    ``distributed.get_client()`` of the process, and
+    ``prefect_dask.DaskTaskRunner`` takes that client's cluster over its own
+    ``address=``.
     """
     from distributed import Client, LocalCluster
 
@@ -177,6 +182,6 @@ def local_cluster(n_workers=2):
             dashboard_address=None,
             host="127.0.0.1",
         ) as cluster,
-        Client(cluster) as client,
+        Client(cluster, set_as_default=set_as_default) as client,
     ):
         yield client

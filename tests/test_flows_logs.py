@@ -1,0 +1,171 @@
+"""The flows' log messages reach the Prefect API: the run page's Logs tab.
+
+Per batch (computed, loaded, failed, the failed keys) and the summary per
+step, read back through the Prefect client; from a flow called in Python and
+from ``samplepipe run``.
+"""
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.pipeline import Pipeline
+
+from samplepipe import Sample
+from samplepipe.testing import CountingTransformer
+
+from ._prefect_helpers import run
+
+pytestmark = pytest.mark.slow  # Prefect flow runs, a command line run
+
+BIN = Path(sys.executable).parent
+
+
+def run_logs(flow_run_id, expected, timeout=60):
+    """Messages logged for the flow run, once ``expected`` of them arrived.
+
+    Logs are sent in the background in batches: wait for them (up to
+    ``timeout`` seconds, so a failure shows what did arrive).
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.sorting import LogSort
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while True:
+            logs = client.read_logs(
+                log_filter=LogFilter(
+                    flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])
+                ),
+                sort=LogSort.TIMESTAMP_ASC,
+            )
+            if len(logs) >= expected or time.monotonic() > deadline:
+                return logs
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def prefect_info_logs():
+    """Prefect's default level, INFO (the tests' root conftest sets WARNING)."""
+    import prefect.main  # noqa: F401 - its import (re)configures Prefect's loggers
+
+    logger = logging.getLogger("prefect")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield
+    logger.setLevel(level)
+
+
+@pytest.mark.usefixtures("prefect_harness", "prefect_info_logs")
+def test_batch_and_summary_messages_are_run_logs(tmp_path):
+    from prefect.logging.handlers import APILogWorker
+
+    from samplepipe.flows import transform_pipeline
+
+    data = np.arange(20 * 3, dtype=float).reshape(20, 3)
+    data[3, 0] = 999.0  # CountingTransformer(fail_on=999.0) fails on it
+    samples = [Sample(x, key=f"s/{i:02d}") for i, x in enumerate(data)]
+    pipeline = Pipeline(
+        [("shift", CountingTransformer(offset=1.0, fail_on=999.0, stateless=True))]
+    )
+    state, flow_run_id = run(
+        transform_pipeline,
+        pipeline,
+        samples,
+        features_dir=str(tmp_path / "features"),
+        model_dir=str(tmp_path / "models"),
+        batch_size=10,
+        on_error="skip",
+    )
+    assert state.is_completed()
+    APILogWorker.drain_all(timeout=30)
+    logs = run_logs(flow_run_id, expected=4)
+    by_message = {log.message: log for log in logs}
+
+    batches = [
+        "shift[0:10]: computed 9, loaded 0 from checkpoints, 1 failed",
+        "shift[10:20]: computed 10, loaded 0 from checkpoints, 0 failed",
+    ]
+    failed = "shift[0:10]: sample 's/03' failed: ValueError: bad input 999.0"
+    for message in [*batches, failed]:
+        assert message in by_message, [log.message for log in logs]
+    # from the task runs, at their levels
+    assert by_message[failed].level == logging.ERROR
+    assert {by_message[m].level for m in batches} == {logging.INFO}
+    assert None not in {by_message[m].task_run_id for m in [*batches, failed]}
+    # the summary, from the flow run
+    summary = [m for m in by_message if m.startswith("shift.transform: ")]
+    assert len(summary) == 1, [log.message for log in logs]
+    assert summary[0].startswith(
+        "shift.transform: 20 samples, 19 computed, 0 loaded, 1 failed, "
+        "0/2 batches cached, "
+    )
+    assert by_message[summary[0]].task_run_id is None
+
+
+def test_the_command_sends_its_run_logs_and_keeps_the_console_quiet(
+    tmp_path, prefect_server
+):
+    """``samplepipe run`` at Prefect's default log level, with an API to read."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    env = {k: v for k, v in prefect_server.items() if k != "PREFECT_LOGGING_LEVEL"}
+    env["PREFECT_HOME"] = str(tmp_path / ".prefect")
+    features_dir = str(tmp_path / "features")
+    result = subprocess.run(
+        [
+            str(BIN / "samplepipe"),
+            "run",
+            "--pipeline",
+            "samplepipe.examples:demo_pipeline",
+            "--features-dir",
+            features_dir,
+            "--model-dir",
+            str(tmp_path / "models"),
+            "--train-samples-kwargs",
+            '{"subset": "train", "n": 200}',
+            "--samples-kwargs",
+            '{"subset": "test", "n": 100}',
+            "--batch-size",
+            "100",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    # INFO logs would scroll over the progress bar: the console stays quiet
+    assert "| INFO" not in result.stderr, result.stderr
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["PREFECT_API_URL"]}):
+        with get_client(sync_client=True) as client:
+            flow_runs = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["run-pipeline"]))
+            )
+        [flow_run] = [
+            r for r in flow_runs if r.parameters.get("features_dir") == features_dir
+        ]
+        # fit 3 steps; transform 2 train batches x 2 steps, 1 test batch x 3
+        # steps: 10 task messages; then 8 summary rows
+        logs = run_logs(flow_run.id, expected=18)
+    messages = [log.message for log in logs]
+    for message in [
+        "scale: fitted",
+        "pca[100:200]: computed 100, loaded 0 from checkpoints, 0 failed",
+        "scores[0:100]: computed 100, loaded 0 from checkpoints, 0 failed",
+    ]:
+        assert message in messages, messages
+    summary = [m for m in messages if m.startswith("scores.transform: ")]
+    assert len(summary) == 1, messages
+    assert summary[0].startswith(
+        "scores.transform: 100 samples, 100 computed, 0 loaded, 0 failed, "
+    )
