@@ -278,3 +278,47 @@ def test_an_unknown_layout_is_a_clear_error_before_any_work(tmp_path):
             layout="shard",
         )
     assert not (tmp_path / "features").exists()
+
+
+def test_the_task_results_can_live_on_the_same_store(tmp_path, store):
+    # Prefect's own fsspec block: the manifests (task results) beside the
+    # checkpoints, read back by the cached re-run
+    from prefect.filesystems import RemoteFileSystem
+
+    root, options = store
+    results = RemoteFileSystem(basepath=f"{root}/prefect-results", settings=options)
+    results.save(f"results-{uuid.uuid4().hex[:12]}")  # Prefect wants a saved block
+    flow = run_pipeline.with_options(result_storage=results)
+
+    def go():
+        return rows_of(
+            flow(
+                counting_pipeline(str(tmp_path)),
+                random_samples(N, prefix="train"),
+                random_samples(N, prefix="test"),
+                features_dir=f"{root}/features",
+                model_dir=f"{root}/models",
+                storage_options=options,
+                batch_size=BATCH,
+            )
+        )
+
+    first = go()
+    assert first["count", "transform"]["computed"] == 2 * N
+    records = []
+    for path in s3(options).find(f"{root}/prefect-results"):
+        blob = s3(options).cat_file(path)
+        if blob.startswith(b'{"metadata"'):  # Prefect's result records
+            records.append(json.loads(blob))
+    assert {r["metadata"]["serializer"]["type"] for r in records} == {
+        "samplepipe-manifest"
+    }
+    steps = sorted(json.loads(r["result"])["step"] for r in records)
+    # a manifest per task run: the 2 fits, and the batches of both steps
+    # (train and test through scale, test through count)
+    assert steps.count("scale") == 1 + 2 * N // BATCH, steps
+    assert steps.count("count") >= 1 + N // BATCH, steps
+    second = go()
+    assert sum(r["computed"] for r in second.values()) == 0
+    assert second["count", "transform"]["cached batches"] == 2 * N // BATCH
+    assert count_rows(tmp_path / "count.log", "transform") == 2 * N
