@@ -151,19 +151,18 @@ def test_outputs_equal_scikit_learns_and_load_lazily(tmp_path, where, layout):
     assert calls[0] >= N and calls[1] == calls[0]  # the second computed nothing
 
 
-def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
-    root, options = store
-    run(tmp_path, root, options)
-    fs = s3(options)
-    other = f"{root}/features/count/test/00003.h5"  # another key's checkpoint
-    fs.pipe_file(other, fs.cat_file(f"{root}/features/count/test/00004.h5"))
-    broken = f"{root}/features/count/test/00005.h5"  # truncated
-    fs.pipe_file(broken, fs.cat_file(broken)[:100])
-    mine = f"{root}/features/count/mine.h5"  # an HDF5 file samplepipe did not write
+def put_users_file(fs, tmp_path, folder):
+    """An HDF5 file samplepipe did not write, at ``folder/mine.h5``; its path."""
+    mine = f"{folder}/mine.h5"
     with h5py.File(tmp_path / "mine.h5", "w") as f:
         f["x"] = np.arange(3)
     fs.put_file(str(tmp_path / "mine.h5"), mine)
-    args = [
+    return mine
+
+
+def cli_args(tmp_path, root, options):
+    """The options of ``samplepipe status``/``clean`` for the runs above."""
+    return [
         "--pipeline",
         "samplepipe.testing:counting_pipeline",
         "--pipeline-kwargs",
@@ -173,8 +172,20 @@ def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
         "--model-dir",
         f"{root}/models",
         "--storage-options",
-        json.dumps(options),
+        json.dumps(options or {}),
     ]
+
+
+def test_status_and_clean_judge_objects_on_s3(tmp_path, store, capsys):
+    root, options = store
+    run(tmp_path, root, options)
+    fs = s3(options)
+    other = f"{root}/features/count/test/00003.h5"  # another key's checkpoint
+    fs.pipe_file(other, fs.cat_file(f"{root}/features/count/test/00004.h5"))
+    broken = f"{root}/features/count/test/00005.h5"  # truncated
+    fs.pipe_file(broken, fs.cat_file(broken)[:100])
+    mine = put_users_file(fs, tmp_path, f"{root}/features/count")
+    args = cli_args(tmp_path, root, options)
     capsys.readouterr()
     assert cli.main(["status", *args]) == 0
     table = capsys.readouterr().out
@@ -196,22 +207,8 @@ def test_status_and_clean_judge_shards(tmp_path, where, capsys):
     fs = filesystem_of(options)
     folder = f"{root}/features/count"
     shards = sorted(fs.find(folder))
-    mine = f"{folder}/mine.h5"  # an HDF5 file samplepipe did not write
-    with h5py.File(tmp_path / "mine.h5", "w") as f:
-        f["x"] = np.arange(3)
-    fs.put_file(str(tmp_path / "mine.h5"), mine)
-    args = [
-        "--pipeline",
-        "samplepipe.testing:counting_pipeline",
-        "--pipeline-kwargs",
-        json.dumps({"log_dir": str(tmp_path)}),
-        "--features-dir",
-        f"{root}/features",
-        "--model-dir",
-        f"{root}/models",
-        "--storage-options",
-        json.dumps(options or {}),
-    ]
+    put_users_file(fs, tmp_path, folder)
+    args = cli_args(tmp_path, root, options)
 
     def count_cells(layout):
         capsys.readouterr()

@@ -790,15 +790,10 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise UnknownFileError(errno.EEXIST, msg)
         if bad:
-            detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
-            warnings.warn(
-                f"CheckpointWrapper({self._name()}) recomputes {sum(bad.values())} "
-                f"checkpoint(s) in {self._features_root()!r}: {detail} "
-                "(stale: made by other code, parameters, fitted model or input; "
+            self._warn_recomputed(
+                bad,
                 "corrupt: unreadable or failing its checksum; foreign: holds "
-                "another key).",
-                CheckpointWarning,
-                stacklevel=2,
+                "another key",
             )
         outputs = self._compute(samples, todo, attribute)
         computed = 0
@@ -839,6 +834,24 @@ class CheckpointWrapper(BaseWrapper):
                 (p, st) if st is not None else None for p, st in zip(paths, stamps)
             ]
         return results
+
+    def _warn_recomputed(
+        self, bad: Mapping[str, int], more: str, stacklevel: int = 3
+    ) -> None:
+        """One `CheckpointWarning` for the checkpoints of a call judged ``bad``.
+
+        ``bad`` counts them by status; ``more`` explains the statuses other
+        than stale; ``stacklevel`` is that of `warnings.warn`, from here.
+        """
+        detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
+        warnings.warn(
+            f"CheckpointWrapper({self._name()}) recomputes {sum(bad.values())} "
+            f"checkpoint(s) in {self._features_root()!r}: {detail} "
+            "(stale: made by other code, parameters, fitted model or input; "
+            f"{more}).",
+            CheckpointWarning,
+            stacklevel=stacklevel,
+        )
 
     def _compute(
         self, samples: Sequence[Sample], todo: Sequence[int], attribute: str

@@ -82,15 +82,7 @@ def transform_samples(
         if result != "missing":
             bad[result] = bad.get(result, 0) + 1
     if bad:
-        detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
-        warnings.warn(
-            f"CheckpointWrapper({wrapper._name()}) recomputes {sum(bad.values())} "
-            f"checkpoint(s) in {wrapper._features_root()!r}: {detail} "
-            "(stale: made by other code, parameters, fitted model or input; "
-            "corrupt: failing its checksum).",
-            CheckpointWarning,
-            stacklevel=3,
-        )
+        wrapper._warn_recomputed(bad, "corrupt: failing its checksum", stacklevel=4)
     unreadable = [p for p, index in folder.shards.items() if index.status == "corrupt"]
     if todo and unreadable:
         # an unreadable shard's keys are unknown: its samples look missing
