@@ -55,8 +55,8 @@ def filesystem_of(options):
     return fsspec.filesystem("file") if options is None else s3(options)
 
 
-def run(tmp_path, root, options, layout="files"):
-    return run_pipeline(
+def run(tmp_path, root, options, layout="files", flow=run_pipeline):
+    return flow(
         counting_pipeline(str(tmp_path)),
         random_samples(N, prefix="train"),
         random_samples(N, prefix="test"),
@@ -288,17 +288,7 @@ def test_the_task_results_can_live_on_the_same_store(tmp_path, store):
     flow = run_pipeline.with_options(result_storage=results)
 
     def go():
-        return rows_of(
-            flow(
-                counting_pipeline(str(tmp_path)),
-                random_samples(N, prefix="train"),
-                random_samples(N, prefix="test"),
-                features_dir=f"{root}/features",
-                model_dir=f"{root}/models",
-                storage_options=options,
-                batch_size=BATCH,
-            )
-        )
+        return rows_of(run(tmp_path, root, options, flow=flow))
 
     first = go()
     assert first["count", "transform"]["computed"] == 2 * N

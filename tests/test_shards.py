@@ -46,7 +46,12 @@ from samplepipe.testing import (
     read_calls,
 )
 
-from .test_storage_fs import BUCKET, Store, s3_server  # noqa: F401 - a fixture
+from .test_storage_fs import (  # noqa: F401 - s3_server is a fixture
+    BUCKET,
+    LOAD_SCRIPT,
+    Store,
+    s3_server,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -448,14 +453,6 @@ def test_killed_runs_lose_at_most_the_shard_being_written_and_resume(tmp_path):
 # ---------------------------------------------------------------------------
 # lazy outputs
 # ---------------------------------------------------------------------------
-LOAD_SCRIPT = """
-import json, pickle, sys
-with open(sys.argv[1], "rb") as f:
-    outputs = pickle.load(f)
-print(json.dumps([float(o.data.sum()) for o in outputs]))
-"""
-
-
 def test_outputs_load_lazily_one_entry_each_in_another_process(store, tmp_path):
     samples = random_samples(25)
     out = sharded(store, tmp_path / "calls.log").transform(samples)
