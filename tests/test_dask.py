@@ -1,8 +1,6 @@
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -21,7 +19,13 @@ from samplepipe import (
     dask_tags,
     wrap,
 )
-from samplepipe.testing import CountingTransformer, count_rows, read_calls
+from samplepipe.server import free_port
+from samplepipe.testing import (
+    CountingTransformer,
+    count_rows,
+    dask_command,
+    read_calls,
+)
 
 from .conftest import make_samples
 
@@ -225,30 +229,15 @@ def test_many_workers_write_one_features_dir(tmp_path, dask_client):
     assert len(files) == 400 and not [f for f in files if f.endswith(".tmp")]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gpu_cluster(tmp_path):
     """`dask scheduler` and two `dask worker` processes, one with GPU=1."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    bindir = os.path.dirname(sys.executable)
     env = dict(os.environ)
     procs = [
         subprocess.Popen(
-            [
-                f"{bindir}/dask",
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-            ],
+            dask_command("scheduler", "--port", str(port)),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -258,19 +247,9 @@ def gpu_cluster(tmp_path):
         for name, extra in (("gpu", ["--resources", "GPU=1"]), ("cpu", [])):
             procs.append(
                 subprocess.Popen(
-                    [
-                        f"{bindir}/dask",
-                        "worker",
-                        address,
-                        "--nthreads",
-                        "1",
-                        "--host",
-                        "127.0.0.1",
-                        "--no-dashboard",
-                        "--name",
-                        name,
-                        *extra,
-                    ],
+                    dask_command(
+                        "worker", address, "--nthreads", "1", "--name", name, *extra
+                    ),
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                     env=env,

@@ -10,15 +10,13 @@ server among its children.
 
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import psutil
 import pytest
 from sklearn.pipeline import Pipeline
 
-from samplepipe.testing import CountingTransformer
+from samplepipe.testing import CountingTransformer, dask_command
 
 from ._prefect_helpers import run, task_runs
 from .conftest import free_port, make_samples, stop_process
@@ -33,7 +31,6 @@ pytestmark = [
     pytest.mark.usefixtures("prefect_harness"),
 ]
 
-BIN = Path(sys.executable).parent
 N_SAMPLES = 40
 BATCH = 10
 STEPS = ("shift", "last")
@@ -185,18 +182,7 @@ def dask_cluster_commands(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     log = open(tmp_path / "dask-commands.log", "w")
     scheduler = subprocess.Popen(
-        [
-            str(BIN / "dask"),
-            "scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-dashboard",
-            # its HTTP server (health, metrics) runs even without a dashboard
-            "--dashboard-address",
-            "127.0.0.1:0",
-        ],
+        dask_command("scheduler", "--port", str(port)),
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -206,20 +192,9 @@ def dask_cluster_commands(tmp_path):
         for _ in range(2):
             workers.append(
                 subprocess.Popen(
-                    [
-                        str(BIN / "dask"),
-                        "worker",
-                        address,
-                        "--host",
-                        "127.0.0.1",
-                        "--nworkers",
-                        "1",
-                        "--nthreads",
-                        "1",
-                        "--no-dashboard",
-                        "--dashboard-address",
-                        "127.0.0.1:0",
-                    ],
+                    dask_command(
+                        "worker", address, "--nworkers", "1", "--nthreads", "1"
+                    ),
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

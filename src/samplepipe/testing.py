@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 
 import numpy as np
@@ -185,3 +186,22 @@ def local_cluster(n_workers=2, *, set_as_default=True):
         Client(cluster, set_as_default=set_as_default) as client,
     ):
         yield client
+
+
+def dask_command(role: str, *args: str) -> list[str]:
+    """``dask scheduler``/``dask worker`` argv that listens on 127.0.0.1 only.
+
+    No dashboard; its HTTP server (health, metrics), which runs even without
+    one, on a free port of 127.0.0.1. ``args`` follow ``role``.
+    """
+    dask = os.path.join(os.path.dirname(sys.executable), "dask")
+    return [
+        dask,
+        role,
+        *args,
+        "--host",
+        "127.0.0.1",
+        "--no-dashboard",
+        "--dashboard-address",
+        "127.0.0.1:0",
+    ]
