@@ -10,8 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from samplepipe import CheckpointWrapper, SampleWrapper
 from samplepipe.server import free_port, stop_process
-from samplepipe.testing import local_cluster, random_samples
+from samplepipe.testing import CountingTransformer, local_cluster, random_samples
 
 BIN = Path(sys.executable).parent
 
@@ -57,6 +58,16 @@ def make_samples(n, n_features=4, start=0, prefix="s", seed=0):
 @pytest.fixture
 def samples():
     return make_samples(20)
+
+
+def counting_checkpoint(tmp_path, offset=1.0, stateless=True, **kwargs):
+    """A checkpointed `CountingTransformer` and its call log, under ``tmp_path``."""
+    log = str(tmp_path / "calls.log")
+    inner = SampleWrapper(
+        CountingTransformer(offset=offset, log_path=log, stateless=stateless)
+    )
+    kwargs.setdefault("features_dir", str(tmp_path / "features"))
+    return CheckpointWrapper(inner, **kwargs), log
 
 
 def command_env(home, api_url=None):

@@ -39,7 +39,6 @@ from samplepipe.testing import CountingTransformer, count_rows, random_samples
 
 from . import test_shards
 from .test_shards import new_process as forget_shards_and_validations
-from .test_shards import sharded
 from .test_storage_fs import counting, expected, s3_server, values  # noqa: F401
 
 store = test_shards.store  # the fixture: "local" and "s3" (the server above)
@@ -69,7 +68,7 @@ def step(layout, store, log, offset=1.0, stateless=True, **kwargs):
     """A checkpointed CountingTransformer in ``layout`` (shards of 4 samples)."""
     if layout == "shards":
         kwargs.setdefault("shard_size", 4)
-        return sharded(store, log, offset=offset, stateless=stateless, **kwargs)
+        kwargs["layout"] = "shards"
     return counting(store, log, offset=offset, stateless=stateless, **kwargs)
 
 

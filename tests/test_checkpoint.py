@@ -1,3 +1,4 @@
+import functools
 import os
 import re
 import tracemalloc
@@ -21,16 +22,10 @@ from samplepipe.storage import VALIDATED, Identity, is_temporary_file, read_mode
 from samplepipe.storage.files import HOST_TAG
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
-from .conftest import make_samples
+from .conftest import counting_checkpoint, make_samples
 
-
-def checkpointed(tmp_path, offset=0.0, stateless=True, **kwargs):
-    log = str(tmp_path / "calls.log")
-    inner = SampleWrapper(
-        CountingTransformer(offset=offset, log_path=log, stateless=stateless)
-    )
-    kwargs.setdefault("features_dir", str(tmp_path / "features"))
-    return CheckpointWrapper(inner, **kwargs), log
+#: The checkpointed `CountingTransformer` of these tests adds 0 unless told.
+checkpointed = functools.partial(counting_checkpoint, offset=0.0)
 
 
 def all_files(folder):
@@ -225,16 +220,6 @@ def test_a_sample_without_key_names_the_fix(tmp_path):
     wrapper, _ = checkpointed(tmp_path)
     with pytest.raises(ValueError, match="without a 'key' attribute"):
         wrapper.transform([Sample(np.zeros(4))])
-
-
-def test_duplicate_keys_raise_before_anything_is_written(tmp_path):
-    wrapper, log = checkpointed(tmp_path)
-    samples = make_samples(4)
-    samples[3].key = samples[1].key
-    with pytest.raises(ValueError, match=re.escape("for samples 1 and 3")):
-        wrapper.transform(samples)
-    assert not (tmp_path / "features").exists()
-    assert read_calls(log) == []
 
 
 @pytest.mark.parametrize(

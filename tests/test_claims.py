@@ -217,6 +217,7 @@ from samplepipe.storage.files import HOST_TAG
 from samplepipe.storage.fs import LOCAL
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
+from .conftest import counting_checkpoint as counting
 from .conftest import make_samples
 
 # ---------------------------------------------------------------------------
@@ -288,16 +289,6 @@ def claim(variant, monkeypatch):
 # ---------------------------------------------------------------------------
 class Interrupted(BaseException):
     """A write stopped half way (not an Exception: nothing handles it)."""
-
-
-def counting(tmp_path, offset=1.0, stateless=True, **kwargs):
-    """A checkpointed `CountingTransformer` and its call log."""
-    log = str(tmp_path / "calls.log")
-    inner = SampleWrapper(
-        CountingTransformer(offset=offset, log_path=log, stateless=stateless)
-    )
-    kwargs.setdefault("features_dir", str(tmp_path / "features"))
-    return CheckpointWrapper(inner, **kwargs), log
 
 
 def stack(samples):
@@ -666,7 +657,7 @@ def check_an_interrupted_write_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     assert after == before, "a write stopped half way damaged the old checkpoint"
     VALIDATED.clear()
     for ident in old.identities(samples):
-        assert ckpt.status(old.checkpoint_path(ident.key), ident)[0] == "valid"
+        assert ckpt.check(old.checkpoint_path(ident.key), ident)[0] == "valid"
 
 
 @variants(

@@ -41,11 +41,12 @@ def counting_pipeline(tmp_path, offset=1.0, fail_marker=None, fail_on=None):
     )
 
 
-def dirs(tmp_path):
+def dirs(tmp_path, batch_size=BATCH):
+    """The flows' folders under ``tmp_path``, and a batch size."""
     return {
         "features_dir": str(tmp_path / "features"),
         "model_dir": str(tmp_path / "models"),
-        "batch_size": BATCH,
+        "batch_size": batch_size,
     }
 
 
@@ -219,33 +220,33 @@ def test_io_errors_are_retried_programming_errors_are_not(tmp_path, fitted):
     pipe.steps[1] = ("count", FailOnce(**pipe.steps[1][1].get_params()))
     fit_pipeline(pipe, fitted, **dirs(tmp_path))
     marker.write_text("x")
-    state, flow_run_id = run(
-        transform_pipeline,
-        pipe,
-        samples,
-        retries=10,
-        retry_delay_seconds=0.5,
-        **dirs(tmp_path),
-    )
+
+    def runs_of_count_step(pipe, retries, retry_delay_seconds):
+        """The flow's final state and how often the ``count`` step ran."""
+        state, flow_run_id = run(
+            transform_pipeline,
+            pipe,
+            samples,
+            retries=retries,
+            retry_delay_seconds=retry_delay_seconds,
+            **dirs(tmp_path),
+        )
+        (count_run,) = [
+            r for r in task_runs(flow_run_id) if r.name.startswith("count.")
+        ]
+        return state, count_run.run_count
+
+    state, runs = runs_of_count_step(pipe, retries=10, retry_delay_seconds=0.5)
     assert state.is_completed()
-    count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
-    assert count_run.run_count > 1  # retried until the I/O error went away
+    assert runs > 1  # retried until the I/O error went away
 
     scaled = StandardScaler().fit(data(fitted)).transform(data(samples))
     bad = counting_pipeline(tmp_path, fail_on=float(scaled[0, 0]))  # ValueError
     bad.steps[1][1].set_params(fail_marker=None)
     fit_pipeline(bad, fitted, **dirs(tmp_path))
-    state, flow_run_id = run(
-        transform_pipeline,
-        bad,
-        samples,
-        retries=5,
-        retry_delay_seconds=0,
-        **dirs(tmp_path),
-    )
+    state, runs = runs_of_count_step(bad, retries=5, retry_delay_seconds=0)
     assert state.is_failed()
-    count_run = [r for r in task_runs(flow_run_id) if r.name.startswith("count.")][0]
-    assert count_run.run_count == 1
+    assert runs == 1
 
 
 def test_persisted_results_hold_no_arrays(tmp_path):

@@ -16,6 +16,8 @@ from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
 from ._prefect_helpers import artifacts, run, task_runs
 from .conftest import make_samples
+from .test_flows import data
+from .test_flows import dirs as flow_dirs
 
 pytestmark = [
     pytest.mark.slow,  # Prefect flow runs
@@ -24,15 +26,7 @@ pytestmark = [
 
 
 def dirs(tmp_path, batch_size=10):
-    return {
-        "features_dir": str(tmp_path / "features"),
-        "model_dir": str(tmp_path / "models"),
-        "batch_size": batch_size,
-    }
-
-
-def data(samples):
-    return np.stack([s.data for s in samples])
+    return flow_dirs(tmp_path, batch_size=batch_size)
 
 
 def classifier_pipeline():

@@ -54,6 +54,20 @@ def counting(folder, log):
     )
 
 
+def journaled_step(tmp_path, n):
+    """A step that checkpointed ``n`` samples in ``tmp_path / "f"``.
+
+    Returns ``(step, samples, checkpoint paths, the folder's journal)``.
+    """
+    samples = make_samples(n)
+    step = counting(tmp_path / "f", tmp_path / "calls.log")
+    step.transform(samples)
+    paths = [step.checkpoint_path(s.key) for s in samples]
+    journal = JOURNAL.file_of(os.path.dirname(paths[0]))
+    assert journal is not None
+    return step, samples, paths, journal
+
+
 def stack(samples):
     return np.stack([s.data for s in samples])
 
@@ -228,12 +242,7 @@ def test_a_changed_file_under_its_journal_line_is_not_trusted(tmp_path, monkeypa
 
 def check_damaged_journal_lines_are_ignored(tmp_path, opened):
     tmp_path.mkdir()
-    samples = make_samples(4)
-    step = counting(tmp_path / "f", tmp_path / "calls.log")
-    step.transform(samples)
-    paths = [step.checkpoint_path(s.key) for s in samples]
-    journal = JOURNAL.file_of(os.path.dirname(paths[0]))
-    assert journal is not None
+    step, samples, paths, journal = journaled_step(tmp_path, 4)
     with open(journal, "rb") as f:
         header, *lines = f.read().splitlines(keepends=True)
     by_name = {json.loads(line.split(b" ", 1)[1])[0]: line for line in lines}
@@ -361,12 +370,7 @@ def test_a_revoked_stamp_stays_revoked(tmp_path):
 # where journals live
 # ---------------------------------------------------------------------------
 def test_a_journal_others_can_write_is_not_used(tmp_path, opened):
-    samples = make_samples(3)
-    step = counting(tmp_path / "f", tmp_path / "log")
-    step.transform(samples)
-    paths = [step.checkpoint_path(s.key) for s in samples]
-    journal = JOURNAL.file_of(os.path.dirname(paths[0]))
-    assert journal is not None
+    step, samples, paths, journal = journaled_step(tmp_path, 3)
     os.chmod(journal, 0o666)
     new_process()
     opened.clear()

@@ -50,7 +50,11 @@ from .test_storage_fs import (  # noqa: F401 - s3_server is a fixture
     BUCKET,
     LOAD_SCRIPT,
     Store,
+    counting,
+    requests_by_phase,
     s3_server,
+    s3_store,
+    values,
 )
 
 
@@ -79,22 +83,9 @@ def new_process():
     VALIDATED.clear()
 
 
-def sharded(store, log, offset=1.0, stateless=True, shard_size=10, **kwargs):
-    inner = SampleWrapper(
-        CountingTransformer(offset=offset, stateless=stateless, log_path=str(log))
-    )
-    return CheckpointWrapper(
-        inner,
-        features_dir=store.url("f"),
-        storage_options=store.options,
-        layout="shards",
-        shard_size=shard_size,
-        **kwargs,
-    )
-
-
-def values(outputs):
-    return np.stack([o.data for o in outputs])
+def sharded(store, log, shard_size=10, **kwargs):
+    """`counting` in the sharded layout (shards of ``shard_size`` samples)."""
+    return counting(store, log, layout="shards", shard_size=shard_size, **kwargs)
 
 
 def expected(samples, offset=1.0):
@@ -143,12 +134,7 @@ def test_each_entry_holds_the_record_of_the_file_layout(tmp_path):
     log = tmp_path / "calls.log"
     shards = sharded(Store("local", str(tmp_path / "a")), log)
     shards.transform(samples)
-    files = CheckpointWrapper(
-        SampleWrapper(
-            CountingTransformer(offset=1.0, stateless=True, log_path=str(log))
-        ),
-        features_dir=str(tmp_path / "b"),
-    )
+    files = counting(Store("local", str(tmp_path / "b")), log)
     files.transform(samples)
     assert shards.step_identity() == files.step_identity()
     (name,) = os.listdir(tmp_path / "a" / "f")
@@ -689,35 +675,20 @@ def test_failed_inputs_pass_through_in_line_without_an_entry(tmp_path):
 # requests on S3: one per shard, not one per sample
 # ---------------------------------------------------------------------------
 def test_s3_requests_per_shard(s3_server, tmp_path):  # noqa: F811 - the fixture
-    store = Store(
-        "s3",
-        f"s3://{BUCKET}/{uuid.uuid4().hex}",
-        {"endpoint_url": s3_server.endpoint},
+    store, log = s3_store(s3_server), tmp_path / "calls.log"
+    seen = requests_by_phase(
         s3_server,
+        lambda: sharded(store, log, shard_size=50),
+        random_samples(100),
+        new_process,
     )
-    log = tmp_path / "calls.log"
-    samples = random_samples(100)
-    s3_server.requests()
-    seen = {}
-    sharded(store, log, shard_size=50).transform(samples)
-    seen["first transform (compute + write)"] = s3_server.requests()
-    sharded(store, log).transform(samples)
-    seen["second transform, same process"] = s3_server.requests()
-    new_process()
-    out = sharded(store, log).transform(samples)
-    seen["second transform, new process"] = s3_server.requests()
-    values(out)
-    seen["loading 100 outputs"] = s3_server.requests()
-    list(sharded(store, log).iter_checkpoints())
-    seen["iter_checkpoints"] = s3_server.requests()
-    print("\nS3 requests for 100 samples in shards of 50:")
-    for phase, counts in seen.items():
-        print(f"  {phase:40s} {sum(counts.values()):4d}  {counts}")
     assert count_rows(log, "transform") == 100
     first = seen["first transform (compute + write)"]
     assert first["PUT"] == 2 and first["LIST"] <= 2 and len(first) == 2
     assert seen["second transform, same process"] == {"LIST": 1}
     assert seen["second transform, new process"] == {"LIST": 1, "GET": 2}
-    assert seen["loading 100 outputs"] == {}
-    # the shards, then every other file (listed as unknown)
-    assert seen["iter_checkpoints"] == {"LIST": 2}
+    assert seen["loading the outputs"] == {}
+    # the shards, then every other file (listed as unknown); a new process
+    # reads each shard's index again
+    assert seen["iter_checkpoints (validated before)"] == {"LIST": 2}
+    assert seen["iter_checkpoints, new process"] == {"LIST": 2, "GET": 2}

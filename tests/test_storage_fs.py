@@ -674,43 +674,50 @@ def test_stamp_of_follows_the_object(store, tmp_path):
 # ---------------------------------------------------------------------------
 # request counts on S3
 # ---------------------------------------------------------------------------
+def requests_by_phase(s3_server, step, samples, forget):
+    """S3 requests of each phase of checkpointing ``samples`` with ``step()``.
+
+    ``forget()`` stands for a new process (clears what this one knows).
+    """
+    s3_server.requests()  # start counting from zero
+    seen = {}
+    step().transform(samples)
+    seen["first transform (compute + write)"] = s3_server.requests()
+    step().transform(samples)
+    seen["second transform, same process"] = s3_server.requests()
+    forget()
+    out = step().transform(samples)
+    seen["second transform, new process"] = s3_server.requests()
+    values(out)
+    seen["loading the outputs"] = s3_server.requests()
+    list(step().iter_checkpoints())
+    seen["iter_checkpoints (validated before)"] = s3_server.requests()
+    forget()
+    list(step().iter_checkpoints())
+    seen["iter_checkpoints, new process"] = s3_server.requests()
+    print(f"\nS3 requests for {len(samples)} samples:")
+    for phase, counts in seen.items():
+        print(f"  {phase:40s} {sum(counts.values()):4d}  {counts}")
+    return seen
+
+
+def s3_store(s3_server):
+    """A fresh folder on the S3 server."""
+    root = f"s3://{BUCKET}/{uuid.uuid4().hex}"
+    return Store("s3", root, {"endpoint_url": s3_server.endpoint}, s3_server)
+
+
 @pytest.mark.slow  # 600 requests to the S3 server
 def test_s3_requests_for_100_samples(s3_server, tmp_path):
-    store = Store(
-        "s3",
-        f"s3://{BUCKET}/{uuid.uuid4().hex}",
-        {"endpoint_url": s3_server.endpoint},
-        s3_server,
+    store, log = s3_store(s3_server), tmp_path / "calls.log"
+    seen = requests_by_phase(
+        s3_server, lambda: counting(store, log), random_samples(100), VALIDATED.clear
     )
-    samples = random_samples(100)
-    log = tmp_path / "calls.log"
-    s3_server.requests()
-    seen = {}
-    out = counting(store, log).transform(samples)
-    seen["first transform (compute + write)"] = s3_server.requests()
-    counting(store, log).transform(samples)
-    seen["second transform, same process"] = s3_server.requests()
-    VALIDATED.clear()
-    out = counting(store, log).transform(samples)
-    seen["second transform, new process (cache cleared)"] = s3_server.requests()
-    values(out)
-    seen["loading 100 outputs"] = s3_server.requests()
-    list(counting(store, log).iter_checkpoints())
-    seen["iter_checkpoints (validated before)"] = s3_server.requests()
-    VALIDATED.clear()
-    list(counting(store, log).iter_checkpoints())
-    seen["iter_checkpoints, new process"] = s3_server.requests()
-    print("\nS3 requests for 100 samples:")
-    for phase, counts in seen.items():
-        print(f"  {phase:48s} {sum(counts.values()):4d}  {counts}")
     assert count_rows(log, "transform") == 100
     assert seen["first transform (compute + write)"] == {"GET": 100, "PUT": 100}
     assert seen["second transform, same process"] == {"HEAD": 100}
-    assert seen["second transform, new process (cache cleared)"] == {
-        "GET": 100,
-        "HEAD": 100,
-    }
-    assert seen["loading 100 outputs"] == {"GET": 100}
+    assert seen["second transform, new process"] == {"GET": 100, "HEAD": 100}
+    assert seen["loading the outputs"] == {"GET": 100}
     assert seen["iter_checkpoints (validated before)"] == {"LIST": 1}
     assert seen["iter_checkpoints, new process"] == {"LIST": 1, "GET": 100}
 

@@ -125,7 +125,7 @@ def check_folder(features, identities, expected, seen=None):
             if seen is not None and path in seen:
                 continue
             key = os.path.relpath(path, features)[: -len(".h5")]
-            status, _ = checkpoint_status(path, identities[key])
+            status, _, _ = checkpoint_status(path, identities[key])
             assert status == "valid", (path, status)
             np.testing.assert_array_equal(load_hdf5(path), expected[key])
             files += 1

@@ -32,8 +32,8 @@ from .checkpoints import (
     read_record,
     sidecar,
 )
+from .checkpoints import check as checkpoint_status
 from .checkpoints import remove as remove_checkpoint_file
-from .checkpoints import status as checkpoint_status
 from .files import (
     VALIDATED,
     MissingStoreError,

@@ -199,26 +199,6 @@ def _is_readable_hdf5(path: str) -> bool:
         return False
 
 
-def status(
-    path: str,
-    wanted: Identity,
-    custom: bool = False,
-    any_inputs: bool = False,
-    fs: FileSystem | None = None,
-    known: Stamp | None = None,
-) -> tuple[str, Stamp | None]:
-    """``(status, stamp)`` of the checkpoint at ``path`` for identity ``wanted``.
-
-    With ``any_inputs``, a checkpoint of this step and key counts as ``valid``
-    whatever input it was computed from (how `remove_checkpoints` judges a
-    folder without the samples). ``fs`` is the filesystem of ``path`` (local
-    when None); ``known`` a stamp of the object that a store's listing gave
-    just before (saves a request per object).
-    """
-    found, st, _ = check(path, wanted, custom, any_inputs, fs, known)
-    return found, st
-
-
 def check(
     path: str,
     wanted: Identity,
@@ -227,7 +207,14 @@ def check(
     fs: FileSystem | None = None,
     known: Stamp | None = None,
 ) -> tuple[str, Stamp | None, str | None]:
-    """`status`, plus the verified record of the file (None unless it has one).
+    """``(status, stamp, record)`` of the checkpoint at ``path`` for ``wanted``.
+
+    ``record`` is the verified record of the file (None unless it has one).
+    With ``any_inputs``, a checkpoint of this step and key counts as ``valid``
+    whatever input it was computed from (how `remove_checkpoints` judges a
+    folder without the samples). ``fs`` is the filesystem of ``path`` (local
+    when None); ``known`` a stamp of the object that a store's listing gave
+    just before (saves a request per object).
 
     A local default-format file is judged, in this order, from this process's
     validation cache, from the journal of its folder (`samplepipe.storage.
@@ -329,7 +316,7 @@ def remember(
 
 
 def forget(path: str, custom: bool, fs: FileSystem | None = None) -> None:
-    """Forget that ``path`` was validated: the next `status` reads the file."""
+    """Forget that ``path`` was validated: the next `check` reads the file."""
     VALIDATED.forget(_cache_key(path, custom, fs))
 
 

@@ -1044,7 +1044,7 @@ class CheckpointWrapper(BaseWrapper):
         rel = relative_location(path, self._features_root())
         rel = rel[: -len(extension)]
         key = _key_from_relative(rel, self.hash_fn)
-        state, stamp_ = ckpt.status(
+        state, stamp_, _ = ckpt.check(
             path,
             Identity(step, "", key or ""),
             save is not None,
