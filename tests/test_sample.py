@@ -1,8 +1,10 @@
 import pickle
 import re
+import tracemalloc
 
 import numpy as np
 import pytest
+from sklearn.preprocessing import FunctionTransformer
 
 from samplepipe import (
     DelayedSample,
@@ -11,8 +13,10 @@ from samplepipe import (
     Sample,
     SampleBatch,
     SampleSet,
+    SampleWrapper,
     flatten_samplesets,
 )
+from samplepipe.wrappers._sample import stack_values
 
 
 def test_repr_matches_the_seed():
@@ -188,6 +192,49 @@ def test_sample_batch_gives_a_list_for_strings_and_ragged(values):
     stacked = batch.stack()
     assert isinstance(stacked, list)
     assert len(stacked) == 2
+
+
+@pytest.mark.parametrize("given_length", [False, True], ids=["list", "one-at-a-time"])
+def test_values_that_do_not_stack_are_given_back_as_they_were(given_length):
+    first, ints, as_list = np.zeros(3), np.arange(3), [1.0, 2.0, 3.0]
+    values = [first, ints, as_list, np.ones(2), "a"]
+    n = len(values) + 3 if given_length else None
+    stacked = stack_values(iter(values) if given_length else values, n=n)
+    assert isinstance(stacked, list)
+    assert [type(v) for v in stacked] == [type(v) for v in values]
+    # the values that were copied into the array before the ragged one came
+    assert stacked[1] is ints and stacked[2] is as_list
+    np.testing.assert_array_equal(stacked[0], first)
+    assert stacked[3] is values[3] and stacked[4] == "a"
+
+
+def test_stacking_values_taken_one_at_a_time_gives_as_many_rows():
+    stacked = stack_values(iter([np.zeros(2), np.ones(2)]), n=5)
+    assert stacked.shape == (2, 2)
+    np.testing.assert_array_equal(stacked, [[0, 0], [1, 1]])
+    assert stack_values(iter([]), n=3).shape == (0,)
+
+
+def test_stacking_lazy_samples_holds_one_copy_of_the_batch():
+    # 40 samples of 400 KB loaded on access; the step keeps one column, so what
+    # the transform holds is the stacked input (formerly: the loaded values and
+    # the stacked input, two copies)
+    def loader(i):
+        return lambda: np.full(50_000, float(i))
+
+    samples = [DelayedSample(loader(i), key=f"k{i}") for i in range(40)]
+    step = SampleWrapper(FunctionTransformer(lambda X: X[:, :1].copy()))
+    batch_bytes = 40 * 50_000 * 8
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        out = step.transform(samples)
+        peak = tracemalloc.get_traced_memory()[1] - before
+    finally:
+        tracemalloc.stop()
+    assert peak < 1.3 * batch_bytes, f"{peak / batch_bytes:.2f} batches"
+    assert [o.data[0] for o in out] == [float(i) for i in range(40)]
 
 
 def test_sample_batch_other_attribute():

@@ -48,6 +48,7 @@ from .tasks import (
     SampleFailures,
     StaleManifestError,
     fit_step,
+    one_batch_holds_data,
     samples_from_manifest,
     step_cache_policy,
     transform_step,
@@ -390,9 +391,10 @@ def _batches(n, batch_size):
 def _transform_step(name, step, samples, options, progress, rows, failures):
     """Run one step over all batches; return its output samples in order.
 
-    At most ``options.max_batches_in_flight`` batches run at once, so memory
-    stays bounded by a few batches whatever the size of the data set. Samples
-    that failed (``on_error="raise"``) are added to ``failures``.
+    At most ``options.max_batches_in_flight`` batches are in flight, and one
+    at a time holds its data in this process (`one_batch_holds_data`), so
+    memory stays bounded whatever the size of the data set. Samples that
+    failed (``on_error="raise"``) are added to ``failures``.
     """
     t0 = time.perf_counter()
     task_options = options.task_options()
@@ -425,35 +427,40 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
         )
         running[future] = (start, stop, again)
 
-    while pending and len(running) < options.max_batches_in_flight:
-        submit()
-    while running:
-        future = next(as_completed(list(running)))
-        start, stop, again = running.pop(future)
-        future.wait()
-        state = future.state
-        if not state.is_completed():
-            failed.append((start, stop, state))
-        else:
-            manifest = future.result()
-            try:
-                batch = samples_from_manifest(manifest, samples[start:stop], step)
-            except StaleManifestError:
-                if again:
-                    raise
-                submit((start, stop), again=True)  # a damaged cache entry: redo
-                continue
-            outputs[start:stop] = batch
-            n_failed += sum(f is None for f in manifest["files"])
-            if state.name == "Cached":
-                cached += 1
-                loaded += stop - start - sum(f is None for f in manifest["files"])
-            else:
-                computed += manifest["computed"]
-                loaded += manifest["loaded"]
-        if pending:
+    # one batch at a time computes and writes in this process: the others in
+    # flight do Prefect's bookkeeping meanwhile (memory: about two batches)
+    context = FlowRunContext.get()
+    run_id = context.flow_run.id if context and context.flow_run else None
+    with one_batch_holds_data(run_id):
+        while pending and len(running) < options.max_batches_in_flight:
             submit()
-        progress.advance()
+        while running:
+            future = next(as_completed(list(running)))
+            start, stop, again = running.pop(future)
+            future.wait()
+            state = future.state
+            if not state.is_completed():
+                failed.append((start, stop, state))
+            else:
+                manifest = future.result()
+                try:
+                    batch = samples_from_manifest(manifest, samples[start:stop], step)
+                except StaleManifestError:
+                    if again:
+                        raise
+                    submit((start, stop), again=True)  # a damaged cache entry: redo
+                    continue
+                outputs[start:stop] = batch
+                n_failed += sum(f is None for f in manifest["files"])
+                if state.name == "Cached":
+                    cached += 1
+                    loaded += stop - start - sum(f is None for f in manifest["files"])
+                else:
+                    computed += manifest["computed"]
+                    loaded += manifest["loaded"]
+            if pending:
+                submit()
+            progress.advance()
     sample_failures, other = _split_failures(name, failed, failures)
     n_failed += len(sample_failures)
     rows.append(
@@ -816,8 +823,11 @@ _FLOW_PARAMETERS = """
     retries, retry_delay_seconds : int, float
         Retries of a task run that failed with a transient I/O error.
     max_batches_in_flight : int, default=2
-        Batches of one step that run at once; memory stays bounded by about
-        this many batches (and their outputs), whatever the data set's size.
+        Task runs of one step in flight at once. On the thread runner one of
+        them at a time computes and writes; the others meanwhile do Prefect's
+        state changes and cache lookups. The data in memory stays about two
+        batches (a step's input and output) whatever the data set's size; on
+        Dask workers, each task holds its own batch.
     method : str, default="transform"
         What the last step computes for each sample: ``"transform"``,
         ``"predict"``, ``"predict_proba"``, ``"predict_log_proba"``,

@@ -11,15 +11,22 @@ per-sample checkpoint and computes only the missing ones.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
+import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
+from prefect.context import TaskRunContext
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 from prefect.utilities.annotations import BaseAnnotation
@@ -95,6 +102,77 @@ class ManifestSerializer(Serializer):
             raise StaleManifestError("the batch had failed samples")
         check_manifest(manifest)
         return manifest
+
+
+# Flow runs of this process whose transform tasks hold their data one at a time
+# (see `one_batch_holds_data`): flow run id -> the slot.
+_DATA_SLOTS: dict[UUID, threading.Lock] = {}
+
+
+@contextlib.contextmanager
+def one_batch_holds_data(flow_run_id: UUID | None) -> Iterator[None]:
+    """Within the block, this flow run's transform tasks in *this process*
+    compute and write one batch at a time.
+
+    Other batches in flight meanwhile do what holds no data: Prefect's state
+    changes, cache lookups, manifests. A batch holds about two copies of its
+    data while its step computes (the stacked input and the output) and one
+    while its outputs are written, so the data in memory stays about two
+    batches whatever ``max_batches_in_flight``. Tasks in other processes (Dask
+    workers) are not held back: their memory is the worker's to manage.
+    """
+    if flow_run_id is None:
+        yield
+        return
+    _DATA_SLOTS[flow_run_id] = threading.Lock()
+    try:
+        yield
+    finally:
+        _DATA_SLOTS.pop(flow_run_id, None)
+
+
+@contextlib.contextmanager
+def _data_slot() -> Iterator[None]:
+    """Hold the slot of this task's flow run (see `one_batch_holds_data`).
+
+    On leaving, the C allocator gives the pages that the batch freed back to
+    the operating system, as Dask's "trim memory" recipe does; otherwise the
+    per-sample arrays freed in each task thread's malloc arena stay resident
+    (about a batch per thread).
+    """
+    context = TaskRunContext.get()
+    slot = None
+    if context is not None and context.task_run.flow_run_id is not None:
+        slot = _DATA_SLOTS.get(context.task_run.flow_run_id)
+    if slot is None:
+        yield
+        return
+    with slot:
+        try:
+            yield
+        finally:
+            _malloc_trim()
+
+
+def _libc_malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def _malloc_trim() -> None:
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def unquoted(value: Any) -> Any:
@@ -284,7 +362,8 @@ def transform_batch(
     if step.features_dir is None:
         msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
         raise ValueError(msg)
-    report, errors = _transform_isolating(step, samples, identities)
+    with _data_slot():
+        report, errors = _transform_isolating(step, samples, identities)
     root = normalize_location(step.features_dir)
     manifest = {
         "format": MANIFEST_FORMAT,

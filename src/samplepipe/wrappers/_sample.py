@@ -358,35 +358,69 @@ class DelayedSampleSetCached(DelayedSampleSet):
         return cached
 
 
-def stack_values(values: Iterable[Any]) -> np.ndarray | list[Any]:
+def stack_values(values: Iterable[Any], n: int | None = None) -> np.ndarray | list[Any]:
     """Stack equally shaped numeric values into one preallocated array.
 
-    Strings, ``None`` and values of different shapes give a list instead.
+    Strings, ``None`` and values of different shapes give a list of the values
+    instead. ``n``, when given, is at least the number of values: they are then
+    taken one at a time, each copied into the array and let go before the next
+    is taken, so stacking lazily loaded samples holds one copy of the batch,
+    not two. The array has exactly as many rows as values.
     """
-    values = list(values)
-    if not values:
+    if n is None:
+        values = list(values)
+        n = len(values)
+    it = iter(values)
+    first = next(it, _NOTHING)
+    if first is _NOTHING:
         return np.empty((0,))
-    first = values[0]
     if isinstance(first, str | bytes) or first is None:
-        return values
-    first = np.asarray(first)
-    if first.dtype.kind not in "biufcmM":
-        return values
-    out = np.empty((len(values), *first.shape), dtype=first.dtype)
-    out[0] = first
-    for i in range(1, len(values)):
-        value = values[i]
+        return [first, *it]
+    first_array = np.asarray(first)
+    if first_array.dtype.kind not in "biufcmM":
+        return [first, *it]
+    out = np.empty((n, *first_array.shape), dtype=first_array.dtype)
+    out[0] = first_array
+    # values that are not arrays of out's dtype, kept as given for the list
+    # returned if a later value does not stack
+    given: dict[int, Any] = {}
+    if not _is_row_of(first, out):
+        given[0] = first
+    del first, first_array
+    i = 0
+    for i, value in enumerate(it, start=1):
+        if isinstance(value, str | bytes):
+            return _unstacked(out, given, i, value, it)
         shape = getattr(value, "shape", None)
         if shape is None:
-            value = np.asarray(value)
-            shape = value.shape
-        if shape != first.shape or isinstance(value, str | bytes):
-            return values
+            try:
+                shape = np.shape(value)
+            except ValueError:  # ragged nested sequences
+                return _unstacked(out, given, i, value, it)
+        if shape != out.shape[1:]:
+            return _unstacked(out, given, i, value, it)
         try:
             out[i] = value
         except (TypeError, ValueError):
-            return values
-    return out
+            return _unstacked(out, given, i, value, it)
+        if not _is_row_of(value, out):
+            given[i] = value
+    return out[: i + 1] if i + 1 < n else out
+
+
+_NOTHING = object()
+
+
+def _is_row_of(value: Any, out: np.ndarray) -> bool:
+    """Whether ``out``'s row equals ``value`` exactly, type included."""
+    return isinstance(value, np.ndarray) and value.dtype == out.dtype
+
+
+def _unstacked(
+    out: np.ndarray, given: dict[int, Any], i: int, value: Any, rest: Iterator[Any]
+) -> list[Any]:
+    """The values of `stack_values` as a list: ``i`` stacked, then the rest."""
+    return [given.get(k, out[k]) for k in range(i)] + [value, *rest]
 
 
 class SampleBatch(Sequence[Any]):

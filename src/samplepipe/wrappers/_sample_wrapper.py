@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -188,28 +188,38 @@ class SampleWrapper(BaseWrapper):
             kwargs[keyword] = values
         return kwargs
 
-    def _inputs(self, samples: Sequence[Sample]) -> tuple[list[Any], list[int]]:
-        """Load each sample's input once; return (values, valid indices)."""
+    def _inputs(self, samples: Sequence[Sample]) -> tuple[Any, list[int]]:
+        """``(X, valid)``: the stacked inputs that are not None, their indices.
+
+        Each sample's input is loaded once and copied into ``X`` before the
+        next is loaded (see `stack_values`).
+        """
         attribute = self._option("input_attribute")
-        values = []
-        for i, s in enumerate(samples):
-            try:
-                values.append(getattr(s, attribute))
-            except AttributeError as exc:
-                msg = (
-                    f"SampleWrapper({type(self.estimator).__name__}) could not read "
-                    f"attribute {attribute!r} of sample {i} ({s!r}), named in "
-                    "input_attribute."
-                )
-                raise AttributeError(msg) from exc
-        valid = [i for i, v in enumerate(values) if v is not None]
-        return values, valid
+        valid: list[int] = []
+
+        def loaded() -> Iterator[Any]:
+            for i, s in enumerate(samples):
+                try:
+                    value = getattr(s, attribute)
+                except AttributeError as exc:
+                    msg = (
+                        f"SampleWrapper({type(self.estimator).__name__}) could not "
+                        f"read attribute {attribute!r} of sample {i} ({s!r}), named "
+                        "in input_attribute."
+                    )
+                    raise AttributeError(msg) from exc
+                if value is not None:
+                    valid.append(i)
+                    yield value
+
+        X = stack_values(loaded(), n=len(samples))
+        return X, valid
 
     def _valid_inputs(
         self, method: str, flat: Sequence[Sample]
     ) -> tuple[np.ndarray | list[Any], list[int]]:
         """Stacked ``X`` of the inputs that are not None, and their indices."""
-        values, valid = self._inputs(flat)
+        X, valid = self._inputs(flat)
         if not valid:
             attribute = self._option("input_attribute")
             msg = (
@@ -218,7 +228,7 @@ class SampleWrapper(BaseWrapper):
                 "sample with data."
             )
             raise ValueError(msg)
-        return stack_values(values[i] for i in valid), valid
+        return X, valid
 
     # -- the core: one estimator call for a whole list of samples -----------
     def _apply(
@@ -231,13 +241,12 @@ class SampleWrapper(BaseWrapper):
     def _call_flat(self, method: str, flat: Sequence[Sample]) -> list[Sample]:
         if not flat:
             return []
-        values, valid = self._inputs(flat)
+        X, valid = self._inputs(flat)
         results = [None] * len(flat)
         if valid:
             kwargs = self._extra_kwargs("transform_extra_arguments", flat, valid)
-            X = stack_values(values[i] for i in valid)
-            del values
             out = getattr(self.estimator, method)(X, **kwargs)
+            del X  # before the outputs are written: one copy of the batch less
             if len(out) != len(valid):
                 msg = (
                     f"{type(self.estimator).__name__}.{method} returned {len(out)} "
