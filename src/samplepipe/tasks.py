@@ -120,10 +120,15 @@ def one_batch_holds_data(flow_run_id: UUID | None) -> Iterator[None]:
     while its outputs are written, so the data in memory stays about two
     batches whatever ``max_batches_in_flight``. Tasks in other processes (Dask
     workers) are not held back: their memory is the worker's to manage.
+
+    On glibc, the first such block of a process fixes malloc's mmap threshold
+    (`_large_arrays_return_their_memory`) and each batch ends with
+    ``malloc_trim``, so that the memory a batch frees leaves the process.
     """
     if flow_run_id is None:
         yield
         return
+    _large_arrays_return_their_memory()
     _DATA_SLOTS[flow_run_id] = threading.Lock()
     try:
         yield
@@ -154,25 +159,53 @@ def _data_slot() -> Iterator[None]:
             _malloc_trim()
 
 
-def _libc_malloc_trim() -> Any:
-    """glibc's ``malloc_trim``, or None (another C library, or not Linux)."""
+def _glibc() -> Any:
+    """The C library when it is glibc (``malloc_trim``, ``mallopt``), or None."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = (
+            [ctypes.c_size_t],
+            ctypes.c_int,
+        )
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        libc.mallopt.restype = ctypes.c_int
+    except (OSError, AttributeError):  # musl, or no C library found
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    return trim
+    return libc
 
 
-_MALLOC_TRIM = _libc_malloc_trim()
+_GLIBC = _glibc()
+_M_MMAP_THRESHOLD = -3  # mallopt's parameter number, from <malloc.h>
+#: Allocations from this size up get pages of their own, returned when freed.
+MMAP_THRESHOLD = 1 << 20
+_ALLOCATOR_SET = False
 
 
 def _malloc_trim() -> None:
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
+    if _GLIBC is not None:
+        _GLIBC.malloc_trim(0)
+
+
+def _large_arrays_return_their_memory() -> None:
+    """Fix glibc's mmap threshold at `MMAP_THRESHOLD` (1 MiB), once per process.
+
+    By default glibc raises the threshold to the size of each large block freed
+    (up to 32 MiB), so after the first batch a batch-sized array comes from the
+    heap and its pages stay resident once freed: measured, the peak RSS of a
+    10,000 x 4096 flow went from 1.8 to 3.9 batches above the fixed cost. This
+    is what ``MALLOC_MMAP_THRESHOLD_=1048576`` does; a process started with
+    ``MALLOC_MMAP_THRESHOLD_`` or ``MALLOC_TRIM_THRESHOLD_`` set keeps its own.
+    """
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET or _GLIBC is None:
+        return
+    _ALLOCATOR_SET = True
+    if not any(
+        k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    ):
+        _GLIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 def unquoted(value: Any) -> Any:
