@@ -192,10 +192,8 @@ def test_a_reordered_cached_manifest_is_not_used(tmp_path):
     storage = PREFECT_LOCAL_STORAGE_PATH.value()
     before = set(storage.glob("*"))
     transform_pipeline(pipe, samples, **dirs(tmp_path))
-    (path,) = [p for p in storage.glob("*") if p not in before]
-    record = json.loads(path.read_text())
-    manifest = json.loads(record["result"]) if "result" in record else None
-    assert manifest is not None and len(manifest["files"]) == 10
+    path, record, manifest = cached_manifest(storage, before)
+    assert len(manifest["files"]) == 10
     manifest["files"].reverse()  # names the same files, in another order
     record["result"] = json.dumps(manifest)
     path.write_text(json.dumps(record))
@@ -239,3 +237,54 @@ def test_a_swapped_file_behind_a_cached_manifest_is_noticed(tmp_path):
     np.testing.assert_allclose(out[0].data, samples[0].data)  # not sample 1's
     assert {r.state.name for r in task_runs(flow_run_id)} == {"Completed"}
     assert count_rows(log, "transform") == 11  # only the swapped one recomputed
+
+
+def cached_manifest(storage, before):
+    """``(path, Prefect's result record, manifest)`` of the one new task result."""
+    (path,) = [p for p in storage.glob("*") if p not in before]
+    record = json.loads(path.read_text())
+    manifest = json.loads(record["result"]) if "result" in record else None
+    assert manifest is not None
+    return path, record, manifest
+
+
+def test_flow_outputs_load_without_reading_their_records(tmp_path, monkeypatch):
+    # the manifest carries each file's checksum and kind: a loader reads the
+    # payload only (the file's own record is read when that fails)
+    import samplepipe.storage.hdf5 as hdf5
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(10)
+    pipe = Pipeline([("count", CountingTransformer(stateless=True))])
+    outputs = [transform_pipeline(pipe, samples, **dirs(tmp_path)) for _ in range(2)]
+    read_records = []
+    real = hdf5.read
+    monkeypatch.setattr(
+        hdf5, "read", lambda path, *a: read_records.append(path) or real(path, *a)
+    )
+    for out in outputs:  # the first run's, then the cached run's
+        np.testing.assert_allclose(data(out), data(samples))
+    assert read_records == []
+
+
+def test_a_wrong_checksum_in_a_cached_manifest_costs_a_read_not_a_value(tmp_path):
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from samplepipe.flows import transform_pipeline
+
+    log = str(tmp_path / "calls.log")
+    samples = make_samples(10)
+    pipe = Pipeline([("count", CountingTransformer(log_path=log, stateless=True))])
+    storage = PREFECT_LOCAL_STORAGE_PATH.value()
+    before = set(storage.glob("*"))
+    transform_pipeline(pipe, samples, **dirs(tmp_path))
+    path, record, manifest = cached_manifest(storage, before)
+    checksum, kind = manifest["files"][3][6]
+    manifest["files"][3][6] = ["0" * len(checksum), kind]
+    record["result"] = json.dumps(manifest)
+    path.write_text(json.dumps(record))
+    state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
+    assert [r.state.name for r in task_runs(flow_run_id)] == ["Cached"]
+    # the file is judged by its own record: the right value, nothing recomputed
+    np.testing.assert_allclose(data(state.result()), data(samples))
+    assert count_rows(log, "transform") == 10

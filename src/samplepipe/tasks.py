@@ -52,7 +52,7 @@ from .storage.shards import ShardLoader
 from .wrappers import CheckpointWrapper
 from .wrappers._checkpoint import failed_output, lazy_output
 
-MANIFEST_FORMAT = 2
+MANIFEST_FORMAT = 3  # 3: files entries carry their checksum and kind
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
 
@@ -405,13 +405,17 @@ def transform_batch(
         "root": root,
         "identity": report["step"],
         "layout": step.layout,
-        # [name, *stamp, input identity] per sample; shards add the entry's
-        # (group, row, checksum, kind)
+        # [name, *stamp, input identity, where] per sample: shards add the
+        # entry's (group, row, checksum, kind), files their (checksum, kind)
         "files": [
             None
             if f is None
-            else [relative_location(f[0], root), *f[1], inputs, *f[2:3]]
-            for f, inputs in zip(report["files"], report["inputs"])
+            else [relative_location(f[0], root), *f[1], inputs, *_verify_with(f, r)]
+            for f, inputs, r in zip(
+                report["files"],
+                report["inputs"],
+                report.get("records") or [None] * len(report["files"]),
+            )
         ],
         "computed": report["computed"],
         "loaded": report["loaded"],
@@ -443,6 +447,18 @@ def transform_batch(
     return manifest
 
 
+def _verify_with(file: tuple[Any, ...], record: str | None) -> list[Any]:
+    """What lets a loader verify the file without reading its record.
+
+    A shard's entry, or a file's ``[checksum, kind]`` from its verified record
+    (the rest of the record is the sample's identity); nothing when unknown.
+    """
+    if len(file) > 2:
+        return [file[2]]
+    parts = record.split(":", 5) if record is not None else []
+    return [[parts[3], parts[4]]] if len(parts) == 6 else []
+
+
 def _transform_isolating(step, samples, identities=None):
     """``(report, errors)`` of a batch, bisecting it around failing samples."""
     report: dict[str, Any] = {}
@@ -461,6 +477,7 @@ def _transform_isolating(step, samples, identities=None):
                 "step": None,
                 "inputs": [None],
                 "files": [None],
+                "records": [None],
             }
             return report, [[key, f"{type(exc).__name__}: {exc}"]]
     half = len(samples) // 2
@@ -477,6 +494,8 @@ def _transform_isolating(step, samples, identities=None):
         "step": left["step"] or right["step"],
         "inputs": left["inputs"] + right["inputs"],
         "files": left["files"] + right["files"],
+        "records": (left.get("records") or [None] * len(left["files"]))
+        + (right.get("records") or [None] * len(right["files"])),
     }
     return merged, left_errors + right_errors
 
@@ -596,6 +615,12 @@ def samples_from_manifest(
             where = (int(group), int(row), str(checksum), str(kind))
             loader = ShardLoader.make(path, identity, stamp_, options, where)
         else:
-            loader = CheckpointLoader(path, identity, stamp_, load_func, options)
+            record = None
+            if len(entry) > 6 and load_func is None:  # checksum and kind known
+                checksum, kind = (str(v) for v in entry[6])
+                record = identity.record(checksum, kind)
+            loader = CheckpointLoader(
+                path, identity, stamp_, load_func, options, record, False
+            )
         out.append(lazy_output(s, attribute, loader))
     return out

@@ -421,9 +421,12 @@ class CheckpointLoader:
     A default-format file is then opened once: its payload is read and checked
     against the checksum of ``record``, the verified record of the file (when
     the loader has none, the file's own record is read, verified and judged in
-    the same open). A file that fails raises `CorruptCheckpointError`, is no
-    longer trusted by this process nor by the journal, and is recomputed by
-    the next ``transform``: a loaded value is always the one validated.
+    the same open). A ``record`` that was not verified against the file
+    (``record_verified=False``: one named by a flow's manifest) is a shortcut
+    only: when the payload fails it, the file is judged by its own record. A file
+    that fails raises `CorruptCheckpointError`, is no longer trusted by this
+    process nor by the journal, and is recomputed by the next ``transform``: a
+    loaded value is always the one validated.
 
     A checkpoint at a URL is read once per call and verified from its bytes
     (record and checksum): one GET, no stamp check. The loader keeps the URL
@@ -437,6 +440,7 @@ class CheckpointLoader:
     load_func: Callable[[str], Any] | None = None
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
     record: str | None = field(default=None, repr=False)
+    record_verified: bool = field(default=True, repr=False)
 
     def __call__(self) -> Any:
         custom = self.load_func is not None
@@ -452,9 +456,14 @@ class CheckpointLoader:
             assert self.load_func is not None
             return self.load_func(self.path)
         try:
-            if record is None:
-                return self._load_and_judge()
-            return hdf5.load_verified(self.path, record)
+            if record is not None:
+                try:
+                    return hdf5.load_verified(self.path, record)
+                except hdf5.ChecksumError:
+                    if self.record_verified or record is not self.record:
+                        raise
+                    # a record from a manifest that does not fit: judge the file
+            return self._load_and_judge()
         except (OSError, KeyError, ValueError, TypeError) as exc:
             forget(self.path, custom)
             if st is not None:

@@ -729,8 +729,9 @@ class CheckpointWrapper(BaseWrapper):
 
         ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
         ``failed`` (samples whose output is None), ``step`` (the step identity),
-        ``inputs`` (each sample's input identity) and ``files`` (each sample's
-        path and `Stamp`, None for failed samples).
+        ``inputs`` (each sample's input identity), ``files`` (each sample's
+        path and `Stamp`, None for failed samples) and, in the file layout,
+        ``records`` (each file's verified record, None when unknown).
 
         ``identities`` is ``(step_identity, [input identity of each sample])``
         when the caller has computed them already (the flows compute them once
@@ -833,6 +834,7 @@ class CheckpointWrapper(BaseWrapper):
             report["files"] = [
                 (p, st) if st is not None else None for p, st in zip(paths, stamps)
             ]
+            report["records"] = records
         return results
 
     def _warn_recomputed(
