@@ -221,10 +221,11 @@ def unquoted(value: Any) -> Any:
 def _recorded_stamps(manifest: dict[str, Any]) -> list[tuple[str, Stamp]]:
     """``(path, recorded stamp)`` of every file a manifest names."""
     root = manifest.get("root", "")
+    join = join_location if is_url(root) else os.path.join  # once, not per file
     # a shard holds many samples: each file once
     named = list(
         {
-            entry[0]: (join_location(root, entry[0]), Stamp(*entry[1:5]))
+            entry[0]: (join(root, entry[0]), Stamp(*entry[1:5]))
             for entry in manifest.get("files") or []
             if entry is not None
         }.values()
@@ -559,6 +560,28 @@ def _is_relative_name(name: Any) -> bool:
     return True
 
 
+def _names_below(paths: list[str], base: str) -> list[str | None]:
+    """Each path relative to ``base`` (``/`` separators), as `transform_batch`
+    records it, or None when it does not start with ``base`` and a separator.
+
+    A manifest (whose root is ``base`` normalised) that records exactly this
+    name for a sample names exactly this path.
+    """
+    for sep in ("/", os.sep):
+        if base.endswith(sep):
+            base = base[: -len(sep)]
+    prefixes = {base + "/", base + os.sep} if base else set()
+    names: list[str | None] = []
+    for path in paths:
+        name = None
+        for prefix in prefixes:
+            if path.startswith(prefix):
+                name = path[len(prefix) :].replace(os.sep, "/")
+                break
+        names.append(name)
+    return names
+
+
 def samples_from_manifest(
     manifest: dict[str, Any], inputs: list[Any], step: CheckpointWrapper
 ) -> list[Any]:
@@ -586,11 +609,19 @@ def samples_from_manifest(
     sharded = layout == "shards"
     folder = normalize_location(step.features_dir or "")
     expected: list[str | None] = [None] * len(inputs)
+    # The names a manifest of this step records (`relative_location` of each
+    # expected path): one string comparison per sample instead of two
+    # normalised paths; any other name is checked the long way.
+    names: list[str | None] = [None] * len(inputs)
+    join = join_location if stored else os.path.join
     if not sharded:  # shards: any shard in the step's folder
-        expected = list(step.checkpoint_paths(s.key for s in inputs))
+        checkpoints = step.checkpoint_paths(s.key for s in inputs)
+        expected = list(checkpoints)
+        if root == folder and not stored:
+            names = _names_below(checkpoints, step._features_root())
     out = []
     paths: dict[str, str] = {}
-    for s, entry, expected_path in zip(inputs, entries, expected):
+    for s, entry, expected_path, expected_name in zip(inputs, entries, expected, names):
         if entry is None:
             out.append(failed_output(s, attribute))
             continue
@@ -599,11 +630,13 @@ def samples_from_manifest(
             raise StaleManifestError("manifest without a step identity")
         path = paths.get(name)
         if path is None:  # one string per file: a shard is named by many samples
-            path = paths[name] = join_location(root, name)
+            path = paths[name] = join(root, name)
         if sharded:
             inside = root == folder and _is_relative_name(name)
         else:
-            inside = normalize_location(path) == normalize_location(expected_path or "")
+            inside = name == expected_name or (
+                normalize_location(path) == normalize_location(expected_path or "")
+            )
         if not inside:
             msg = f"manifest names {path!r} for sample {s.key!r}"
             raise StaleManifestError(msg)
