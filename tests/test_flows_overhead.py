@@ -1,8 +1,9 @@
-"""Flow-run heartbeats: off for in-process calls, kept for engine (deployment) runs.
+"""Per-run costs: flow-run heartbeats and the checks of cached manifests.
 
 Prefect's flow engine joins its heartbeat thread at the end of every run (up
 to 1 s); samplepipe's flows called in-process run without it unless heartbeats
 are configured. A probe step counts the heartbeat threads alive while it runs.
+A cached batch's manifest is checked once per cache lookup.
 """
 
 import threading
@@ -98,3 +99,27 @@ def test_a_subflow_keeps_its_heartbeat(tmp_path):
 
     assert parent() == 6
     assert _seen(tmp_path) == [2, 2]  # the parent's and the subflow's
+
+
+def test_a_cached_batch_checks_its_manifest_once(tmp_path, monkeypatch):
+    # Prefect reads a cached result twice per lookup (exists, then read): the
+    # files a manifest names are checked (one os.stat each) on the first read.
+    from samplepipe import tasks
+    from samplepipe.flows import transform_pipeline
+
+    from ._prefect_helpers import run, task_runs
+
+    transform_pipeline(**_parameters(tmp_path))
+    checked = []
+    real = tasks.check_manifest
+
+    def counting(manifest, *args, **kwargs):
+        checked.append(manifest["start"])
+        return real(manifest, *args, **kwargs)
+
+    monkeypatch.setattr(tasks, "check_manifest", counting)
+    state, flow_run_id = run(transform_pipeline, **_parameters(tmp_path))
+    assert [s.key for s in state.result()] == [s.key for s in make_samples(6)]
+    assert sorted(r.state.name for r in task_runs(flow_run_id)) == ["Cached"] * 2
+    assert sorted(checked) == [0, 3]  # once per batch, not twice
+    assert _seen(tmp_path) == [0, 0]  # computed once, by the first run
