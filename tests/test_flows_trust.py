@@ -182,21 +182,13 @@ def test_transform_uses_the_fitted_pipeline_it_is_given(tmp_path):
 
 
 def test_a_reordered_cached_manifest_is_not_used(tmp_path):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
-
     from samplepipe.flows import transform_pipeline
 
-    log = str(tmp_path / "calls.log")
-    samples = make_samples(10)
-    pipe = Pipeline([("count", CountingTransformer(log_path=log, stateless=True))])
-    storage = PREFECT_LOCAL_STORAGE_PATH.value()
-    before = set(storage.glob("*"))
-    transform_pipeline(pipe, samples, **dirs(tmp_path))
-    path, record, manifest = cached_manifest(storage, before)
-    assert len(manifest["files"]) == 10
-    manifest["files"].reverse()  # names the same files, in another order
-    record["result"] = json.dumps(manifest)
-    path.write_text(json.dumps(record))
+    def reordered(manifest):
+        assert len(manifest["files"]) == 10
+        manifest["files"].reverse()  # names the same files, in another order
+
+    pipe, samples, log = run_then_edit_its_manifest(tmp_path, reordered)
     state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
     # in input order (the reversed manifest would give them reversed): the batch
     # ran again and loaded its valid checkpoints
@@ -239,13 +231,29 @@ def test_a_swapped_file_behind_a_cached_manifest_is_noticed(tmp_path):
     assert count_rows(log, "transform") == 11  # only the swapped one recomputed
 
 
-def cached_manifest(storage, before):
-    """``(path, Prefect's result record, manifest)`` of the one new task result."""
+def run_then_edit_its_manifest(tmp_path, edit):
+    """Run a one-step flow over 10 samples, then ``edit`` its cached manifest.
+
+    Returns ``(pipeline, samples, call log)``.
+    """
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
+
+    from samplepipe.flows import transform_pipeline
+
+    log = str(tmp_path / "calls.log")
+    samples = make_samples(10)
+    pipe = Pipeline([("count", CountingTransformer(log_path=log, stateless=True))])
+    storage = PREFECT_LOCAL_STORAGE_PATH.value()
+    before = set(storage.glob("*"))
+    transform_pipeline(pipe, samples, **dirs(tmp_path))
     (path,) = [p for p in storage.glob("*") if p not in before]
     record = json.loads(path.read_text())
     manifest = json.loads(record["result"]) if "result" in record else None
     assert manifest is not None
-    return path, record, manifest
+    edit(manifest)
+    record["result"] = json.dumps(manifest)
+    path.write_text(json.dumps(record))
+    return pipe, samples, log
 
 
 def test_flow_outputs_load_without_reading_their_records(tmp_path, monkeypatch):
@@ -268,21 +276,13 @@ def test_flow_outputs_load_without_reading_their_records(tmp_path, monkeypatch):
 
 
 def test_a_wrong_checksum_in_a_cached_manifest_costs_a_read_not_a_value(tmp_path):
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH
-
     from samplepipe.flows import transform_pipeline
 
-    log = str(tmp_path / "calls.log")
-    samples = make_samples(10)
-    pipe = Pipeline([("count", CountingTransformer(log_path=log, stateless=True))])
-    storage = PREFECT_LOCAL_STORAGE_PATH.value()
-    before = set(storage.glob("*"))
-    transform_pipeline(pipe, samples, **dirs(tmp_path))
-    path, record, manifest = cached_manifest(storage, before)
-    checksum, kind = manifest["files"][3][6]
-    manifest["files"][3][6] = ["0" * len(checksum), kind]
-    record["result"] = json.dumps(manifest)
-    path.write_text(json.dumps(record))
+    def wrong_checksum(manifest):
+        checksum, kind = manifest["files"][3][6]
+        manifest["files"][3][6] = ["0" * len(checksum), kind]
+
+    pipe, samples, log = run_then_edit_its_manifest(tmp_path, wrong_checksum)
     state, flow_run_id = run(transform_pipeline, pipe, samples, **dirs(tmp_path))
     assert [r.state.name for r in task_runs(flow_run_id)] == ["Cached"]
     # the file is judged by its own record: the right value, nothing recomputed

@@ -474,13 +474,18 @@ class CheckpointLoader:
         """Read the record and payload in one open; verify both, then decode."""
         record, payload = hdf5.read(self.path)
         found, record = _verified(record, payload)
+        self._raise_unless_mine(found, record)
+        assert record is not None
+        return hdf5.decode(payload, record.split(":", 5)[4])
+
+    def _raise_unless_mine(self, found: str, record: str | None) -> None:
+        """`CorruptCheckpointError` unless a verified ``record`` (``found`` is
+        ``"ok"``) is that of the loader's identity."""
         if found == "ok":
             assert record is not None
             found = judge(record, self.identity)
         if found != "valid":
             raise CorruptCheckpointError(self._changed(found))
-        assert record is not None
-        return hdf5.decode(payload, record.split(":", 5)[4])
 
     def _changed(self, found: str) -> str:
         return (
@@ -500,11 +505,7 @@ class CheckpointLoader:
             )
         else:
             found, record = record_of_bytes(blob)
-        if found == "ok":
-            assert record is not None
-            found = judge(record, self.identity)
-        if found != "valid":
-            raise CorruptCheckpointError(self._changed(found))
+        self._raise_unless_mine(found, record)
         assert blob is not None
         if not custom:
             return hdf5.load_image(blob)
