@@ -3,7 +3,8 @@
 Prefect's flow engine joins its heartbeat thread at the end of every run (up
 to 1 s); samplepipe's flows called in-process run without it unless heartbeats
 are configured. A probe step counts the heartbeat threads alive while it runs.
-A cached batch's manifest is checked once per cache lookup.
+A cached batch's manifest is checked once per cache lookup. A top-level call
+passes its samples to Prefect, and gets them back, without Prefect walking them.
 """
 
 import threading
@@ -123,3 +124,58 @@ def test_a_cached_batch_checks_its_manifest_once(tmp_path, monkeypatch):
     assert sorted(r.state.name for r in task_runs(flow_run_id)) == ["Cached"] * 2
     assert sorted(checked) == [0, 3]  # once per batch, not twice
     assert _seen(tmp_path) == [0, 0]  # computed once, by the first run
+
+
+def _count_sample_visits(monkeypatch):
+    """How many samples Prefect's collection walks see (the real walks run)."""
+    import prefect.flow_engine
+    import prefect.futures
+    import prefect.utilities.engine
+
+    from samplepipe import Sample
+
+    seen = []
+    real = prefect.utilities.engine.visit_collection
+
+    def counting(expr, visit_fn, *args, **kwargs):
+        def visit(x, *context):
+            if isinstance(x, Sample):
+                seen.append(getattr(x, "key", None))
+            return visit_fn(x, *context)
+
+        return real(expr, visit, *args, **kwargs)
+
+    for module in (prefect.flow_engine, prefect.futures, prefect.utilities.engine):
+        monkeypatch.setattr(module, "visit_collection", counting)
+    return seen
+
+
+def test_a_top_level_call_passes_its_samples_without_a_walk(tmp_path, monkeypatch):
+    from samplepipe.flows import transform_pipeline
+
+    seen = _count_sample_visits(monkeypatch)
+    out = transform_pipeline(**_parameters(tmp_path))
+    assert type(out) is list
+    assert [s.key for s in out] == [s.key for s in make_samples(6)]
+    np.testing.assert_array_equal(out[0].data, make_samples(6)[0].data + 1.0)
+    assert seen == []
+    # with return_state=True the flow returns its samples as Prefect expects
+    state = transform_pipeline(**_parameters(tmp_path), return_state=True)
+    assert state.is_completed()
+    assert [s.key for s in state.result()] == [s.key for s in make_samples(6)]
+    assert len(seen) >= 6
+
+
+def test_a_subflow_returns_its_samples_as_prefect_expects(tmp_path, monkeypatch):
+    from prefect import flow
+
+    from samplepipe.flows import transform_pipeline
+
+    @flow
+    def parent():
+        out = transform_pipeline(**_parameters(tmp_path))
+        return type(out).__name__, [s.key for s in out]
+
+    seen = _count_sample_visits(monkeypatch)
+    assert parent() == ("list", [s.key for s in make_samples(6)])
+    assert len(seen) >= 6  # a parent may pass them on to its own tasks

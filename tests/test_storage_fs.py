@@ -796,3 +796,22 @@ def test_location_helpers():
     assert relative_location("s3://b/x/s/k.h5", "s3://b/x/") == "s/k.h5"
     with pytest.raises(ValueError, match="is not inside"):
         relative_location("s3://b/y/k.h5", "s3://b/x")
+
+
+@pytest.mark.parametrize(
+    ("path", "root"),
+    [
+        ("/a/b/c.h5", "/a"),
+        ("/a/b/c.h5", "/a/"),
+        ("/a/./b/c.h5", "/a"),
+        ("/a/b/../../c.h5", "/a"),
+        ("/ab/c.h5", "/a"),
+        ("/a/b.h5", "/"),
+        ("/a//b.h5", "/a"),
+        ("/a/b.h5", "/x/../a"),
+        ("a/b/c.h5", "a"),
+    ],
+)
+def test_relative_location_of_a_local_path_is_relpaths(path, root):
+    # local paths take a shortcut (a prefix cut) when the path is normalised
+    assert relative_location(path, root) == os.path.relpath(path, root)

@@ -490,8 +490,10 @@ def _verify_with(file: tuple[Any, ...], record: str | None) -> list[Any]:
     """
     if len(file) > 2:
         return [file[2]]
-    parts = record.split(":", 5) if record is not None else []
-    return [[parts[3], parts[4]]] if len(parts) == 6 else []
+    if record is None:
+        return []
+    _, checksum, kind = Identity.parse(record)
+    return [[checksum, kind]]
 
 
 def _transform_isolating(step, samples, identities=None):
@@ -594,28 +596,6 @@ def _is_relative_name(name: Any) -> bool:
     return True
 
 
-def _names_below(paths: list[str], base: str) -> list[str | None]:
-    """Each path relative to ``base`` (``/`` separators), as `transform_batch`
-    records it, or None when it does not start with ``base`` and a separator.
-
-    A manifest (whose root is ``base`` normalised) that records exactly this
-    name for a sample names exactly this path.
-    """
-    for sep in ("/", os.sep):
-        if base.endswith(sep):
-            base = base[: -len(sep)]
-    prefixes = {base + "/", base + os.sep} if base else set()
-    names: list[str | None] = []
-    for path in paths:
-        name = None
-        for prefix in prefixes:
-            if path.startswith(prefix):
-                name = path[len(prefix) :].replace(os.sep, "/")
-                break
-        names.append(name)
-    return names
-
-
 def samples_from_manifest(
     manifest: dict[str, Any], inputs: list[Any], step: CheckpointWrapper
 ) -> list[Any]:
@@ -642,20 +622,18 @@ def samples_from_manifest(
     attribute = step._sample_attribute()
     sharded = layout == "shards"
     folder = normalize_location(step.features_dir or "")
-    expected: list[str | None] = [None] * len(inputs)
-    # The names a manifest of this step records (`relative_location` of each
-    # expected path): one string comparison per sample instead of two
-    # normalised paths; any other name is checked the long way.
-    names: list[str | None] = [None] * len(inputs)
     join = join_location if stored else os.path.join
+    # Each sample's checkpoint name in the step's folder (the name a manifest
+    # of this step records): one string comparison per sample; a manifest
+    # written under another spelling of the folder is checked the long way.
+    names: list[str] = [""] * len(inputs)
+    features_root = folder
     if not sharded:  # shards: any shard in the step's folder
-        checkpoints = step.checkpoint_paths(s.key for s in inputs)
-        expected = list(checkpoints)
-        if root == folder and not stored:
-            names = _names_below(checkpoints, step._features_root())
+        names = step.checkpoint_names(s.key for s in inputs)
+        features_root = step._features_root()
     out = []
     paths: dict[str, str] = {}
-    for s, entry, expected_path, expected_name in zip(inputs, entries, expected, names):
+    for s, entry, expected in zip(inputs, entries, names):
         if entry is None:
             out.append(failed_output(s, attribute))
             continue
@@ -668,8 +646,9 @@ def samples_from_manifest(
         if sharded:
             inside = root == folder and _is_relative_name(name)
         else:
-            inside = name == expected_name or (
-                normalize_location(path) == normalize_location(expected_path or "")
+            inside = (root == folder and name == expected) or (
+                normalize_location(path)
+                == normalize_location(join(features_root, expected))
             )
         if not inside:
             msg = f"manifest names {path!r} for sample {s.key!r}"

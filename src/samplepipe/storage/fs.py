@@ -137,6 +137,9 @@ def relative_location(path: str, root: str) -> str:
     Raises ``ValueError`` when ``path`` is not inside ``root``.
     """
     if not is_url(root):
+        prefix = root if root.endswith(os.sep) else root + os.sep
+        if path.startswith(prefix) and os.path.normpath(path) == path:
+            return path[len(prefix) :].replace(os.sep, "/")  # relpath's answer
         return os.path.relpath(path, root).replace(os.sep, "/")
     base, full = normalize_location(root), normalize_location(path)
     if not full.startswith(base + "/"):

@@ -427,18 +427,26 @@ class CheckpointWrapper(BaseWrapper):
     def checkpoint_paths(self, keys: Iterable[str]) -> list[str]:
         """`checkpoint_path` of each key; the options are resolved once."""
         root = self._features_root()
-        extension = _resolve_option(self, "extension")
         join = join_location if "://" in root and is_url(root) else os.path.join
-        paths = []
+        return [join(root, name) for name in self.checkpoint_names(keys)]
+
+    def checkpoint_names(self, keys: Iterable[str]) -> list[str]:
+        """Each key's checkpoint path inside ``features_dir``, ``/``-separated.
+
+        ``<key><extension>``, under the bucket that ``hash_fn`` gives the key
+        if it is set. Each key (and bucket) is checked first (see `check_key`).
+        """
+        extension = _resolve_option(self, "extension")
+        names = []
         for key in keys:
             check_key(key)
             if self.hash_fn is None:
-                paths.append(join(root, key + extension))
+                names.append(key + extension)
                 continue
             bucket = str(self.hash_fn(key))
             check_key(bucket, owner="CheckpointWrapper's hash_fn")
-            paths.append(join(root, bucket, key + extension))
-        return paths
+            names.append(f"{bucket}/{key}{extension}")
+        return names
 
     def _features_root(self) -> str:
         """``features_dir`` as a local path or a URL (see `location_root`)."""
