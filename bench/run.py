@@ -2,6 +2,7 @@
 
     python bench/run.py            # the full run recorded in bench/RESULTS.md
     python bench/run.py --quick    # smaller sizes, for a smoke test
+    python bench/run.py --sections 1   # sections 1 and 2 only
 
 Every figure is measured in this one run on this machine; ratios compare
 figures of the same run. Nothing here is a test.
@@ -82,8 +83,12 @@ def read_all(samples):
 
 
 # ---------------------------------------------------------------------------
-def bench_checkpoint(n, d, work):
-    """Section 1 (a)-(e): one cheap transformer over n x d samples."""
+def bench_checkpoint(n, d, work, flow_round=None):
+    """Section 1 (a)-(e): one cheap transformer over n x d samples.
+
+    ``flow_round(samples, round_)``, if given, runs the flow's cases of section
+    1 (f) in each round, right after the wrapper's.
+    """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
@@ -108,6 +113,7 @@ def bench_checkpoint(n, d, work):
     X = np.stack([s.data for s in samples]) + 1.0
     features = None
     raw_ws, raw_rs, firsts, agains, freshes = [], [], [], [], []
+    flows = []
     for round_ in range(3):
         folder = os.path.join(work, f"raw{round_}")
         os.makedirs(folder)
@@ -139,6 +145,8 @@ def bench_checkpoint(n, d, work):
 
         freshes.append(timed(rerun_fresh)[0])
         shutil.rmtree(folder)
+        if flow_round is not None:
+            flows.append(flow_round(samples, round_))
     raw_w = record("1", "(b) raw h5py: write one file per sample", min(raw_ws), n)
     raw_r = record("1", "(b) raw h5py: read one file per sample", min(raw_rs), n)
     first = record(
@@ -198,18 +206,26 @@ def bench_checkpoint(n, d, work):
     ratio("(c)/(e) first run / sklearn memory first run", first, sk_first)
     ratio("(d)/(e) re-run / sklearn memory cached run", again, sk_cached)
     print(f"  first run: {n / first:.0f} samples/s; re-run: {n / again:.0f} samples/s")
-    return {"first": first, "again": again, "samples": samples, "features": features}
+    if flows:
+        flow_ratios(n, flows, first, again, fresh)
+    return {"samples": samples, "features": features}
 
 
-def bench_flow(n, d, work, ckpt):
-    """Section 1 (f) and 2: the Prefect flow against CheckpointWrapper alone."""
+def flow_rounds(d, work):
+    """Section 1 (f): the Prefect flow, in the rounds of section 1 (c)-(d').
+
+    Each round runs the flow into a fresh folder right after the wrapper's
+    cases of the same round: its first run, its fully cached run in the same
+    process (data read), and a cached run as a new process would see it (the
+    in-memory caches of validated files cleared, as for (d')).
+    """
     from sklearn.pipeline import Pipeline
 
     from samplepipe.flows import transform_pipeline
-    from samplepipe.testing import CountingTransformer, count_rows
+    from samplepipe.storage import VALIDATED
+    from samplepipe.storage.journal import JOURNAL
+    from samplepipe.testing import CountingTransformer
 
-    print(f"\n1 (f). transform_pipeline flow, {n} x {d}, batches of 1000")
-    samples = ckpt["samples"]
     log = os.path.join(work, "flow.log")
 
     def pipe():
@@ -217,28 +233,66 @@ def bench_flow(n, d, work, ckpt):
             [("cheap", CountingTransformer(offset=1.0, stateless=True, log_path=log))]
         )
 
-    kw = {
-        "features_dir": os.path.join(work, "flow"),
-        "model_dir": os.path.join(work, "m"),
-        "batch_size": 1000,
-    }
-    transform_pipeline(pipe(), make_samples(10, d, prefix="warm"), **kw)  # warm-up
-    first = record(
+    def kw(round_):
+        return {
+            "features_dir": os.path.join(work, f"flow{round_}"),
+            "model_dir": os.path.join(work, f"m{round_}"),
+            "batch_size": 1000,
+        }
+
+    transform_pipeline(pipe(), make_samples(10, d, prefix="warm"), **kw("warm"))
+
+    def run(samples, round_):
+        def cached_fresh():
+            VALIDATED.clear()
+            JOURNAL.clear()
+            return read_all(transform_pipeline(pipe(), samples, **kw(round_)))
+
+        first = timed(lambda: transform_pipeline(pipe(), samples, **kw(round_)))[0]
+        again = timed(
+            lambda: read_all(transform_pipeline(pipe(), samples, **kw(round_)))
+        )[0]
+        return first, again, timed(cached_fresh)[0]
+
+    run.pipe, run.kw, run.log = pipe, kw, log
+    return run
+
+
+def flow_ratios(n, flows, first, again, fresh):
+    """Record section 1 (f) and its ratios to the wrapper's best rounds."""
+    firsts, agains, freshes = zip(*flows, strict=True)
+    print("\n1 (f). transform_pipeline flow, batches of 1000, in the same rounds")
+    f_first = record("1", "(f) flow first run (compute + write)", min(firsts), n)
+    f_again = record(
+        "1", "(f) flow fully cached run, data read (same process)", min(agains), n
+    )
+    f_fresh = record(
         "1",
-        "(f) flow first run (compute + write)",
-        timed(lambda: transform_pipeline(pipe(), samples, **kw))[0],
+        "(f') flow fully cached run, data read (as a new process)",
+        min(freshes),
         n,
     )
-    cached = record(
-        "1",
-        "(f) flow fully cached run, data read",
-        timed(lambda: read_all(transform_pipeline(pipe(), samples, **kw)))[0],
-        n,
+    print(
+        "  all rounds (s): first run "
+        + " ".join(f"{t:.2f}" for t in firsts)
+        + "; cached "
+        + " ".join(f"{t:.2f}" for t in agains)
+        + "; cached as a new process "
+        + " ".join(f"{t:.2f}" for t in freshes)
     )
     print()
-    ratio("(f) flow first run / CheckpointWrapper first run", first, ckpt["first"])
-    ratio("(f) flow cached run / CheckpointWrapper re-run", cached, ckpt["again"])
+    ratio("(f)/(c) flow first run / CheckpointWrapper first run", f_first, first)
+    ratio("(f)/(d) flow cached run / CheckpointWrapper re-run", f_again, again)
+    ratio("(f')/(d') the same, as new processes", f_fresh, fresh)
 
+
+def bench_incremental(n, d, ckpt, flow):
+    """Section 2: 100 new samples among n checkpointed ones."""
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.testing import count_rows
+
+    samples = ckpt["samples"]
+    pipe, kw, log = flow.pipe, flow.kw(2), flow.log
     print(f"\n2. incremental: {n} checkpointed, 100 new")
     more = samples + make_samples(100, d, start=n, seed=1)
     before = count_rows(log, "transform")
@@ -442,6 +496,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--json", help="also write all rows to this file")
+    parser.add_argument(
+        "--sections",
+        default="1,3,4,5",
+        help="comma-separated sections to run (1 includes 2); default all",
+    )
     parser.add_argument("--scale-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale_child:
@@ -456,18 +515,22 @@ def main():
     print(json.dumps(versions()))
     work = tempfile.mkdtemp(prefix="samplepipe-bench-")
     try:
-        ckpt = bench_checkpoint(n, 128, work)
-        from prefect.testing.utilities import prefect_test_harness
+        sections = set(args.sections.split(","))
+        if "1" in sections:
+            from prefect.testing.utilities import prefect_test_harness
 
-        t0 = time.perf_counter()
-        with prefect_test_harness(server_startup_timeout=90):
-            record(
-                "1",
-                "Prefect embedded server start (one-off, excluded)",
-                time.perf_counter() - t0,
-            )
-            bench_flow(n, 128, work, ckpt)
-        bench_cache_key([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
+            t0 = time.perf_counter()
+            with prefect_test_harness(server_startup_timeout=90):
+                record(
+                    "1",
+                    "Prefect embedded server start (one-off, excluded)",
+                    time.perf_counter() - t0,
+                )
+                flow = flow_rounds(128, work)
+                ckpt = bench_checkpoint(n, 128, work, flow)
+                bench_incremental(n, 128, ckpt, flow)
+        if "3" in sections:
+            bench_cache_key([1000, 10_000] if args.quick else [1000, 10_000, 100_000])
         points = (
             [(1000, 128, 500), (2000, 4096, 500)]
             if args.quick
@@ -478,8 +541,10 @@ def main():
                 (10_000, 4096, 1000),
             ]
         )
-        bench_scale(points, work)
-        bench_dask(n, 128, work)
+        if "4" in sections:
+            bench_scale(points, work)
+        if "5" in sections:
+            bench_dask(n, 128, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
