@@ -60,6 +60,12 @@ def ratio(label, a, b):
     return value
 
 
+def print_rounds(cases):
+    """One line: each case's name and the seconds of all its rounds."""
+    text = "; ".join(name + "".join(f" {t:.2f}" for t in ts) for name, ts in cases)
+    print(f"  all rounds (s): {text}")
+
+
 def make_samples(n, d, prefix="s", start=0, seed=0):
     from samplepipe import Sample
 
@@ -161,15 +167,9 @@ def bench_checkpoint(n, d, work, flow_round=None):
         min(freshes),
         n,
     )
-    print(
-        "  all rounds (s): raw write "
-        + " ".join(f"{t:.2f}" for t in raw_ws)
-        + "; first run "
-        + " ".join(f"{t:.2f}" for t in firsts)
-        + "; raw read "
-        + " ".join(f"{t:.2f}" for t in raw_rs)
-        + "; re-run "
-        + " ".join(f"{t:.2f}" for t in agains)
+    print_rounds(
+        [("raw write", raw_ws), ("first run", firsts), ("raw read", raw_rs)]
+        + [("re-run", agains), ("re-run as a new process", freshes)]
     )
 
     from joblib import Memory
@@ -272,13 +272,9 @@ def flow_ratios(n, flows, first, again, fresh):
         min(freshes),
         n,
     )
-    print(
-        "  all rounds (s): first run "
-        + " ".join(f"{t:.2f}" for t in firsts)
-        + "; cached "
-        + " ".join(f"{t:.2f}" for t in agains)
-        + "; cached as a new process "
-        + " ".join(f"{t:.2f}" for t in freshes)
+    print_rounds(
+        [("first run", firsts), ("cached", agains)]
+        + [("cached as a new process", freshes)]
     )
     print()
     ratio("(f)/(c) flow first run / CheckpointWrapper first run", f_first, first)

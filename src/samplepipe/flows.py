@@ -401,7 +401,6 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
     t0 = time.perf_counter()
     task_options = options.task_options()
     task = transform_step.with_options(**task_options, refresh_cache=bool(step.force))
-    refresh = transform_step.with_options(**task_options, refresh_cache=True)
     pending = list(_batches(len(samples), options.batch_size))
     n_batches = len(pending)
     running = {}
@@ -418,7 +417,9 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
     def submit(batch=None, again=False):
         start, stop = batch or pending.pop(0)
         inputs = samples[start:stop]
-        future = (refresh if again else task).submit(
+        # a batch whose cached manifest turned out stale runs again, uncached
+        runner = task.with_options(refresh_cache=True) if again else task
+        future = runner.submit(
             step=step,
             samples=_unvisited(inputs),
             name=name,
