@@ -179,3 +179,27 @@ def test_a_subflow_returns_its_samples_as_prefect_expects(tmp_path, monkeypatch)
     seen = _count_sample_visits(monkeypatch)
     assert parent() == ("list", [s.key for s in make_samples(6)])
     assert len(seen) >= 6  # a parent may pass them on to its own tasks
+
+
+@pytest.mark.parametrize(("interval", "updates"), [(3600.0, 0), (0.0, 1)])
+def test_the_progress_artifact_is_one_request_for_a_short_run(
+    tmp_path, monkeypatch, interval, updates
+):
+    # created at the first update (``interval`` s into the run, or at its end)
+    from samplepipe import flows
+
+    from ._prefect_helpers import artifacts, run
+
+    sent = []
+    real = flows.update_progress_artifact
+
+    def counting(*args, **kwargs):
+        sent.append(kwargs.get("progress"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(flows, "update_progress_artifact", counting)
+    monkeypatch.setattr(flows._Progress, "interval", interval)
+    _, flow_run_id = run(flows.transform_pipeline, **_parameters(tmp_path))
+    found = [a for a in artifacts(flow_run_id) if a.type == "progress"]
+    assert len(found) == 1 and found[0].data == 100.0
+    assert sent == [100.0] * updates  # 2 batches: created at 50 %, then updated

@@ -347,9 +347,11 @@ progress_callbacks: list[Any] = []
 class _Progress:
     """The run's progress artifact, updated at most every ``interval`` seconds.
 
-    Each update is a request to the API (0.02-0.2 s on a busy SQLite server):
-    one per batch cost more than the batches of small samples themselves. The
-    last batch always updates it (100 %); ``progress_callbacks`` see every batch.
+    Each request to the API costs 0.02-0.2 s on a busy SQLite server: one per
+    batch cost more than the batches of small samples themselves. The artifact
+    is created at the first update, ``interval`` seconds into the run or at its
+    end (a run that ends sooner, a cached one, costs one request, not two); the
+    last batch always brings it to 100 %. ``progress_callbacks`` see every batch.
     """
 
     interval = 2.0
@@ -358,16 +360,23 @@ class _Progress:
         self.total = max(total, 1)
         self.done = 0
         self.description = description
-        self.id = cast(
-            "UUID", create_progress_artifact(progress=0.0, description=description)
-        )
+        self.id: UUID | None = None
         self.updated = time.monotonic()
 
     def advance(self):
         self.done += 1
         now = time.monotonic()
         if self.done >= self.total or now - self.updated >= self.interval:
-            update_progress_artifact(self.id, progress=100.0 * self.done / self.total)
+            progress = 100.0 * self.done / self.total
+            if self.id is None:
+                self.id = cast(
+                    "UUID",
+                    create_progress_artifact(
+                        progress=progress, description=self.description
+                    ),
+                )
+            else:
+                update_progress_artifact(self.id, progress=progress)
             self.updated = now
         for callback in progress_callbacks:
             callback(self.done, self.total, self.description)
