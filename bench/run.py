@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from types import SimpleNamespace
 
 os.environ.setdefault(
     "PREFECT_HOME", tempfile.mkdtemp(prefix="samplepipe-bench-prefect-")
@@ -32,6 +33,7 @@ import h5py  # noqa: E402
 import numpy as np  # noqa: E402
 
 ROWS = []
+ROUNDS = 3  # section 1: each case's best of this many rounds counts
 
 
 def timed(fn, repeat=1):
@@ -66,6 +68,18 @@ def print_rounds(cases):
     print(f"  all rounds (s): {text}")
 
 
+def forget_validated():
+    """Forget, as a new process would, which checkpoints this one validated.
+
+    Each file is then trusted from its folder's journal on disk, or read.
+    """
+    from samplepipe.storage import VALIDATED
+    from samplepipe.storage.journal import JOURNAL
+
+    VALIDATED.clear()
+    JOURNAL.clear()
+
+
 def make_samples(n, d, prefix="s", start=0, seed=0):
     from samplepipe import Sample
 
@@ -92,15 +106,13 @@ def read_all(samples):
 def bench_checkpoint(n, d, work, flow_round=None):
     """Section 1 (a)-(e): one cheap transformer over n x d samples.
 
-    ``flow_round(samples, round_)``, if given, runs the flow's cases of section
-    1 (f) in each round, right after the wrapper's.
+    ``flow_round`` (from `flow_rounds`), if given, runs the flow's cases of
+    section 1 (f) in each round, right after the wrapper's.
     """
     from sklearn.pipeline import Pipeline
     from sklearn.preprocessing import FunctionTransformer
 
     from samplepipe import CheckpointWrapper
-    from samplepipe.storage import VALIDATED
-    from samplepipe.storage.journal import JOURNAL
     from samplepipe.testing import CountingTransformer
 
     print(f"\n1. {n} samples x {d} float64 through a cheap transformer")
@@ -120,7 +132,7 @@ def bench_checkpoint(n, d, work, flow_round=None):
     features = None
     raw_ws, raw_rs, firsts, agains, freshes = [], [], [], [], []
     flows = []
-    for round_ in range(3):
+    for round_ in range(ROUNDS):
         folder = os.path.join(work, f"raw{round_}")
         os.makedirs(folder)
 
@@ -144,15 +156,14 @@ def bench_checkpoint(n, d, work, flow_round=None):
         agains.append(timed(lambda w=wrapper: read_all(w.transform(samples)))[0])
 
         def rerun_fresh(features=features):
-            VALIDATED.clear()  # as a new process: validate every file ...
-            JOURNAL.clear()  # ... from its folder's journal on disk, or by reading it
+            forget_validated()
             fresh = CheckpointWrapper(cheap_step(), features_dir=features)
             return read_all(fresh.transform(samples))
 
         freshes.append(timed(rerun_fresh)[0])
         shutil.rmtree(folder)
         if flow_round is not None:
-            flows.append(flow_round(samples, round_))
+            flows.append(flow_round.round(samples, round_))
     raw_w = record("1", "(b) raw h5py: write one file per sample", min(raw_ws), n)
     raw_r = record("1", "(b) raw h5py: read one file per sample", min(raw_rs), n)
     first = record(
@@ -218,12 +229,14 @@ def flow_rounds(d, work):
     cases of the same round: its first run, its fully cached run in the same
     process (data read), and a cached run as a new process would see it (the
     in-memory caches of validated files cleared, as for (d')).
+
+    Returns ``round(samples, round_)`` (the three seconds of one round),
+    ``pipe()``, ``kw(round_)`` (the flow's folders of a round) and ``log`` (the
+    step's call log), for section 2.
     """
     from sklearn.pipeline import Pipeline
 
     from samplepipe.flows import transform_pipeline
-    from samplepipe.storage import VALIDATED
-    from samplepipe.storage.journal import JOURNAL
     from samplepipe.testing import CountingTransformer
 
     log = os.path.join(work, "flow.log")
@@ -244,8 +257,7 @@ def flow_rounds(d, work):
 
     def run(samples, round_):
         def cached_fresh():
-            VALIDATED.clear()
-            JOURNAL.clear()
+            forget_validated()
             return read_all(transform_pipeline(pipe(), samples, **kw(round_)))
 
         first = timed(lambda: transform_pipeline(pipe(), samples, **kw(round_)))[0]
@@ -254,8 +266,7 @@ def flow_rounds(d, work):
         )[0]
         return first, again, timed(cached_fresh)[0]
 
-    run.pipe, run.kw, run.log = pipe, kw, log
-    return run
+    return SimpleNamespace(round=run, pipe=pipe, kw=kw, log=log)
 
 
 def flow_ratios(n, flows, first, again, fresh):
@@ -288,7 +299,8 @@ def bench_incremental(n, d, ckpt, flow):
     from samplepipe.testing import count_rows
 
     samples = ckpt["samples"]
-    pipe, kw, log = flow.pipe, flow.kw(2), flow.log
+    # the flow's folders of the last round, as ``ckpt["features"]`` for the wrapper
+    pipe, kw, log = flow.pipe, flow.kw(ROUNDS - 1), flow.log
     print(f"\n2. incremental: {n} checkpointed, 100 new")
     more = samples + make_samples(100, d, start=n, seed=1)
     before = count_rows(log, "transform")
