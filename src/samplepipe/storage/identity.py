@@ -7,8 +7,16 @@ same identity, and so do two fits whose fitted state comes out the same.
 * `code_identity` stands for the code of a class or callable: for code of an
   installed library (a module under ``site-packages`` or the standard library)
   its distribution and version; for any other code (scripts, notebooks, an
-  editable install) its compiled code, the defaults and closure values, and the
-  user functions, classes and constants it names as globals, recursively.
+  editable install) its compiled code, the defaults and closure values, and
+  every piece of user code it reaches, recursively: functions, classes and
+  small constants named as globals; attributes read from user modules
+  (``helpers.scale``, ``pkg.sub.scale``); dispatch tables (dicts, lists,
+  tuples of functions); ``functools.singledispatch`` registries; decorated
+  functions (``__wrapped__``, closures); bound methods and instances of user
+  classes held as globals; and, where a module is used in a way that cannot
+  be read from the code (``getattr(module, name)``, ``importlib``, an
+  ``import`` inside the function, a module passed as a parameter), everything
+  the module holds. `_Hasher.FOLLOW` names these ways.
 * `estimator_identity` adds an estimator's parameters, recursively.
 * `state_digest` hashes fitted state: arrays by their bytes, objects by their
   class's code identity and their attributes. Pickle bytes are never hashed.
@@ -17,15 +25,20 @@ same identity, and so do two fits whose fitted state comes out the same.
 
 from __future__ import annotations
 
+import dis
 import functools
 import hashlib
+import importlib
+import importlib.machinery
+import importlib.util
 import os
 import sys
 import sysconfig
 import threading
 import types
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -170,6 +183,83 @@ def _code_digest(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
     return result
 
 
+class _Uses(NamedTuple):
+    """How a code object (and the code nested in it) reaches other modules.
+
+    ``chains`` maps each global name to the attribute paths read from it:
+    ``helpers.scale(X)`` gives ``{"helpers": {("scale",)}}``, ``pkg.sub.f``
+    gives ``("sub", "f")``, and a bare use (``getattr(helpers, name)``,
+    ``f(helpers)``) gives the empty path ``()``. ``imports`` lists the
+    ``import`` statements run inside the function as ``(name, level,
+    from_names)``; ``dynamic`` holds the string constants of a function that
+    imports by name (``importlib.import_module``, ``__import__``).
+    """
+
+    chains: dict[str, frozenset[tuple[str, ...]]]
+    imports: tuple[tuple[str, int, tuple[str, ...]], ...]
+    dynamic: tuple[str, ...]
+
+
+_uses_cache: dict[types.CodeType, _Uses] = {}
+_ATTRIBUTE_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
+_DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "importlib"})
+
+
+def _code_uses(code: types.CodeType) -> _Uses:
+    """The attribute chains, imports and imported names of ``code`` (cached).
+
+    Read from the instructions, whose names (``LOAD_GLOBAL``, ``LOAD_ATTR``,
+    ``LOAD_METHOD``, ``IMPORT_NAME``, ``IMPORT_FROM``) are the same from
+    Python 3.10 to 3.13.
+    """
+    cached = _uses_cache.get(code)
+    if cached is not None:
+        return cached
+    chains: dict[str, set[tuple[str, ...]]] = {}
+    imports: list[tuple[str, int, tuple[str, ...]]] = []
+    dynamic: list[str] = []
+    ops = list(dis.get_instructions(code))
+    i = 0
+    while i < len(ops):
+        op = ops[i]
+        if op.opname == "LOAD_GLOBAL":
+            j = i + 1
+            while j < len(ops) and ops[j].opname in _ATTRIBUTE_OPS:
+                j += 1
+            path = tuple(str(o.argval) for o in ops[i + 1 : j])
+            chains.setdefault(str(op.argval), set()).add(path)
+            i = j
+            continue
+        if op.opname == "IMPORT_NAME":
+            level = ops[i - 2].argval if i >= 2 else 0
+            j = i + 1
+            names = []
+            while j < len(ops) and ops[j].opname in ("IMPORT_FROM", "STORE_FAST"):
+                if ops[j].opname == "IMPORT_FROM":
+                    names.append(str(ops[j].argval))
+                j += 1
+            imports.append(
+                (str(op.argval), level if isinstance(level, int) else 0, tuple(names))
+            )
+        i += 1
+    if _DYNAMIC_IMPORTS.intersection(code.co_names):
+        dynamic.extend(c for c in code.co_consts if isinstance(c, str))
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            inner = _code_uses(const)
+            for name, paths in inner.chains.items():
+                chains.setdefault(name, set()).update(paths)
+            imports.extend(inner.imports)
+            dynamic.extend(inner.dynamic)
+    result = _Uses(
+        {name: frozenset(paths) for name, paths in chains.items()},
+        tuple(imports),
+        tuple(dict.fromkeys(dynamic)),
+    )
+    _uses_cache[code] = result
+    return result
+
+
 class _Hasher:
     """Feeds a structure into one BLAKE2b digest, deterministically.
 
@@ -178,10 +268,33 @@ class _Hasher:
     cut by remembering what is being hashed.
     """
 
+    #: The ways code reaches other code that the hasher follows (tests take
+    #: one out to show that a test of it can fail).
+    FOLLOW = frozenset(
+        {
+            "globals",
+            "defaults",
+            "closures",
+            "wrapped",
+            "partials",
+            "bound methods",
+            "bases",
+            "class attributes",
+            "module attributes",
+            "whole modules",
+            "containers",
+            "registries",
+            "instances",
+            "imports",
+        }
+    )
+
     def __init__(self, fitted: bool = True) -> None:
         self.fitted = fitted
+        self.follow = _Hasher.FOLLOW
         self.h = _blake()
         self.active: set[int] = set()
+        self.modules: set[int] = set()  # modules being hashed whole
         self.done_code: dict[int, str] = {}
 
     def tag(self, text: str) -> None:
@@ -302,7 +415,10 @@ class _Hasher:
                 if hasattr(obj, s):
                     state[f"slot:{s}"] = getattr(obj, s)
         if isinstance(obj, types.ModuleType):
-            self.tag(f"module:{obj.__name__}:{library}")
+            if _is_user_module(obj) and "whole modules" in self.follow:
+                self.whole_module(obj)
+            else:
+                self.tag(f"module:{obj.__name__}:{library}")
             return
         if state is None or (library is not None and not state):
             # library objects without instance state: name and version are enough
@@ -311,7 +427,10 @@ class _Hasher:
 
                 self.tag(joblib.hash(obj))
             except Exception:  # noqa: BLE001 - unpicklable: fall back to its repr
-                self.tag(repr(obj))
+                text = repr(obj)
+                # a repr with an address ("<_thread.lock object at 0x...>")
+                # differs in every process: the type is all that is stable
+                self.tag(cls.__qualname__ if " at 0x" in text else text)
             return
         self.value(state)
 
@@ -328,9 +447,10 @@ class _Hasher:
     def _code(self, obj: Any) -> None:  # noqa: C901 - one dispatch table
         if isinstance(obj, functools.partial):
             self.tag("partial")
-            self.code(obj.func)
-            self.value(obj.args)
-            self.value(dict(obj.keywords))
+            if "partials" in self.follow:
+                self.code(obj.func)
+                self.value(obj.args)
+                self.value(dict(obj.keywords))
             return
         if isinstance(obj, staticmethod | classmethod):
             self.code(obj.__func__)
@@ -342,8 +462,9 @@ class _Hasher:
             return
         if isinstance(obj, types.MethodType):
             self.tag("method")
-            self.code(obj.__func__)
-            self.value(obj.__self__)
+            if "bound methods" in self.follow:
+                self.code(obj.__func__)
+                self.value(obj.__self__)
             return
         module = getattr(obj, "__module__", None)
         qualname = str(
@@ -370,11 +491,13 @@ class _Hasher:
     def _class(self, cls: type, qualname: str) -> None:
         self.tag(f"class:{qualname}")
         for base in cls.__mro__[1:]:
-            if base is object:
+            if base is object or "bases" not in self.follow:
                 continue
             self.code(base)
         for name, attr in sorted(vars(cls).items()):
             if name in _IGNORED_CLASS_ATTRIBUTES or name.startswith("_abc_"):
+                continue
+            if "class attributes" not in self.follow and not _is_function_like(attr):
                 continue
             self.tag(name)
             if _is_function_like(attr) or isinstance(
@@ -383,42 +506,164 @@ class _Hasher:
                 self.code(attr)
             elif _is_descriptor_with_function(attr):
                 self.tag(type(attr).__qualname__)
-                for field in ("fn", "func", "fget", "check", "__wrapped__"):
+                for field in _DESCRIPTOR_FIELDS:
                     inner = getattr(attr, field, None)
                     if inner is not None and callable(inner):
                         self.code(inner)
-            elif _is_constant(attr):
+            elif _is_constant(attr, follow=self.follow):
                 self.value(attr)
+            elif isinstance(attr, types.ModuleType) or (
+                "instances" in self.follow and _is_user_object(attr)
+            ):
+                self.referenced(attr)
             else:  # mutable class state (caches, registries): its type only
                 self.tag(type(attr).__qualname__)
 
     def _function(self, fn: types.FunctionType, qualname: str) -> None:
         digest, names = _code_digest(fn.__code__)
         self.tag(f"function:{qualname}:{digest}")
-        self.value(fn.__defaults__)
-        self.value(fn.__kwdefaults__)
-        if fn.__closure__:
+        if "defaults" in self.follow:
+            self.value(fn.__defaults__)
+            self.value(fn.__kwdefaults__)
+        if fn.__closure__ and "closures" in self.follow:
             for cell in fn.__closure__:
                 try:
                     self.value(cell.cell_contents)
                 except ValueError:  # empty cell
                     self.tag("<empty>")
         wrapped = getattr(fn, "__wrapped__", None)
-        if wrapped is not None:
+        if wrapped is not None and "wrapped" in self.follow:
             self.code(wrapped)
+        registry = getattr(fn, "registry", None)
+        if "registries" in self.follow and isinstance(registry, Mapping):
+            self._registry(registry)
         module_globals = fn.__globals__
-        for name in names:
+        uses = _code_uses(fn.__code__)
+        for name in names if "globals" in self.follow else ():
             if name not in module_globals:
                 continue
             value = module_globals[name]
             if isinstance(value, types.ModuleType):
-                continue  # the module's own code comes in through what is used
-            if _is_function_like(value) or isinstance(value, type):
+                # the module's code comes in through the attributes read from it
+                self._module_use(name, value, uses.chains.get(name, frozenset()))
+            elif _is_function_like(value) or isinstance(value, type):
                 self.tag(f"global:{name}")
                 self.code(value)
-            elif _is_constant(value):
+            elif _is_constant(value, follow=self.follow):
                 self.tag(f"global:{name}")
                 self.value(value)
+            elif "instances" in self.follow and _is_user_object(value):
+                self.tag(f"global:{name}")
+                self.value(value)
+        if "imports" in self.follow:
+            package = module_globals.get("__package__")
+            for name, level, from_names in uses.imports:
+                self._import(name, level, from_names, package)
+            for name in uses.dynamic:
+                self._import(name, 0, (), package, dynamic=True)
+
+    # -- code reached through modules ---------------------------------------
+    def _module_use(
+        self, name: str, module: types.ModuleType, paths: frozenset[tuple[str, ...]]
+    ) -> None:
+        """A global module: the code behind each attribute path read from it."""
+        if library_version(module.__name__) is not None:
+            return  # installed library code, as before: not followed
+        if "module attributes" not in self.follow:
+            return
+        for path in sorted(paths):
+            self.tag(f"global:{name}:{'.'.join(path)}")
+            target: Any = module
+            for i, attribute in enumerate(path):
+                if not _is_user_module(target):
+                    break  # an attribute of a value: the value holds it
+                target = getattr(target, attribute, _MISSING)
+                if target is _MISSING:
+                    self.tag(f"missing:{'.'.join(path[: i + 1])}")
+                    break
+            if target is not _MISSING:
+                self.referenced(target)
+
+    def referenced(self, value: Any) -> None:
+        """A value that code reaches by name: its code, or its content."""
+        if isinstance(value, types.ModuleType):
+            if library_version(value.__name__) is None:
+                self.whole_module(value)
+            else:
+                self.tag(f"library-module:{library_version(value.__name__)}")
+        elif _is_function_like(value) or isinstance(value, type):
+            self.code(value)
+        elif _is_constant(value, follow=self.follow) or (
+            "instances" in self.follow and _is_user_object(value)
+        ):
+            self.value(value)
+        else:  # a library object (a lock, a logger, a random generator)
+            self.tag(f"object:{type(value).__qualname__}")
+
+    def whole_module(self, module: types.ModuleType) -> None:
+        """All a module holds, for code that reads it in ways not known statically."""
+        if "whole modules" not in self.follow:
+            self.tag("module")
+            return
+        key = id(module)
+        if key in self.modules:
+            self.tag("<module cycle>")
+            return
+        self.modules.add(key)
+        try:
+            self.tag("module")
+            for name, value in sorted(vars(module).items()):
+                if name.startswith("__") and name.endswith("__"):
+                    continue
+                self.tag(name)
+                self.referenced(value)
+        finally:
+            self.modules.discard(key)
+
+    def _registry(self, registry: Mapping[Any, Any]) -> None:
+        """A ``functools.singledispatch`` function's implementations, by type."""
+        self.tag(f"registry:{len(registry)}")
+        items = sorted(registry.items(), key=lambda kv: _type_name(kv[0]))
+        for cls, implementation in items:
+            self.tag(_type_name(cls))
+            self.code(implementation)
+
+    def _import(
+        self,
+        name: str,
+        level: int,
+        from_names: tuple[str, ...],
+        package: str | None,
+        dynamic: bool = False,
+    ) -> None:
+        """An ``import`` run by the function: the user module's whole content."""
+        try:
+            absolute = importlib.util.resolve_name("." * level + name, package)
+        except (ImportError, ValueError):
+            self.tag(f"import:{name}:unresolved")
+            return
+        module = sys.modules.get(absolute)
+        if module is None:
+            if not _is_user_module_name(absolute):
+                if not dynamic:
+                    self.tag(f"import:{absolute}:library")
+                return
+            try:
+                module = importlib.import_module(absolute)
+            except Exception:  # noqa: BLE001 - the step's own run will say why
+                self.tag(f"import:{absolute}:failed")
+                return
+        if not _is_user_module(module):
+            return
+        self.tag(f"import:{'.' * level}{name}")
+        if not from_names:
+            self.referenced(module)
+        for from_name in from_names:
+            target = getattr(module, from_name, _MISSING)
+            if target is _MISSING:  # a submodule not imported yet
+                self._import(f"{absolute}.{from_name}", 0, (), None)
+            else:
+                self.referenced(target)
 
 
 _IGNORED_CLASS_ATTRIBUTES = {
@@ -453,26 +698,86 @@ def _is_function_like(obj: Any) -> bool:
     )
 
 
+# what a descriptor (functools.cached_property, singledispatchmethod, ...) holds
+_DESCRIPTOR_FIELDS = ("fn", "func", "fget", "check", "__wrapped__", "dispatcher")
+
+_MISSING = object()
+
+
 def _is_descriptor_with_function(obj: Any) -> bool:
     return hasattr(type(obj), "__get__") and any(
-        callable(getattr(obj, f, None)) for f in ("fn", "func", "fget", "__wrapped__")
+        callable(getattr(obj, f, None)) for f in _DESCRIPTOR_FIELDS
     )
 
 
-def _is_constant(value: Any, depth: int = 0) -> bool:
-    """Module-level values a function may read: small plain data."""
+def _is_constant(
+    value: Any, depth: int = 0, follow: frozenset[str] = frozenset()
+) -> bool:
+    """Module-level values a function may read: small plain data.
+
+    With ``"containers"`` in ``follow``, the data may hold code too: a dict,
+    list or tuple of functions and classes (a dispatch table), user modules
+    and, with ``"instances"``, objects of user classes.
+    """
     if value is None or isinstance(value, bool | int | float | complex | str | bytes):
         return True
+    if depth > 0 and "containers" in follow:
+        if _is_function_like(value) or isinstance(value, type):
+            return True
+        if isinstance(value, types.ModuleType) and _is_user_module(value):
+            return True
+        if "instances" in follow and _is_user_object(value):
+            return True
     if depth > 3:
         return False
     if isinstance(value, tuple | frozenset | list) and len(value) <= 1000:
-        return all(_is_constant(v, depth + 1) for v in value)
+        return all(_is_constant(v, depth + 1, follow) for v in value)
     if isinstance(value, dict) and len(value) <= 1000:
         return all(
-            _is_constant(k, depth + 1) and _is_constant(v, depth + 1)
+            _is_constant(k, depth + 1, follow) and _is_constant(v, depth + 1, follow)
             for k, v in value.items()
         )
     return isinstance(value, np.ndarray) and value.size <= 10_000
+
+
+def _is_user_module(module: Any) -> bool:
+    """A module of the user's own code (not installed, not the standard library)."""
+    return (
+        isinstance(module, types.ModuleType)
+        and library_version(module.__name__) is None
+    )
+
+
+def _is_user_module_name(name: str) -> bool:
+    """Whether ``name``, not imported yet, would load the user's own code.
+
+    Found with the path finder, so nothing is imported to tell.
+    """
+    top = name.split(".", 1)[0]
+    if top in sys.builtin_module_names:
+        return False
+    try:
+        spec = importlib.machinery.PathFinder.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or []) + [spec.origin or ""]
+    return not any(os.path.realpath(p).startswith(_ROOTS) for p in locations if p)
+
+
+def _is_user_object(value: Any) -> bool:
+    """An instance of a user class (or an estimator) that code may read."""
+    if isinstance(value, type | types.ModuleType) or _is_function_like(value):
+        return False
+    if _is_estimator(value):
+        return True
+    module = getattr(type(value), "__module__", None)
+    return library_version(module if isinstance(module, str) else None) is None
+
+
+def _type_name(cls: Any) -> str:
+    return str(getattr(cls, "__qualname__", None) or repr(cls))
 
 
 def _is_estimator(obj: Any) -> bool:
