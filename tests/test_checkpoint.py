@@ -18,7 +18,13 @@ from samplepipe import (
     check_key,
     hash_string,
 )
-from samplepipe.storage import VALIDATED, Identity, is_temporary_file, read_model_header
+from samplepipe.storage import (
+    FORMAT_VERSION,
+    VALIDATED,
+    Identity,
+    is_temporary_file,
+    read_model_header,
+)
 from samplepipe.storage.files import HOST_TAG
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
@@ -53,7 +59,7 @@ def test_transform_writes_one_file_per_key_and_loads_lazily(tmp_path, samples):
     with h5py.File(tmp_path / "features" / "s" / "00000.h5") as f:
         np.testing.assert_allclose(f["array"][()], samples[0].data + 1.0)
         identity, checksum, kind = Identity.parse(f.attrs["samplepipe"])
-    assert (identity.format, identity.key, kind) == (2, "s/00000", "a")
+    assert (identity.format, identity.key, kind) == (FORMAT_VERSION, "s/00000", "a")
     assert identity.step == wrapper.step_identity()
     assert identity == wrapper.identities(samples[:1])[0]
 

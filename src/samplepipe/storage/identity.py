@@ -42,7 +42,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-FORMAT_VERSION = 2
+from .source import source_digest
+
+FORMAT_VERSION = 3
 
 _DIGEST_SIZE = 16
 
@@ -97,7 +99,7 @@ def _top_level_version(top: str) -> str:
     if isinstance(version, str):
         return f"{top}=={version}"
     if _in_stdlib(module):  # what the lookup below gives, without scanning
-        return f"{top}==python-{sys.version_info[0]}.{sys.version_info[1]}"
+        return f"{top}==python-{sys.version_info[0]}"
     from importlib import metadata
 
     if _distributions is None:
@@ -108,7 +110,7 @@ def _top_level_version(top: str) -> str:
             return f"{name}=={metadata.version(name)}"
         except metadata.PackageNotFoundError:  # pragma: no cover
             continue
-    return f"{top}==python-{sys.version_info[0]}.{sys.version_info[1]}"
+    return f"{top}==python-{sys.version_info[0]}"
 
 
 def library_version(module_name: str | None) -> str | None:
@@ -128,7 +130,7 @@ def library_version(module_name: str | None) -> str | None:
     if module_name == "__main__" or module is None:
         result = None
     elif module_name in sys.builtin_module_names or top in ("builtins", "_io"):
-        result = f"python-{sys.version_info[0]}.{sys.version_info[1]}"
+        result = f"python-{sys.version_info[0]}"
     else:
         path = getattr(module, "__file__", None)
         if path is None:
@@ -157,12 +159,26 @@ _code_cache: dict[types.CodeType, tuple[str, tuple[str, ...]]] = {}
 def _code_digest(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
     """Digest of a code object and the global names it (and nested code) reads.
 
-    Line numbers, file names and the module are left out, so moving a function
-    or importing it under another module name keeps its identity.
+    The digest is that of the function's source (`source_digest`: a
+    normalised syntax tree, the same on every Python version) when the source
+    is the code that runs, else of its bytecode (code built in a REPL, a file
+    edited since the import). Line numbers, file names, comments, docstrings
+    and the module are left out, so moving a function or importing it under
+    another module name keeps its identity. The names come sorted, so their
+    order does not depend on how a Python version nests its code.
     """
     cached = _code_cache.get(code)
     if cached is not None:
         return cached
+    bytecode, names = _bytecode_digest(code)
+    source = source_digest(code)
+    digest = f"s{source}" if source is not None else f"b{bytecode}"
+    result = (digest, tuple(sorted(set(names))))
+    _code_cache[code] = result
+    return result
+
+
+def _bytecode_digest(code: types.CodeType) -> tuple[str, list[str]]:
     h = _blake(b"code")
     names: list[str] = list(code.co_names)
     h.update(code.co_code)
@@ -172,15 +188,13 @@ def _code_digest(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
     h.update("\0".join(code.co_freevars).encode("utf-8", "surrogatepass"))
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            digest, inner = _code_digest(const)
+            digest, inner = _bytecode_digest(const)
             h.update(digest.encode())
             names.extend(inner)
         else:
             h.update(type(const).__name__.encode())
             h.update(repr(const).encode("utf-8", "surrogatepass"))
-    result = (h.hexdigest(), tuple(dict.fromkeys(names)))
-    _code_cache[code] = result
-    return result
+    return h.hexdigest(), names
 
 
 class _Uses(NamedTuple):
