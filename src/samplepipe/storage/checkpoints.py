@@ -206,6 +206,7 @@ def check(
     any_inputs: bool = False,
     fs: FileSystem | None = None,
     known: Stamp | None = None,
+    any_record: bool = False,
 ) -> tuple[str, Stamp | None, str | None]:
     """``(status, stamp, record)`` of the checkpoint at ``path`` for ``wanted``.
 
@@ -220,7 +221,10 @@ def check(
     validation cache, from the journal of its folder (`samplepipe.storage.
     journal`: a line of another process with this file's stamp), or by reading
     it; a file read and verified is added to the journal. The journal only
-    ever makes a file ``valid``: every other status comes from the file.
+    ever makes a file ``valid``: every other status comes from the file,
+    except with ``any_record`` (read-only callers, such as ``explain``, that
+    decide nothing from the status): then the journal's record of the file's
+    present stamp is judged whatever it says.
     """
     if fs is not None and not fs.local:
         return _stored_status(path, wanted, custom, any_inputs, fs, known)
@@ -235,11 +239,13 @@ def check(
     else:
         if not custom:
             journaled = JOURNAL.lookup(path, st)
-            if journaled is not None and judge(journaled, wanted, any_inputs) == (
-                "valid"
-            ):
-                remember(path, custom, st, journaled)
-                return "valid", st, journaled
+            if journaled is not None:
+                verdict = judge(journaled, wanted, any_inputs)
+                if verdict == "valid":
+                    remember(path, custom, st, journaled)
+                    return "valid", st, journaled
+                if any_record:
+                    return verdict, st, journaled
         result, record = read_record(path, custom)
         if result != "ok" or record is None:
             return result, st, None

@@ -309,6 +309,9 @@ class _Hasher:
         self.h = _blake()
         self.active: set[int] = set()
         self.modules: set[int] = set()  # modules being hashed whole
+        # with `ingredients`: what went in, by name (code, library, parameter)
+        self.parts: dict[str, dict[str, Any]] | None = None
+        self.prefix = ""  # the parameter path of the estimator being hashed
         self.done_code: dict[int, str] = {}
 
     def tag(self, text: str) -> None:
@@ -397,9 +400,20 @@ class _Hasher:
             self.tag(f"version={declared}")
         params = est.get_params(deep=False)
         self.tag(f"params:{len(params)}")
+        prefix = self.prefix
         for name in sorted(params):
             self.tag(name)
-            self.value(params[name])
+            value = params[name]
+            if self.parts is not None and not _is_estimator(value):
+                self.parts["parameter"][prefix + name] = [
+                    state_digest(value),
+                    _printable(value),
+                ]
+            self.prefix = f"{prefix}{name}__"
+            try:
+                self.value(value)
+            finally:
+                self.prefix = prefix
         if not self.fitted:
             return
         state = _fitted_attributes(est)
@@ -487,6 +501,9 @@ class _Hasher:
         library = library_version(module if isinstance(module, str) else None)
         if library is not None:
             self.tag(f"library:{module}.{qualname}:{library}")
+            if self.parts is not None:
+                name, _, version = library.rpartition("==")
+                self.parts["library"][name or library] = version
             return
         if isinstance(obj, type):
             self._class(obj, qualname)
@@ -536,6 +553,8 @@ class _Hasher:
     def _function(self, fn: types.FunctionType, qualname: str) -> None:
         digest, names = _code_digest(fn.__code__)
         self.tag(f"function:{qualname}:{digest}")
+        if self.parts is not None:
+            self.parts["code"][qualname] = digest
         if "defaults" in self.follow:
             self.value(fn.__defaults__)
             self.value(fn.__kwdefaults__)
@@ -840,6 +859,34 @@ def code_identity(obj: Any) -> str:
     hasher = _Hasher()
     hasher.code(obj)
     return hasher.hexdigest()
+
+
+def ingredients(estimator: Any) -> dict[str, dict[str, Any]]:
+    """What `estimator_identity` is made of, by name, to tell what changed.
+
+    Returns ``{"code": {qualified name: digest}, "library": {distribution:
+    version}, "parameter": {path: [digest, printable value or None]}}``: every
+    user function reached (methods as ``Class.method``), every library the
+    code names, and every parameter (nested estimators' as ``outer__inner``).
+    """
+    hasher = _Hasher(fitted=False)
+    hasher.parts = {"code": {}, "library": {}, "parameter": {}}
+    if _is_estimator(estimator):
+        hasher.estimator(estimator)
+    else:
+        hasher.value(estimator)
+    return hasher.parts
+
+
+def _printable(value: Any, limit: int = 80) -> str | None:
+    """``repr(value)`` when it is short and plain, else None."""
+    if not _is_constant(value) or (isinstance(value, np.ndarray) and value.size > 8):
+        if not callable(value):
+            return None
+        text = getattr(value, "__qualname__", None) or type(value).__qualname__
+        return f"<{text}>"
+    text = repr(value)
+    return text if len(text) <= limit else None
 
 
 def estimator_identity(estimator: Any) -> str:

@@ -11,6 +11,7 @@ from ._checkpoint import (
     save_hdf5,
 )
 from ._dask import DaskWrapper, ToDaskBag, dask_tags
+from ._explain import REASONS, Explanation, VerifyReport
 from ._method import UseMethod
 from ._sample import (
     DelayedSample,
@@ -37,12 +38,15 @@ __all__ = [
     "DelayedSample",
     "DelayedSampleSet",
     "DelayedSampleSetCached",
+    "Explanation",
+    "REASONS",
     "Sample",
     "SampleBatch",
     "SampleSet",
     "SampleWrapper",
     "ToDaskBag",
     "UseMethod",
+    "VerifyReport",
     "check_key",
     "dask_tags",
     "estimator_options",

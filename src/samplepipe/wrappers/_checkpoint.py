@@ -40,6 +40,7 @@ from ..storage.identity import (
     combine,
     estimator_identity,
     fitted_digest,
+    ingredients,
     value_digest,
 )
 from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
@@ -49,7 +50,7 @@ from ..storage.models import (
     save_model,
     update_estimator,
 )
-from . import _shards
+from . import _explain, _shards
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
@@ -514,6 +515,166 @@ class CheckpointWrapper(BaseWrapper):
             str(self._fitted_digest()),
         )
 
+    def describe_step(self) -> dict[str, Any]:
+        """What `step_identity` is made of, by name (see `explain`).
+
+        A dict with ``step`` (the identity), ``code`` (``{qualified name:
+        digest}`` of every user function and method reached), ``library``
+        (``{distribution: version}``), ``parameter`` (``{path: [digest,
+        printable value or None]}``), ``fitted``, ``format`` and ``attribute``.
+        """
+        return {
+            "samplepipe": _explain.DESCRIPTION_VERSION,
+            "step": self.step_identity(),
+            **ingredients(self.estimator),
+            "fitted": str(self._fitted_digest()),
+            "format": self._format_identity(),
+            "attribute": self._sample_attribute(),
+        }
+
+    def _describe_into_folder(self, fs: FileSystem) -> None:
+        """Keep this step's description in ``features_dir`` (before writing)."""
+        _explain.write_description(
+            self._features_root(),
+            self.describe_step(),
+            fs,
+            lambda folder: self._prepare_folder(folder, set(), fs),
+        )
+
+    def explain(self, samples: Sequence[Any]) -> list[_explain.Explanation]:
+        """For each sample: would `transform` reuse its checkpoint, and if not, why.
+
+        Nothing is computed, written or unpickled; each checkpoint's record
+        is read (from the journal, where a process validated it) and compared
+        with the identity the sample has now. A recomputed sample names the
+        ingredient that differs: the code of a function or method (by
+        qualified name), a parameter (its path, old and new value), its input
+        (its content, an earlier checkpoint, its loader or ``data_version``),
+        the fitted state, the format, or a library version; or the file's
+        state (missing, damaged).
+
+        Parameters
+        ----------
+        samples : list of Sample
+            The samples ``transform`` would be given.
+
+        Returns
+        -------
+        explanations : list of Explanation
+            One per sample, in order: ``key``, ``action`` (``"reuse"`` or
+            ``"recompute"``), ``reason`` (one of ``samplepipe.REASONS``) and
+            ``detail`` (a sentence).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from sklearn.preprocessing import FunctionTransformer
+        >>> from samplepipe import Sample, wrap
+        >>> folder = tempfile.mkdtemp()
+        >>> samples = [Sample(np.ones(2) * i, key=f"s{i}") for i in range(3)]
+        >>> step = wrap(["sample", "checkpoint"], FunctionTransformer(np.sqrt),
+        ...             features_dir=folder)
+        >>> _ = step.transform(samples[:2])
+        >>> [(e.action, e.reason) for e in step.explain(samples)]
+        [('reuse', 'same'), ('reuse', 'same'), ('recompute', 'missing')]
+        >>> step.set_params(estimator__estimator__kw_args={"out": None})
+        CheckpointWrapper(...)
+        >>> step.explain(samples)[0].detail
+        "parameter estimator__kw_args changed from None to {'out': None}"
+        """
+        self._validate_params()
+        wanted = self.identities(samples)
+        root = self._features_root()
+        fs = self._features_fs()
+        new = self.describe_step()
+        old: dict[str, Any] = {}
+
+        def describe(step: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+            if step not in old:
+                old[step] = _explain.read_description(root, step, fs)
+            return old[step], new
+
+        return [
+            _explain.explain_one(i.key, state, record, i, describe)
+            for i, (state, record, _) in zip(wanted, self._judge_all(wanted))
+        ]
+
+    def _judge_all(
+        self, wanted: Sequence[Identity]
+    ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
+        """``(status, record, loader)`` of each checkpoint, for `explain`.
+
+        Read-only: a record the journal holds for the file's present stamp is
+        taken as it is, whatever it says (`ckpt.check` with ``any_record``).
+        ``loader`` loads a valid checkpoint (None for the others).
+        """
+        fs = self._features_fs()
+        options = None if fs.local else self.storage_options
+        if self.layout == "shards":
+            return _shards.judge_all(self, wanted, options)
+        load = self._funcs()[1]
+        paths = self.checkpoint_paths(i.key for i in wanted)
+        judged: list[tuple[str, str | None, Callable[[], Any] | None]] = []
+        for path, ident in zip(paths, wanted):
+            state, st, record = ckpt.check(
+                path, ident, load is not None, fs=fs, any_record=True
+            )
+            loader = None
+            if state == "valid" and st is not None:
+                loader = CheckpointLoader(path, ident, st, load, options, record)
+            judged.append((state, record, loader))
+        return judged
+
+    def verify(
+        self,
+        samples: Sequence[Any],
+        fraction: float = 0.01,
+        seed: int | None = None,
+        rtol: float = 0.0,
+        atol: float = 0.0,
+    ) -> _explain.VerifyReport:
+        """Recompute a random fraction of the reused samples and compare.
+
+        Checks that a reused checkpoint is what a fresh run would give: a
+        step that is not deterministic, or that depends on something its
+        identity cannot see (a file it reads, an environment variable), shows
+        up as mismatches. Nothing is written; the step must be fitted (or
+        its model loadable, as for ``transform``).
+
+        Parameters
+        ----------
+        samples : list of Sample
+            The samples ``transform`` would be given.
+        fraction : float, default=0.01
+            The share of reused samples to recompute, in (0, 1]; at least one
+            when any is reused.
+        seed : int, default=None
+            Seed of the random choice (None: a new choice each call).
+        rtol, atol : float, default=0.0
+            Tolerances for float arrays; 0 and 0 ask for exact equality.
+
+        Returns
+        -------
+        report : VerifyReport
+            ``reused``, ``checked`` and ``mismatches`` (the keys).
+        """
+        self._validate_params()
+        wanted = self.identities(samples)
+        judged = self._judge_all(wanted)
+        reused = [i for i, (state, _, _) in enumerate(judged) if state == "valid"]
+        chosen = [reused[j] for j in _explain.choose(len(reused), fraction, seed)]
+        report = _explain.VerifyReport(reused=len(reused), checked=len(chosen))
+        if not chosen:
+            return report
+        fresh = self._compute(samples, chosen, self._sample_attribute())
+        for i in chosen:
+            loader = judged[i][2]
+            assert loader is not None
+            if not _explain.same_value(loader(), fresh[i], rtol, atol):
+                report.mismatches.append(wanted[i].key)
+        return report
+
     def identities(self, samples: Sequence[Any]) -> list[Identity]:
         """The identity each sample's checkpoint must hold (keys are checked)."""
         keys = sample_keys(samples)
@@ -806,6 +967,8 @@ class CheckpointWrapper(BaseWrapper):
             )
         outputs = self._compute(samples, todo, attribute)
         computed = 0
+        if outputs:
+            self._describe_into_folder(fs)
         if save is None:  # check all first: an unsupported value writes nothing
             for i, value in outputs.items():
                 if value is not None:
@@ -997,6 +1160,8 @@ class CheckpointWrapper(BaseWrapper):
         fs = self._features_fs()
         if not fs.local:
             for path, rel, size, listed in fs.walk_files(root):
+                if _explain.is_description(rel):
+                    continue
                 name = posixpath.basename(rel)
                 if not is_temporary_file(name) and (
                     not name.endswith(extension) or name.endswith(".meta.json")
@@ -1008,6 +1173,9 @@ class CheckpointWrapper(BaseWrapper):
             return
         for folder, dirs, files in os.walk(root):
             dirs.sort()
+            inside = os.path.relpath(folder, root).replace(os.sep, "/") + "/"
+            if _explain.is_description(inside):
+                continue  # the step descriptions: samplepipe's, not checkpoints
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 if not is_temporary_file(name) and (

@@ -24,6 +24,7 @@ from ..storage.shards import (
     is_shard_temporary,
     shard_folder,
 )
+from ._explain import is_description
 
 if TYPE_CHECKING:
     from ._checkpoint import CheckpointWrapper
@@ -98,6 +99,7 @@ def transform_samples(
     computed = 0
     if todo:
         folder.fs.remove_stale_temporaries(folder.root)
+        wrapper._describe_into_folder(folder.fs)
     size = wrapper.shard_size
     for start in range(0, len(todo), size):
         chunk = todo[start : start + size]
@@ -175,6 +177,33 @@ def _write(
     raise OSError(getattr(last, "errno", None), msg) from last
 
 
+def judge_all(
+    wrapper: CheckpointWrapper, wanted: Sequence[Any], options: Any
+) -> list[tuple[str, str | None, Any]]:
+    """`CheckpointWrapper._judge_all`: each entry's status, record and loader.
+
+    A stale entry's record is that of the newest entry of its key.
+    """
+    folder = folder_of(wrapper)
+    judged: list[tuple[str, str | None, Any]] = []
+    for ident, result in zip(wanted, folder.find(wanted)):
+        if isinstance(result, Found):
+            loader = _loader(result, options, ident)
+            judged.append(("valid", result.record, loader))
+            continue
+        record: str | None = None
+        if result == "stale":
+            for _, path, position in folder.by_key.get(ident.key, ()):
+                index = folder.shards.get(path)
+                if index is not None and position < len(index.records):
+                    record = index.records[position]
+                    break
+        if result == "stale" and record is None:  # its shard went in between
+            result = "missing"
+        judged.append((result, record, None))
+    return judged
+
+
 def walk(wrapper: CheckpointWrapper) -> Any:
     """``(path, status, size, stamp)`` of every file (`iter_checkpoints`).
 
@@ -185,6 +214,8 @@ def walk(wrapper: CheckpointWrapper) -> Any:
     yield from folder_of(wrapper).judge(step)
     fs = wrapper._features_fs()
     for path, rel, size, _ in fs.walk_files(wrapper._features_root()):
+        if is_description(rel):
+            continue
         if "/" in rel or not (is_shard_name(rel) or is_shard_temporary(rel)):
             yield path, "unknown", size, None
 

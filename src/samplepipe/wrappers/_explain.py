@@ -1,0 +1,308 @@
+"""Why a checkpoint is reused or recomputed, and a check that reused ones are right.
+
+A step's identity is one digest; to say *what* changed, each features folder
+keeps a description of every step that wrote into it: the digest of each user
+function and class method it reaches, the libraries and their versions, each
+parameter (its digest and, when short, its value), the fitted state, the file
+format and the checkpointed attribute. It is a small JSON file named after the
+step identity under ``<features_dir>/.samplepipe/steps/``, written once, before
+the step's first checkpoint; the checkpoint's own record names the step
+identity, so `explain` finds the description of the step that wrote it and
+compares it with the present one. These files are never checkpoints (their
+extension is ``.json``): ``status`` and ``clean`` leave them alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..storage import FileSystem, Identity, join_location
+from ..storage.identity import FORMAT_VERSION
+
+#: What `Explanation.reason` can be: the ingredients of the README's identity
+#: table, and the state of the file.
+REASONS = (
+    "same",
+    "code",
+    "parameter",
+    "input",
+    "fitted",
+    "format",
+    "library",
+    "missing",
+    "damaged",
+)
+
+STEPS_FOLDER = ".samplepipe/steps"
+DESCRIPTION_VERSION = 1
+
+_written: set[tuple[str, str]] = set()  # (features root, step) described here
+_written_lock = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Whether one sample's checkpoint is reused, and why or why not.
+
+    Attributes
+    ----------
+    key : str
+        The sample's key.
+    action : {"reuse", "recompute"}
+        What ``transform`` would do now.
+    reason : str
+        One of `REASONS`: ``"same"`` for a reused checkpoint, else the
+        ingredient that differs (``"code"``, ``"parameter"``, ``"input"``,
+        ``"fitted"``, ``"format"``, ``"library"``) or the state of the file
+        (``"missing"``, ``"damaged"``).
+    detail : str
+        One sentence naming the ingredient: the function or method whose code
+        changed, the parameter (with its old and new value when printable),
+        the kind of input, the library and its versions, or the file's problem.
+    """
+
+    key: str
+    action: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class VerifyReport:
+    """What `CheckpointWrapper.verify` checked.
+
+    Attributes
+    ----------
+    reused : int
+        Samples whose checkpoint ``transform`` would reuse.
+    checked : int
+        Of those, the samples recomputed in memory and compared.
+    mismatches : list of str
+        Keys of the checked samples whose checkpoint differs from the value
+        computed now: a step that is not deterministic, or that depends on
+        something its identity cannot see.
+    """
+
+    reused: int = 0
+    checked: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# step descriptions
+# ---------------------------------------------------------------------------
+def is_description(relative: str) -> bool:
+    """Whether a path relative to ``features_dir`` is a step description."""
+    return relative.startswith(STEPS_FOLDER + "/")
+
+
+def description_path(root: str, step: str) -> str:
+    """Where the description of step identity ``step`` lives under ``root``."""
+    return join_location(root, *STEPS_FOLDER.split("/"), f"{step}.json")
+
+
+def write_description(
+    root: str, description: dict[str, Any], fs: FileSystem, prepare: Any
+) -> None:
+    """Write ``description`` once per folder and process (content-addressed).
+
+    ``prepare(folder)`` makes the folder (the wrapper's own checks apply).
+    The file is named after the step identity, so one that exists already
+    holds the same description and is left as it is.
+    """
+    step = description["step"]
+    with _written_lock:
+        if (root, step) in _written:
+            return
+    path = description_path(root, step)
+    if fs.stamp(path) is None:
+        prepare(fs.dirname(path))
+        blob = json.dumps(description, sort_keys=True, indent=1).encode()
+        fs.write_bytes(path, blob)
+    with _written_lock:
+        _written.add((root, step))
+
+
+def read_description(root: str, step: str, fs: FileSystem) -> dict[str, Any] | None:
+    """The description of step identity ``step`` under ``root``; None if absent."""
+    try:
+        found = json.loads(fs.read_bytes(description_path(root, step)))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("step") != step:
+        return None
+    return found
+
+
+# ---------------------------------------------------------------------------
+# explanations
+# ---------------------------------------------------------------------------
+def _names(changed: Iterable[str], limit: int = 3) -> str:
+    names = sorted(changed)
+    text = ", ".join(names[:limit])
+    return text + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _value(entry: Any) -> str:
+    printable = entry[1] if isinstance(entry, list) and len(entry) > 1 else None
+    return printable if printable is not None else "(not printable)"
+
+
+def step_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[str, str]:
+    """``(reason, detail)`` for a checkpoint written by step ``old``, not ``new``."""
+    if old is None:
+        return (
+            "format",
+            "its step is not described in this folder (written by an older "
+            "samplepipe, or .samplepipe/steps/ was removed): what changed cannot "
+            "be named",
+        )
+    code_old, code_new = old.get("code", {}), new["code"]
+    changed = {n for n in code_new if n in code_old and code_old[n] != code_new[n]}
+    if changed:
+        return "code", f"the code of {_names(changed)} changed"
+    added = set(code_new) - set(code_old)
+    removed = set(code_old) - set(code_new)
+    if added or removed:
+        parts = []
+        if added:
+            parts.append(f"now reaches {_names(added)}")
+        if removed:
+            parts.append(f"no longer reaches {_names(removed)}")
+        return "code", "the step's code " + " and ".join(parts)
+    params_old, params_new = old.get("parameter", {}), new["parameter"]
+    for name in sorted(set(params_old) | set(params_new)):
+        before, after = params_old.get(name), params_new.get(name)
+        if before is None or after is None or before[0] != after[0]:
+            return (
+                "parameter",
+                f"parameter {name} changed from {_value(before)} to {_value(after)}",
+            )
+    libraries_old, libraries_new = old.get("library", {}), new["library"]
+    for name in sorted(set(libraries_old) | set(libraries_new)):
+        if libraries_old.get(name) != libraries_new.get(name):
+            return (
+                "library",
+                f"library {name} changed from {libraries_old.get(name, 'none')} to "
+                f"{libraries_new.get(name, 'none')}",
+            )
+    for ingredient in ("format", "attribute"):
+        if old.get(ingredient) != new[ingredient]:
+            return (
+                "format",
+                f"the checkpoint {ingredient} changed from "
+                f"{old.get(ingredient)!r} to {new[ingredient]!r}",
+            )
+    if old.get("fitted") != new["fitted"]:
+        return "fitted", "the fitted state changed (the step was fitted again)"
+    return "code", "the step's identity changed in a part not described"
+
+
+_INPUTS = {
+    "c": "the checkpoint of an earlier step it was computed from changed",
+    "l": "the sample's loader or its data_version changed",
+    "v": "the content of its input changed",
+}
+
+
+def input_difference(old: str, new: str) -> str:
+    """The sentence for a checkpoint computed from input digest ``old``."""
+    kinds = {"c": "an earlier checkpoint", "l": "a loader", "v": "data in memory"}
+    if old[:1] != new[:1] and old[:1] in kinds and new[:1] in kinds:
+        return (
+            f"its input was {kinds[old[:1]]} and is now {kinds[new[:1]]}, with "
+            "another content"
+        )
+    return _INPUTS.get(new[:1], "its input (or the metadata the step reads) changed")
+
+
+FILE_STATES = {
+    "missing": ("missing", "no checkpoint yet"),
+    "corrupt": ("damaged", "the file is unreadable or fails its checksum"),
+    "foreign": ("damaged", "the file holds another sample's key"),
+    "unknown": (
+        "damaged",
+        "the file was not written by samplepipe: transform will not overwrite it",
+    ),
+}
+
+
+def explain_one(
+    key: str,
+    state: str,
+    record: str | None,
+    wanted: Identity,
+    describe: Any,
+) -> Explanation:
+    """The `Explanation` of one checkpoint judged ``state`` holding ``record``.
+
+    ``describe(step)`` returns ``(old description, new description)``.
+    """
+    if state == "valid":
+        return Explanation(key, "reuse", "same", "every ingredient is the same")
+    if state in FILE_STATES:
+        reason, detail = FILE_STATES[state]
+        return Explanation(key, "recompute", reason, detail)
+    assert record is not None
+    found, _, _ = Identity.parse(record)
+    if found.format != wanted.format:
+        return Explanation(
+            key,
+            "recompute",
+            "format",
+            f"written by an older samplepipe (record format {found.format}, "
+            f"now {FORMAT_VERSION})",
+        )
+    if found.step != wanted.step:
+        reason, detail = step_difference(*describe(found.step))
+        return Explanation(key, "recompute", reason, detail)
+    return Explanation(
+        key, "recompute", "input", input_difference(found.inputs, wanted.inputs)
+    )
+
+
+# ---------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------
+def choose(n: int, fraction: float, seed: int | None) -> list[int]:
+    """Sorted indices of ``ceil(fraction * n)`` of ``range(n)``, drawn at random."""
+    if not 0.0 < fraction <= 1.0:
+        msg = f"verify got fraction={fraction!r}; use a number in (0, 1]."
+        raise ValueError(msg)
+    k = min(n, math.ceil(fraction * n))
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n, size=k, replace=False)) if k else []
+
+
+def same_value(stored: Any, fresh: Any, rtol: float, atol: float) -> bool:
+    """Whether a checkpoint's value equals one computed now (within tolerances)."""
+    if isinstance(stored, np.ndarray) or isinstance(fresh, np.ndarray):
+        a, b = np.asarray(stored), np.asarray(fresh)
+        if a.shape != b.shape or a.dtype.kind != b.dtype.kind:
+            return False
+        if a.dtype.kind in "fc" and (rtol or atol):
+            return bool(np.allclose(a, b, rtol=rtol, atol=atol, equal_nan=True))
+        if a.dtype.kind in "fc":
+            return bool(np.array_equal(a, b, equal_nan=True))
+        return bool(np.array_equal(a, b))
+    if isinstance(stored, float) and isinstance(fresh, float) and (rtol or atol):
+        return math.isclose(stored, fresh, rel_tol=rtol, abs_tol=atol)
+    try:
+        return bool(stored == fresh)
+    except (TypeError, ValueError):  # containers of arrays
+        return repr(stored) == repr(fresh)
+
+
+def count(explanations: Sequence[Explanation]) -> dict[str, int]:
+    """Explanations counted by reason, in the order of `REASONS`."""
+    counts = dict.fromkeys(REASONS, 0)
+    for e in explanations:
+        counts[e.reason] += 1
+    return {r: n for r, n in counts.items() if n}
