@@ -19,6 +19,9 @@ os.environ["DO_NOT_TRACK"] = "1"
 # The README's doctests run flows on Prefect's embedded server: on a busy
 # machine it needs longer than Prefect's default 20 s to start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+# Step descriptions (for `explain`) in a throw-away folder too, not ~/.cache.
+_DESCRIPTIONS = tempfile.mkdtemp(prefix="samplepipe-descriptions-")
+os.environ["SAMPLEPIPE_DESCRIPTIONS"] = _DESCRIPTIONS
 for _name in [n for n in os.environ if n in ("PREFECT_API_URL", "PREFECT_API_KEY")]:
     del os.environ[_name]
 
@@ -32,3 +35,4 @@ def pytest_collection_modifyitems(items):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
+    shutil.rmtree(_DESCRIPTIONS, ignore_errors=True)

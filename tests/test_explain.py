@@ -33,7 +33,7 @@ from samplepipe import (
     wrap,
 )
 from samplepipe.storage import identity
-from samplepipe.wrappers._explain import STEPS_FOLDER, description_path
+from samplepipe.wrappers._explain import descriptions_dir
 
 from .conftest import make_samples
 
@@ -284,25 +284,28 @@ def test_damaged_files_say_what_is_wrong(tmp_path):
     assert "not written by samplepipe" in explained[1].detail
 
 
-def test_explain_writes_nothing_and_descriptions_are_not_checkpoints(tmp_path):
+def test_explain_writes_nothing_and_descriptions_live_outside(tmp_path, monkeypatch):
+    monkeypatch.setenv("SAMPLEPIPE_DESCRIPTIONS", str(tmp_path / "descriptions"))
     samples = make_samples(4)
     step = checkpointed(FunctionTransformer(np.negative), tmp_path)
     quiet_transform(step, samples[:2])
     root = tmp_path / "f"
-    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*"))
+    assert sorted(p.name for p in root.rglob("*")) == ["00000.h5", "00001.h5", "s"]
+    described = {p.stem for p in (tmp_path / "descriptions").iterdir()}
+    assert described == {step.describe_step()["step"]}
+    before = sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     step.set_params(estimator__estimator__kw_args={})
+    assert only(step.explain(samples[:2]))[1] == "parameter"
     step.explain(samples)
-    assert sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*")) == before
-    description = description_path(str(root), step.describe_step()["step"])
-    assert not os.path.exists(description)  # not written: nothing computed
-    step.set_params(estimator__estimator__kw_args=None)
-    described = json.loads(
-        open(description_path(str(root), step.describe_step()["step"])).read()
-    )
-    assert described["parameter"]["estimator__func"][1] == "<negative>"
-    # status sees checkpoints only
-    assert all(STEPS_FOLDER not in p for p, _, _ in step.iter_checkpoints())
-    assert len(list(step.iter_checkpoints())) == 2
+    assert sorted((p, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    path = os.path.join(descriptions_dir(), f"{next(iter(described))}.json")
+    with open(path) as f:
+        assert json.load(f)["parameter"]["estimator__func"][1] == "<negative>"
+    # without it, the reason is not guessed: the step changed, unnamed
+    os.remove(path)
+    action, reason, detail = only(step.explain(samples[:2]))
+    assert (action, reason) == ("recompute", "format")
+    assert "cannot be named" in detail
 
 
 def test_shards_are_explained_too(tmp_path):

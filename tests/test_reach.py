@@ -40,6 +40,20 @@ edit goes unseen and the stale result comes back, so the test can fail.
 | a default argument (``def transform(self, X, op=helpers.scale)``) | default-argument |
 | a ``functools.partial`` parameter of ``FunctionTransformer`` | partial-parameter |
 | a module passed as a parameter (``Dependent(ops=helpers)``) | module-parameter |
+| a ``functools.lru_cache`` function held as a global | lru-cache-global |
+| a library object around a user function (``np.vectorize``) | vectorize-global |
+| a set held as a global | set-global |
+| a ``dict`` subclass held as a global | dict-subclass-global |
+| an ``OrderedDict`` of functions | ordered-dict-table |
+| a ``namedtuple`` of functions | namedtuple-table |
+| a ``functools.partialmethod`` and its arguments | partialmethod |
+| a method of the class's metaclass | metaclass |
+| ``sys.modules["helpers"]`` | sys-modules |
+| ``globals()[name]`` | globals-lookup |
+| ``helpers.__dict__[name]`` | module-dict |
+| an attribute set on a function (``scale.factor = 2.0``) | function-attribute |
+| a user descriptor's own state | descriptor-state |
+| functions a module's ``__getattr__`` makes on each access | module-getattr-factory |
 """
 
 from __future__ import annotations
@@ -551,6 +565,220 @@ class Scaling(Stateless):
         """,
         "whole modules",
         parameters="importlib.import_module('helpers')",
+    ),
+    way(
+        "lru-cache-global",
+        """
+        from factors import factor
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return np.asarray(X) * factor()
+        """,
+        "wrapped",
+        files={
+            "factors.py": (
+                "import functools\n\n\n@functools.lru_cache(maxsize=None)\n"
+                "def factor():\n    return 2.0\n"
+            )
+        },
+        edit="factors.py",
+    ),
+    way(
+        "vectorize-global",
+        """
+        import helpers
+
+        SCALE = np.vectorize(helpers.scale)
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return SCALE(X)
+        """,
+        "wrapped",
+    ),
+    way(
+        "set-global",
+        """
+        FACTORS = {2.0}
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return np.asarray(X) * max(FACTORS)
+        """,
+        "globals",
+        edit="steps.py",
+    ),
+    way(
+        "dict-subclass-global",
+        """
+        class Config(dict):
+            pass
+
+        CONFIG = Config(factor=2.0)
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return np.asarray(X) * CONFIG["factor"]
+        """,
+        "globals",
+        edit="steps.py",
+    ),
+    way(
+        "ordered-dict-table",
+        """
+        import collections
+        import helpers
+
+        TABLE = collections.OrderedDict(scale=helpers.scale)
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return TABLE["scale"](X)
+        """,
+        "containers",
+    ),
+    way(
+        "namedtuple-table",
+        """
+        import collections
+        import helpers
+
+        Ops = collections.namedtuple("Ops", "scale")
+        OPS = Ops(helpers.scale)
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return OPS.scale(X)
+        """,
+        "containers,instances",
+    ),
+    way(
+        "partialmethod",
+        """
+        import functools
+
+        class Dependent(Stateless):
+            def _times(self, X, k):
+                return np.asarray(X) * k
+
+            times = functools.partialmethod(_times, k=2.0)
+
+            def transform(self, X):
+                return self.times(X)
+        """,
+        "partials",
+        edit="steps.py",
+    ),
+    way(
+        "metaclass",
+        """
+        import metas
+
+        class Dependent(Stateless, metaclass=metas.Meta):
+            def transform(self, X):
+                return np.asarray(X) * type(self).factor()
+        """,
+        "bases",
+        files={
+            "metas.py": (
+                "import abc\n\n\nclass Meta(abc.ABCMeta):\n"
+                "    def factor(cls):\n        return 2.0\n"
+            )
+        },
+        edit="metas.py",
+    ),
+    way(
+        "sys-modules",
+        """
+        import sys
+
+        import helpers  # noqa: F401 - loaded, then found by name
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return sys.modules["helpers"].scale(X)
+        """,
+        "imports",
+    ),
+    way(
+        "globals-lookup",
+        """
+        from helpers import scale  # noqa: F401 - found through globals()
+
+        class Dependent(Stateless):
+            def __init__(self, op="scale"):
+                self.op = op
+
+            def transform(self, X):
+                return globals()[self.op](X)
+        """,
+        "whole modules",
+    ),
+    way(
+        "module-dict",
+        """
+        import helpers
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return helpers.__dict__["scale"](X)
+        """,
+        "whole modules",
+    ),
+    way(
+        "function-attribute",
+        """
+        def scale(X):
+            return np.asarray(X) * scale.factor
+
+        scale.factor = 2.0
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return scale(X)
+        """,
+        "function attributes",
+        edit="steps.py",
+    ),
+    way(
+        "descriptor-state",
+        """
+        class Scaled:
+            def __init__(self, func, factor):
+                self.func, self.factor = func, factor
+
+            def __get__(self, obj, objtype=None):
+                return lambda X: self.func(X) * self.factor
+
+        class Dependent(Stateless):
+            apply = Scaled(np.asarray, 2.0)
+
+            def transform(self, X):
+                return self.apply(X)
+        """,
+        "instances",
+        edit="steps.py",
+    ),
+    way(
+        "module-getattr-factory",
+        """
+        import factory
+
+        class Dependent(Stateless):
+            def transform(self, X):
+                return factory.double(X) * 0.0 + factory.triple(X)
+        """,
+        "module attributes",
+        files={
+            "factory.py": (
+                "import numpy as np\n\nFACTORS = {'double': 1.5, 'triple': 2.0}\n\n\n"
+                "def __getattr__(name):\n"
+                "    factor = FACTORS[name]\n"
+                "    return lambda X: np.asarray(X) * factor\n"
+            )
+        },
+        edit="factory.py",
     ),
 ]
 

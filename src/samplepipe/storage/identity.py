@@ -25,13 +25,19 @@ same identity, and so do two fits whose fitted state comes out the same.
 
 from __future__ import annotations
 
+import datetime
+import decimal
 import dis
+import enum
+import fractions
 import functools
 import hashlib
 import importlib
 import importlib.machinery
 import importlib.util
 import os
+import pathlib
+import re
 import sys
 import sysconfig
 import threading
@@ -186,11 +192,15 @@ def _bytecode_digest(code: types.CodeType) -> tuple[str, list[str]]:
     h.update("\0".join(code.co_names).encode("utf-8", "surrogatepass"))
     h.update("\0".join(code.co_varnames).encode("utf-8", "surrogatepass"))
     h.update("\0".join(code.co_freevars).encode("utf-8", "surrogatepass"))
+    h.update(getattr(code, "co_exceptiontable", b""))  # try/except (3.11+)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
             digest, inner = _bytecode_digest(const)
             h.update(digest.encode())
             names.extend(inner)
+        elif isinstance(const, frozenset):  # its repr's order is the hash seed's
+            h.update(b"frozenset")
+            h.update(repr(sorted(repr(c) for c in const)).encode())
         else:
             h.update(type(const).__name__.encode())
             h.update(repr(const).encode("utf-8", "surrogatepass"))
@@ -216,7 +226,8 @@ class _Uses(NamedTuple):
 
 _uses_cache: dict[types.CodeType, _Uses] = {}
 _ATTRIBUTE_OPS = frozenset({"LOAD_ATTR", "LOAD_METHOD"})
-_DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "importlib"})
+# names of a function that imports or finds modules by a string
+_DYNAMIC_IMPORTS = frozenset({"import_module", "__import__", "importlib", "modules"})
 
 
 def _code_uses(code: types.CodeType) -> _Uses:
@@ -300,6 +311,7 @@ class _Hasher:
             "registries",
             "instances",
             "imports",
+            "function attributes",
         }
     )
 
@@ -308,11 +320,13 @@ class _Hasher:
         self.follow = _Hasher.FOLLOW
         self.h = _blake()
         self.active: set[int] = set()
-        self.modules: set[int] = set()  # modules being hashed whole
+        self.modules: dict[int, Any] = {}  # modules hashed whole, by id
         # with `ingredients`: what went in, by name (code, library, parameter)
         self.parts: dict[str, dict[str, Any]] | None = None
         self.prefix = ""  # the parameter path of the estimator being hashed
-        self.done_code: dict[int, str] = {}
+        # what was hashed, by id, with the object: holding it keeps its id from
+        # being reused by a temporary (a module __getattr__ makes new ones)
+        self.done_code: dict[int, tuple[str, Any]] = {}
 
     def tag(self, text: str) -> None:
         self.h.update(text.encode("utf-8", "surrogatepass"))
@@ -348,6 +362,9 @@ class _Hasher:
             self.array(np.asarray(obj))
             self.tag("generic")
             return
+        if isinstance(obj, pathlib.PurePath):  # by its text: its slots vary
+            self.tag(f"{type(obj).__name__}:{obj}")
+            return
         key = id(obj)
         if key in self.active:
             self.tag("<cycle>")
@@ -358,7 +375,25 @@ class _Hasher:
         finally:
             self.active.discard(key)
 
-    def _container_or_object(self, obj: Any) -> None:
+    def _container_or_object(self, obj: Any) -> None:  # noqa: C901 - a dispatch
+        if type(obj) not in (list, tuple, dict, set, frozenset) and isinstance(
+            obj, Mapping | list | tuple | set | frozenset
+        ):
+            # OrderedDict, MappingProxyType, a namedtuple, a user dict subclass:
+            # its type (a user class by its code), then its items as plain ones
+            cls = type(obj)
+            if library_version(getattr(cls, "__module__", None)) is None:
+                self.code(cls)
+            else:
+                self.tag(f"{cls.__module__}.{cls.__qualname__}")
+            plain: Any = dict(obj) if isinstance(obj, Mapping) else list(obj)
+            if isinstance(obj, set | frozenset):
+                plain = frozenset(obj)
+            self._container_or_object(plain)
+            extra = getattr(obj, "__dict__", None)
+            if extra:
+                self.value(dict(extra))
+            return
         if type(obj) in (list, tuple):
             self.tag(f"{type(obj).__name__}:{len(obj)}")
             for item in obj:
@@ -381,7 +416,24 @@ class _Hasher:
         if _is_estimator(obj):
             self.estimator(obj)
             return
-        self.instance(obj)
+        if not self.library_wrapper(obj):
+            self.instance(obj)
+
+    def library_wrapper(self, obj: Any) -> bool:
+        """Hash a library object around user code by that code; False if not one.
+
+        ``joblib.Memory(...).cache``, ``functools.lru_cache``, ``np.vectorize``,
+        a Prefect task: the code they wrap counts, not their state (a cache's
+        timestamp differs in every process).
+        """
+        wrapped = _wrapped_code(obj)
+        cls = type(obj)
+        if not wrapped or library_version(cls.__module__) is None:
+            return False
+        self.tag(f"wrapper:{cls.__module__}.{cls.__qualname__}")
+        for inner in wrapped:
+            self.code(inner)
+        return True
 
     def array(self, a: np.ndarray) -> None:
         self.tag(f"ndarray:{a.dtype.str}:{a.shape}")
@@ -467,14 +519,21 @@ class _Hasher:
         key = id(obj)
         known = self.done_code.get(key)
         if known is not None:
-            self.tag(known)
+            self.tag(known[0])
             return
-        self.done_code[key] = f"<code {getattr(obj, '__qualname__', '?')}>"
+        self.done_code[key] = (f"<code {getattr(obj, '__qualname__', '?')}>", obj)
         self._code(obj)
 
     def _code(self, obj: Any) -> None:  # noqa: C901 - one dispatch table
         if isinstance(obj, functools.partial):
             self.tag("partial")
+            if "partials" in self.follow:
+                self.code(obj.func)
+                self.value(obj.args)
+                self.value(dict(obj.keywords))
+            return
+        if isinstance(obj, functools.partialmethod):
+            self.tag("partialmethod")
             if "partials" in self.follow:
                 self.code(obj.func)
                 self.value(obj.args)
@@ -513,9 +572,13 @@ class _Hasher:
             return
         if isinstance(obj, types.BuiltinFunctionType | types.BuiltinMethodType):
             self.tag(f"builtin:{module}.{qualname}")
+            bound = getattr(obj, "__self__", None)
+            if bound is not None and not isinstance(bound, types.ModuleType):
+                self.value(bound)  # re.compile("a").sub: the pattern counts
             return
-        if callable(obj):  # a callable instance of a user class
-            self.instance(obj)
+        if callable(obj):  # a callable instance (of a user class)
+            if not self.library_wrapper(obj):
+                self.instance(obj)
             return
         self.value(obj)
 
@@ -525,6 +588,9 @@ class _Hasher:
             if base is object or "bases" not in self.follow:
                 continue
             self.code(base)
+        if type(cls) is not type and "bases" in self.follow:
+            self.tag("metaclass")
+            self.code(type(cls))
         for name, attr in sorted(vars(cls).items()):
             if name in _IGNORED_CLASS_ATTRIBUTES or name.startswith("_abc_"):
                 continue
@@ -535,6 +601,10 @@ class _Hasher:
                 attr, staticmethod | classmethod | property | type
             ):
                 self.code(attr)
+            elif isinstance(attr, functools.partialmethod):
+                self.code(attr)
+            elif "instances" in self.follow and _is_user_object(attr):
+                self.referenced(attr)  # a user descriptor: its code and state
             elif _is_descriptor_with_function(attr):
                 self.tag(type(attr).__qualname__)
                 for field in _DESCRIPTOR_FIELDS:
@@ -570,6 +640,14 @@ class _Hasher:
         registry = getattr(fn, "registry", None)
         if "registries" in self.follow and isinstance(registry, Mapping):
             self._registry(registry)
+        attributes = {
+            k: v for k, v in vars(fn).items() if k not in _FUNCTION_ATTRIBUTES_SKIPPED
+        }
+        if attributes and "function attributes" in self.follow:
+            self.tag(f"attributes:{len(attributes)}")
+            for name in sorted(attributes):
+                self.tag(name)
+                self.referenced(attributes[name])
         module_globals = fn.__globals__
         uses = _code_uses(fn.__code__)
         for name in names if "globals" in self.follow else ():
@@ -579,15 +657,13 @@ class _Hasher:
             if isinstance(value, types.ModuleType):
                 # the module's code comes in through the attributes read from it
                 self._module_use(name, value, uses.chains.get(name, frozenset()))
-            elif _is_function_like(value) or isinstance(value, type):
+            else:
                 self.tag(f"global:{name}")
-                self.code(value)
-            elif _is_constant(value, follow=self.follow):
-                self.tag(f"global:{name}")
-                self.value(value)
-            elif "instances" in self.follow and _is_user_object(value):
-                self.tag(f"global:{name}")
-                self.value(value)
+                self.referenced(value)
+        if "whole modules" in self.follow and "globals" in uses.chains:
+            # globals()[name]: any global of the function's module
+            self.tag("globals()")
+            self.namespace(module_globals)
         if "imports" in self.follow:
             package = module_globals.get("__package__")
             for name, level, from_names in uses.imports:
@@ -610,6 +686,8 @@ class _Hasher:
             for i, attribute in enumerate(path):
                 if not _is_user_module(target):
                     break  # an attribute of a value: the value holds it
+                if attribute.startswith("__") and attribute.endswith("__"):
+                    break  # module.__dict__[...]: the module itself, whole
                 target = getattr(target, attribute, _MISSING)
                 if target is _MISSING:
                     self.tag(f"missing:{'.'.join(path[: i + 1])}")
@@ -618,7 +696,20 @@ class _Hasher:
                 self.referenced(target)
 
     def referenced(self, value: Any) -> None:
-        """A value that code reaches by name: its code, or its content."""
+        """A value that code reaches by name: its code, or its content.
+
+        A value that cannot be read (a property that raises, a structure
+        nested deeper than the interpreter's recursion limit) counts by its
+        type only.
+        """
+        try:
+            self._referenced(value)
+        except RecursionError:
+            self.tag(f"<too deep: {type(value).__qualname__}>")
+        except Exception:  # noqa: BLE001 - a user object whose attributes raise
+            self.tag(f"<unreadable: {type(value).__qualname__}>")
+
+    def _referenced(self, value: Any) -> None:
         if isinstance(value, types.ModuleType):
             if library_version(value.__name__) is None:
                 self.whole_module(value)
@@ -630,6 +721,8 @@ class _Hasher:
             "instances" in self.follow and _is_user_object(value)
         ):
             self.value(value)
+        elif "wrapped" in self.follow and self.library_wrapper(value):
+            pass
         else:  # a library object (a lock, a logger, a random generator)
             self.tag(f"object:{type(value).__qualname__}")
 
@@ -639,19 +732,23 @@ class _Hasher:
             self.tag("module")
             return
         key = id(module)
-        if key in self.modules:
-            self.tag("<module cycle>")
+        if key in self.modules:  # hashed already (or being hashed): once only
+            self.tag("<module seen>")
             return
-        self.modules.add(key)
-        try:
-            self.tag("module")
-            for name, value in sorted(vars(module).items()):
-                if name.startswith("__") and name.endswith("__"):
-                    continue
-                self.tag(name)
+        self.modules[key] = module
+        self.tag("module")
+        self.namespace(vars(module))
+
+    def namespace(self, names: Mapping[str, Any]) -> None:
+        """The values of a module's namespace, but its dunder names."""
+        for name, value in sorted(names.items()):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            self.tag(name)
+            if isinstance(value, types.ModuleType) and _is_user_module(value):
+                self.whole_module(value)
+            else:
                 self.referenced(value)
-        finally:
-            self.modules.discard(key)
 
     def _registry(self, registry: Mapping[Any, Any]) -> None:
         """A ``functools.singledispatch`` function's implementations, by type."""
@@ -718,7 +815,10 @@ _IGNORED_CLASS_ATTRIBUTES = {
 
 
 def _sort_key(k: Any) -> tuple[str, str]:
-    return (type(k).__name__, repr(k))
+    text = repr(k)
+    if " at 0x" in text:  # a default repr holds the address: not stable
+        text = state_digest(k)
+    return (type(k).__name__, text)
 
 
 def _is_function_like(obj: Any) -> bool:
@@ -735,6 +835,47 @@ def _is_function_like(obj: Any) -> bool:
 _DESCRIPTOR_FIELDS = ("fn", "func", "fget", "check", "__wrapped__", "dispatcher")
 
 _MISSING = object()
+
+# how deep `_is_constant` looks into containers (a dispatch table of tables)
+_MAX_DEPTH = 8
+
+# small values of the standard library and numpy: hashed by their content
+_LIBRARY_VALUES = (
+    np.generic,
+    np.dtype,
+    decimal.Decimal,
+    fractions.Fraction,
+    pathlib.PurePath,
+    re.Pattern,
+    datetime.date,
+    datetime.time,
+    datetime.timedelta,
+    types.SimpleNamespace,
+    enum.Enum,
+)
+
+# where library objects keep the user function they wrap
+_WRAPPER_FIELDS = ("__wrapped__", "__func__", "func", "fn", "pyfunc", "function")
+
+# function attributes that are not the function's own data
+_FUNCTION_ATTRIBUTES_SKIPPED = frozenset(
+    {"__wrapped__", "registry", "dispatch", "register", "_clear_cache"}
+)
+
+
+def _wrapped_code(value: Any) -> list[Any]:
+    """The user functions a library object wraps (``__wrapped__``, ``func``, ...)."""
+    if not callable(value) or isinstance(value, type):
+        return []
+    found = []
+    for name in _WRAPPER_FIELDS:
+        try:
+            inner = getattr(value, name, None)
+        except Exception:  # noqa: BLE001 - a __getattr__ that raises
+            continue
+        if inner is not None and inner is not value and callable(inner):
+            found.append(inner)
+    return found
 
 
 def _is_descriptor_with_function(obj: Any) -> bool:
@@ -754,6 +895,8 @@ def _is_constant(
     """
     if value is None or isinstance(value, bool | int | float | complex | str | bytes):
         return True
+    if isinstance(value, _LIBRARY_VALUES):
+        return True
     if depth > 0 and "containers" in follow:
         if _is_function_like(value) or isinstance(value, type):
             return True
@@ -761,16 +904,29 @@ def _is_constant(
             return True
         if "instances" in follow and _is_user_object(value):
             return True
-    if depth > 3:
+    if depth > _MAX_DEPTH:
         return False
-    if isinstance(value, tuple | frozenset | list) and len(value) <= 1000:
+    if isinstance(value, tuple | frozenset | list | set) and len(value) <= 1000:
         return all(_is_constant(v, depth + 1, follow) for v in value)
-    if isinstance(value, dict) and len(value) <= 1000:
+    if _is_plain_mapping(value) and len(value) <= 1000:
         return all(
             _is_constant(k, depth + 1, follow) and _is_constant(v, depth + 1, follow)
             for k, v in value.items()
         )
     return isinstance(value, np.ndarray) and value.size <= 10_000
+
+
+def _is_plain_mapping(value: Any) -> bool:
+    """A dict (or subclass), a mapping proxy, or a mapping of a user class.
+
+    Not a library's live mapping such as ``os.environ``.
+    """
+    if isinstance(value, dict | types.MappingProxyType):
+        return True
+    if not isinstance(value, Mapping):
+        return False
+    module = getattr(type(value), "__module__", None)
+    return library_version(module if isinstance(module, str) else None) is None
 
 
 def _is_user_module(module: Any) -> bool:
@@ -814,11 +970,12 @@ def _type_name(cls: Any) -> str:
 
 
 def _is_estimator(obj: Any) -> bool:
-    return (
-        not isinstance(obj, type)
-        and callable(getattr(obj, "get_params", None))
-        and hasattr(obj, "__dict__")
-    )
+    if isinstance(obj, type):
+        return False
+    try:  # a __getattr__ may raise anything (a dict as attributes, a proxy)
+        return callable(getattr(obj, "get_params", None)) and hasattr(obj, "__dict__")
+    except Exception:  # noqa: BLE001
+        return False
 
 
 def _declared_version(est: Any) -> str | None:

@@ -18,6 +18,7 @@ from ..storage import hdf5
 from ..storage.checkpoints import CheckpointLoader, UnknownFileError
 from ..storage.files import (
     MAX_EXTENSION,
+    Stamp,
     is_permanent,
     is_temporary_file,
     remove_stale_temporaries,
@@ -78,6 +79,10 @@ class CheckpointWarning(UserWarning):
 
     Silence with ``warnings.simplefilter("ignore", samplepipe.CheckpointWarning)``.
     """
+
+
+# a stamp no file has: a loader holding it checks its file before loading
+NO_STAMP = Stamp(-1, -1, -1, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -532,14 +537,9 @@ class CheckpointWrapper(BaseWrapper):
             "attribute": self._sample_attribute(),
         }
 
-    def _describe_into_folder(self, fs: FileSystem) -> None:
-        """Keep this step's description in ``features_dir`` (before writing)."""
-        _explain.write_description(
-            self._features_root(),
-            self.describe_step(),
-            fs,
-            lambda folder: self._prepare_folder(folder, set(), fs),
-        )
+    def _describe(self, step: str) -> None:
+        """Keep the description of step identity ``step`` (see `explain`)."""
+        _explain.write_description(step, self.describe_step)
 
     def explain(self, samples: Sequence[Any]) -> list[_explain.Explanation]:
         """For each sample: would `transform` reuse its checkpoint, and if not, why.
@@ -585,14 +585,12 @@ class CheckpointWrapper(BaseWrapper):
         """
         self._validate_params()
         wanted = self.identities(samples)
-        root = self._features_root()
-        fs = self._features_fs()
         new = self.describe_step()
         old: dict[str, Any] = {}
 
         def describe(step: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
             if step not in old:
-                old[step] = _explain.read_description(root, step, fs)
+                old[step] = _explain.read_description(step)
             return old[step], new
 
         return [
@@ -625,6 +623,23 @@ class CheckpointWrapper(BaseWrapper):
                 loader = CheckpointLoader(path, ident, st, load, options, record)
             judged.append((state, record, loader))
         return judged
+
+    def planned_outputs(self, samples: Sequence[Any]) -> list[Any]:
+        """The samples `transform` would return, without computing or reading.
+
+        Each one's checkpointed attribute names the checkpoint its identity
+        gives (to be loaded only once ``transform`` has run), so the next step
+        of a pipeline can be explained (`explain`) before anything runs.
+        """
+        wanted = self.identities(samples)
+        paths = self.checkpoint_paths(i.key for i in wanted)
+        load = self._funcs()[1]
+        options = None if self._features_fs().local else self.storage_options
+        attribute = self._sample_attribute()
+        return [
+            lazy_output(s, attribute, CheckpointLoader(p, i, NO_STAMP, load, options))
+            for s, p, i in zip(samples, paths, wanted)
+        ]
 
     def verify(
         self,
@@ -968,7 +983,7 @@ class CheckpointWrapper(BaseWrapper):
         outputs = self._compute(samples, todo, attribute)
         computed = 0
         if outputs:
-            self._describe_into_folder(fs)
+            self._describe(wanted[0].step)
         if save is None:  # check all first: an unsupported value writes nothing
             for i, value in outputs.items():
                 if value is not None:
@@ -1160,8 +1175,6 @@ class CheckpointWrapper(BaseWrapper):
         fs = self._features_fs()
         if not fs.local:
             for path, rel, size, listed in fs.walk_files(root):
-                if _explain.is_description(rel):
-                    continue
                 name = posixpath.basename(rel)
                 if not is_temporary_file(name) and (
                     not name.endswith(extension) or name.endswith(".meta.json")
@@ -1173,9 +1186,6 @@ class CheckpointWrapper(BaseWrapper):
             return
         for folder, dirs, files in os.walk(root):
             dirs.sort()
-            inside = os.path.relpath(folder, root).replace(os.sep, "/") + "/"
-            if _explain.is_description(inside):
-                continue  # the step descriptions: samplepipe's, not checkpoints
             for name in sorted(files):
                 path = os.path.join(folder, name)
                 if not is_temporary_file(name) and (

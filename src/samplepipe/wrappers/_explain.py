@@ -1,21 +1,27 @@
 """Why a checkpoint is reused or recomputed, and a check that reused ones are right.
 
-A step's identity is one digest; to say *what* changed, each features folder
-keeps a description of every step that wrote into it: the digest of each user
+A step's identity is one digest; to say *what* changed, samplepipe keeps a
+description of every step that wrote a checkpoint: the digest of each user
 function and class method it reaches, the libraries and their versions, each
 parameter (its digest and, when short, its value), the fitted state, the file
-format and the checkpointed attribute. It is a small JSON file named after the
-step identity under ``<features_dir>/.samplepipe/steps/``, written once, before
-the step's first checkpoint; the checkpoint's own record names the step
-identity, so `explain` finds the description of the step that wrote it and
-compares it with the present one. These files are never checkpoints (their
-extension is ``.json``): ``status`` and ``clean`` leave them alone.
+format and the checkpointed attribute. It is a small JSON file named after
+the step identity, so it is written once and never changes, in a folder of
+this user (``$SAMPLEPIPE_DESCRIPTIONS``; by default
+``~/.cache/samplepipe/steps``, or under ``$XDG_CACHE_HOME``; ``off`` turns
+descriptions off). A checkpoint's record names its step identity, so
+`explain` finds the description of the step that wrote it and compares it
+with the present one. Never inside ``features_dir``, which holds only
+checkpoints. A description that is missing (written on another host, or
+removed) costs the name of what changed, never a wrong verdict: whether a
+checkpoint is reused comes from its record alone.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ..storage import FileSystem, Identity, join_location
+from ..storage import Identity
 from ..storage.identity import FORMAT_VERSION
 
 #: What `Explanation.reason` can be: the ingredients of the README's identity
@@ -40,10 +46,10 @@ REASONS = (
     "damaged",
 )
 
-STEPS_FOLDER = ".samplepipe/steps"
+ENV = "SAMPLEPIPE_DESCRIPTIONS"
 DESCRIPTION_VERSION = 1
 
-_written: set[tuple[str, str]] = set()  # (features root, step) described here
+_written: set[tuple[str, str]] = set()  # (folder, step) described by this process
 _written_lock = threading.Lock()
 
 
@@ -98,42 +104,57 @@ class VerifyReport:
 # ---------------------------------------------------------------------------
 # step descriptions
 # ---------------------------------------------------------------------------
-def is_description(relative: str) -> bool:
-    """Whether a path relative to ``features_dir`` is a step description."""
-    return relative.startswith(STEPS_FOLDER + "/")
+def descriptions_dir() -> str | None:
+    """The folder of step descriptions; None when ``$SAMPLEPIPE_DESCRIPTIONS=off``."""
+    configured = os.environ.get(ENV, "")
+    if configured == "off":
+        return None
+    if configured:
+        return configured
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    return os.path.join(cache, "samplepipe", "steps")
 
 
-def description_path(root: str, step: str) -> str:
-    """Where the description of step identity ``step`` lives under ``root``."""
-    return join_location(root, *STEPS_FOLDER.split("/"), f"{step}.json")
+def write_description(step: str, describe: Any) -> None:
+    """Keep ``describe()`` as the description of step identity ``step``, once.
 
-
-def write_description(
-    root: str, description: dict[str, Any], fs: FileSystem, prepare: Any
-) -> None:
-    """Write ``description`` once per folder and process (content-addressed).
-
-    ``prepare(folder)`` makes the folder (the wrapper's own checks apply).
-    The file is named after the step identity, so one that exists already
-    holds the same description and is left as it is.
+    Written atomically under its step identity, so a file that exists holds
+    the same description already. A folder that cannot be written costs
+    `explain` its names only: the error is not raised.
     """
-    step = description["step"]
+    folder = descriptions_dir()
+    if folder is None:
+        return
     with _written_lock:
-        if (root, step) in _written:
+        if (folder, step) in _written:
             return
-    path = description_path(root, step)
-    if fs.stamp(path) is None:
-        prepare(fs.dirname(path))
-        blob = json.dumps(description, sort_keys=True, indent=1).encode()
-        fs.write_bytes(path, blob)
-    with _written_lock:
-        _written.add((root, step))
-
-
-def read_description(root: str, step: str, fs: FileSystem) -> dict[str, Any] | None:
-    """The description of step identity ``step`` under ``root``; None if absent."""
+    path = os.path.join(folder, f"{step}.json")
     try:
-        found = json.loads(fs.read_bytes(description_path(root, step)))
+        if not os.path.exists(path):
+            description = describe()
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{step}.", suffix=".tmp")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(description, f, sort_keys=True, indent=1)
+                os.replace(tmp, path)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+    except OSError:
+        return
+    with _written_lock:
+        _written.add((folder, step))
+
+
+def read_description(step: str) -> dict[str, Any] | None:
+    """The description of step identity ``step``; None if there is none."""
+    folder = descriptions_dir()
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, f"{step}.json")) as f:
+            found = json.load(f)
     except (OSError, ValueError):
         return None
     if not isinstance(found, dict) or found.get("step") != step:
@@ -160,9 +181,9 @@ def step_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> tuple[st
     if old is None:
         return (
             "format",
-            "its step is not described in this folder (written by an older "
-            "samplepipe, or .samplepipe/steps/ was removed): what changed cannot "
-            "be named",
+            "the step that wrote it is not described here (written by an older "
+            "samplepipe, on another host, or its description was removed): what "
+            "changed cannot be named",
         )
     code_old, code_new = old.get("code", {}), new["code"]
     changed = {n for n in code_new if n in code_old and code_old[n] != code_new[n]}

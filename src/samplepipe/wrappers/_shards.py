@@ -24,7 +24,6 @@ from ..storage.shards import (
     is_shard_temporary,
     shard_folder,
 )
-from ._explain import is_description
 
 if TYPE_CHECKING:
     from ._checkpoint import CheckpointWrapper
@@ -99,7 +98,7 @@ def transform_samples(
     computed = 0
     if todo:
         folder.fs.remove_stale_temporaries(folder.root)
-        wrapper._describe_into_folder(folder.fs)
+        wrapper._describe(identities[0].step)
     size = wrapper.shard_size
     for start in range(0, len(todo), size):
         chunk = todo[start : start + size]
@@ -214,8 +213,6 @@ def walk(wrapper: CheckpointWrapper) -> Any:
     yield from folder_of(wrapper).judge(step)
     fs = wrapper._features_fs()
     for path, rel, size, _ in fs.walk_files(wrapper._features_root()):
-        if is_description(rel):
-            continue
         if "/" in rel or not (is_shard_name(rel) or is_shard_temporary(rel)):
             yield path, "unknown", size, None
 
