@@ -74,6 +74,10 @@ def _quiet_prefect():
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
 
 
+def _warn(msg):
+    err.print(f"warning: {escape(msg)}", soft_wrap=True)
+
+
 def _print_table(table):
     """Print ``table`` whole: folded to fit a terminal, else at its natural width.
 
@@ -209,7 +213,7 @@ def run(
 
         flows.progress_callbacks.append(advance)
         try:
-            with prefect_api():
+            with prefect_api(on_lost_logs=_warn):
                 state = flows.run_pipeline(
                     pipeline,
                     train_samples,
