@@ -240,9 +240,7 @@ def test_the_readme_command_ends_with_its_table_and_stores_every_log(tmp_path):
     for result in (first, second):
         # stderr: the progress bars and nothing after them
         assert "Error logging to API" not in result.stderr, result.stderr
-        assert last_line(result.stderr).startswith("transform: batches "), (
-            result.stderr
-        )
+        assert last_line(result.stderr).startswith("transform: batches "), result.stderr
         assert result.stderr.count("\n") == 2, result.stderr
 
     runs = stored_runs(env)
@@ -272,12 +270,76 @@ def test_a_failed_run_ends_with_its_message_and_stores_every_log(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert "Error logging to API" not in result.stderr, result.stderr
-    assert last_line(result.stderr).startswith("FAILED at step count: "), (
-        result.stderr
-    )
+    assert last_line(result.stderr).startswith("FAILED at step count: "), result.stderr
     [(state, messages)] = stored_runs(env)
     assert state == "Failed"
     # the summary of the fit, logged as the run failed, and the run's very
     # last log (its final state) are stored
     assert any(m.startswith("count.fit: 20 samples, ") for m in messages), messages
     assert messages[-1].startswith("Finished in state Failed("), messages[-3:]
+
+
+SLOW = (
+    "samplepipe.testing:counting_pipeline",
+    "--pipeline-kwargs",
+    '{"log_dir": ".", "delay": 0.05}',
+    *random_samples_options(200, 200, seed=1, prefix="t"),
+    "--batch-size",
+    "20",
+)
+
+
+def started(proc, path):
+    """Wait until ``path`` exists (the run is computing) while ``proc`` runs."""
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+
+
+def test_sigterm_ends_the_run_with_one_line_after_its_logs_are_sent(tmp_path):
+    env = command_env(tmp_path)
+    proc = subprocess.Popen(
+        [str(BIN / "samplepipe"), "run", *SLOW],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    started(proc, tmp_path / "count.log")  # step "count" is computing
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "Error logging to API" not in stderr
+    assert last_line(stderr) == (
+        "error: samplepipe run stopped by signal 15 (SIGTERM); the checkpoints "
+        "written so far are kept: run it again to finish."
+    ), stderr
+    [(state, messages)] = stored_runs(env)
+    assert state == "Crashed"
+    # the run's very last logs, sent after the signal
+    assert messages[-2].startswith("Crash detected! "), messages[-3:]
+    assert messages[-1].startswith("Finished in state Crashed("), messages[-3:]
+
+
+def test_a_server_gone_during_the_run_makes_one_warning(tmp_path):
+    home = tmp_path / "server-home"
+    home.mkdir()
+    with running_prefect_server(home) as (server_env, server):
+        env = command_env(tmp_path, server_env["PREFECT_API_URL"])
+        proc = subprocess.Popen(
+            [str(BIN / "samplepipe"), "run", *SLOW],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started(proc, tmp_path / "count.log")
+        server.terminate()
+        server.wait(timeout=60)
+        _, stderr = proc.communicate(timeout=300)
+    assert "Traceback" not in stderr and "Error logging to API" not in stderr, stderr
+    assert stderr.count("warning: ") == 1, stderr
+    assert "run log line(s) were not stored by the Prefect API at " in stderr
+    assert proc.returncode == 1, stderr

@@ -209,9 +209,9 @@ def run(
     """
     pipeline = _pipeline_or_demo("run", pipeline, features_dir, model_dir)
     _quiet_prefect()
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
+    import httpx
     from prefect.exceptions import TerminationSignal
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import flows
     from .server import ServerError, prefect_api
@@ -259,6 +259,13 @@ def run(
                 )
         except ServerError as exc:
             raise CommandError(f"samplepipe run: {exc}", code=1) from exc
+        except httpx.TransportError as exc:
+            msg = (
+                f"samplepipe run: the Prefect API stopped answering during the run "
+                f"({type(exc).__name__}: {exc}); the checkpoints written so far are "
+                "kept: run it again once the server answers."
+            )
+            raise CommandError(msg, code=1) from exc
         except TerminationSignal as exc:
             msg = (
                 f"samplepipe run stopped by signal {exc.signal} (SIGTERM); the "
