@@ -246,8 +246,9 @@ def test_the_readme_command_ends_with_its_table_and_stores_every_log(tmp_path):
     runs = stored_runs(env)
     assert [state for state, _ in runs] == ["Completed", "Completed"]
     for (_, messages), computed in zip(runs, (0, 597), strict=True):
-        # the last log of the run: the summary of the last step
-        assert messages[-1].startswith(
+        # the run's last logs: the summary of the last step, its final state
+        assert messages[-1] == "Finished in state Completed()", messages[-3:]
+        assert messages[-2].startswith(
             f"scores.transform: 597 samples, {computed} computed, "
             f"{597 - computed} loaded, 0 failed, "
         ), messages[-3:]
