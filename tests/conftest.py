@@ -1,5 +1,6 @@
 """Shared fixtures (Prefect's environment is set in the root conftest.py)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -130,6 +131,16 @@ def random_samples_options(n_train, n, seed, prefix):
 def prefect_server(tmp_path_factory):
     """A real Prefect server with its own PREFECT_HOME; yields its environment."""
     home = tmp_path_factory.mktemp("prefect-server-home")
+    with running_prefect_server(home) as (env, _):
+        yield env
+
+
+@contextlib.contextmanager
+def running_prefect_server(home):
+    """``prefect server start`` on 127.0.0.1 with PREFECT_HOME ``home``.
+
+    Yields its environment (``PREFECT_API_URL`` included) and the process.
+    """
     port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -169,7 +180,7 @@ def prefect_server(tmp_path_factory):
                 raise RuntimeError((home / "server.log").read_text()[-3000:])
             time.sleep(0.5)
         env["PREFECT_API_URL"] = url
-        yield env
+        yield env, proc
     finally:
         stop_process(proc, timeout=30)
         log.close()

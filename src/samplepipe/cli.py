@@ -6,10 +6,12 @@ Built on cyclopts and rich, which Prefect itself depends on.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import gc
 import json
 import os
 import shlex
+import signal
 import sys
 import time
 from collections import Counter
@@ -68,10 +70,40 @@ def _samples_kwargs(value, samples, subset):
 
 
 def _quiet_prefect():
-    # Task-level INFO logs would scroll over the progress bar: quiet Prefect's
-    # console handler only. (PREFECT_LOGGING_LEVEL=WARNING would also drop them
-    # before they reach the API, i.e. the run page's Logs tab.)
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    # Task-level INFO logs would scroll over the progress bar, and a failed
+    # run's tracebacks over its one-line message: quiet Prefect's console
+    # handler only (the run logs still reach the API, i.e. the run page's Logs
+    # tab; PREFECT_LOGGING_LEVEL would drop them before). Setting the variable
+    # (e.g. to ERROR) shows them on the console again.
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+    """Within the block, SIGTERM raises Prefect's `TerminationSignal`.
+
+    Prefect does so within a flow run (the run is marked crashed); outside
+    it (while the server starts, while the logs are sent) the default would
+    end the process at once, before the run's last logs were sent.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    def stop(signum, frame):
+        raise TerminationSignal(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: signals are not ours to handle
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _warn(msg):
+    err.print(f"warning: {escape(msg)}", soft_wrap=True)
 
 
 def _print_table(table):
@@ -177,6 +209,8 @@ def run(
     """
     pipeline = _pipeline_or_demo("run", pipeline, features_dir, model_dir)
     _quiet_prefect()
+    import httpx
+    from prefect.exceptions import TerminationSignal
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import flows
@@ -209,7 +243,7 @@ def run(
 
         flows.progress_callbacks.append(advance)
         try:
-            with prefect_api():
+            with _sigterm_stops(), prefect_api(on_lost_logs=_warn):
                 state = flows.run_pipeline(
                     pipeline,
                     train_samples,
@@ -225,6 +259,19 @@ def run(
                 )
         except ServerError as exc:
             raise CommandError(f"samplepipe run: {exc}", code=1) from exc
+        except httpx.TransportError as exc:
+            msg = (
+                f"samplepipe run: the Prefect API stopped answering during the run "
+                f"({type(exc).__name__}: {exc}); the checkpoints written so far are "
+                "kept: run it again once the server answers."
+            )
+            raise CommandError(msg, code=1) from exc
+        except TerminationSignal as exc:
+            msg = (
+                f"samplepipe run stopped by signal {exc.signal} (SIGTERM); the "
+                "checkpoints written so far are kept: run it again to finish."
+            )
+            raise CommandError(msg, code=128 + exc.signal) from exc
         finally:
             flows.progress_callbacks.remove(advance)
     seconds = time.perf_counter() - t0
@@ -235,10 +282,11 @@ def run(
         except flows.PipelineRunError as exc:
             err.print(
                 f"[bold red]FAILED[/] at step [bold]{escape(str(exc.step))}[/]: "
-                f"{escape(str(exc))}"
+                f"{escape(str(exc))}",
+                soft_wrap=True,
             )
         except Exception as exc:  # bad input, unknown import path, ...
-            err.print(f"[bold red]FAILED[/]: {escape(str(exc))}")
+            err.print(f"[bold red]FAILED[/]: {escape(str(exc))}", soft_wrap=True)
         return 1
     rows = state.result()
     _print_table(_table(rows, f"samplepipe run ({seconds:.1f} s)"))

@@ -34,7 +34,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,9 +93,23 @@ def startup_timeout() -> float:
         raise ServerError(msg) from None
 
 
+class LostLogsWarning(UserWarning):
+    """Run logs of the block were not stored by its Prefect API."""
+
+
 @contextlib.contextmanager
-def prefect_api(timeout: float | None = None) -> Iterator[str]:
-    """The URL of a Prefect API for the duration of the block (see module notes)."""
+def prefect_api(
+    timeout: float | None = None,
+    *,
+    on_lost_logs: Callable[[str], None] | None = None,
+) -> Iterator[str]:
+    """The URL of a Prefect API for the duration of the block (see module notes).
+
+    The run logs of the block are all sent before it ends, while the API
+    still answers (a temporary server stops right after). Logs the API did
+    not store (it went away during the block) make one message, given to
+    ``on_lost_logs``, or warned as `LostLogsWarning` when it is None.
+    """
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     url = os.environ.get("PREFECT_API_URL")
     if url:
@@ -105,11 +120,48 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
                 "temporary local server."
             )
             raise ServerError(msg)
-        yield url
+        with _run_logs_sent(f"PREFECT_API_URL={url}", on_lost_logs):
+            yield url
         return
     timeout = startup_timeout() if timeout is None else timeout
-    with _local_server(timeout) as url:
+    with (
+        _local_server(timeout) as url,
+        _run_logs_sent(f"the temporary server {url}", on_lost_logs),
+    ):
         yield url
+
+
+@contextlib.contextmanager
+def _run_logs_sent(
+    where: str, on_lost_logs: Callable[[str], None] | None
+) -> Iterator[None]:
+    """Send the block's run logs at its end; report those the API did not store."""
+    from ._api_logs import sending_run_logs
+
+    report = None
+    try:
+        with sending_run_logs() as report:
+            yield
+    finally:
+        # also when the block raised: the logs were sent (or lost) by now
+        if report is not None and report.count:
+            _report_lost(report.count, report.error, where, on_lost_logs)
+
+
+def _report_lost(
+    count: int, error: str, where: str, on_lost_logs: Callable[[str], None] | None
+) -> None:
+    msg = (
+        f"{count} run log line(s) were not stored by the Prefect API at "
+        f"{where}, which stopped answering during the run ({error}); the "
+        "run's logs on that server are incomplete. Keep the server running until "
+        "the command ends (PREFECT_LOGGING_TO_API_ENABLED=false stops sending "
+        "run logs)."
+    )
+    if on_lost_logs is None:
+        warnings.warn(msg, LostLogsWarning, stacklevel=4)
+    else:
+        on_lost_logs(msg)
 
 
 @contextlib.contextmanager
