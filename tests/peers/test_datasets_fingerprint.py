@@ -27,7 +27,7 @@ from textwrap import dedent
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
-from samplepipe.storage import combine, code_identity, estimator_identity, state_digest
+from samplepipe.storage import code_identity, combine, estimator_identity, state_digest
 
 
 class Foo:
@@ -121,7 +121,11 @@ class TestRecurseHash:
             code = func.__code__
             code = code.replace(co_filename=co_filename)
             return types.FunctionType(
-                code, func.__globals__, func.__name__, func.__defaults__, func.__closure__
+                code,
+                func.__globals__,
+                func.__name__,
+                func.__defaults__,
+                func.__closure__,
             )
 
         co_filename, returned_obj = "<ipython-input-2-e0383a102aae>", [0]

@@ -37,12 +37,12 @@ def digest(request):
     return request.param
 
 
-class Klass(object):
+class Klass:
     def f(self, x):
         return x
 
 
-class KlassWithCachedMethod(object):
+class KlassWithCachedMethod:
     def __init__(self, cachedir):
         mem = Memory(location=cachedir, verbose=0)
         self.f = mem.cache(self.f)
@@ -71,8 +71,8 @@ input_list = [
     gc.collect,
     [1].append,
     # Next 2 sets have unorderable elements in python 3.
-    set(("a", 1)),
-    set(("a", 1, ("a", 1))),
+    {"a", 1},
+    {"a", 1, ("a", 1)},
     # Next 2 dicts have unorderable type of keys in python 3.
     {"a": 1, 1: 2},
     {"a": 1, 1: 2, "d": {"a": 1}},
@@ -259,23 +259,21 @@ def test_set_hash(tmp_path, digest):
     # is not guaranteed
     k = KlassWithCachedMethod(str(tmp_path))
 
-    s = set(
-        [
-            "#s12069__c_maps.nii.gz",
-            "#s12158__c_maps.nii.gz",
-            "#s12258__c_maps.nii.gz",
-            "#s12277__c_maps.nii.gz",
-            "#s12300__c_maps.nii.gz",
-            "#s12401__c_maps.nii.gz",
-            "#s12430__c_maps.nii.gz",
-            "#s13817__c_maps.nii.gz",
-            "#s13903__c_maps.nii.gz",
-            "#s13916__c_maps.nii.gz",
-            "#s13981__c_maps.nii.gz",
-            "#s13982__c_maps.nii.gz",
-            "#s13983__c_maps.nii.gz",
-        ]
-    )
+    s = {
+        "#s12069__c_maps.nii.gz",
+        "#s12158__c_maps.nii.gz",
+        "#s12258__c_maps.nii.gz",
+        "#s12277__c_maps.nii.gz",
+        "#s12300__c_maps.nii.gz",
+        "#s12401__c_maps.nii.gz",
+        "#s12430__c_maps.nii.gz",
+        "#s13817__c_maps.nii.gz",
+        "#s13903__c_maps.nii.gz",
+        "#s13916__c_maps.nii.gz",
+        "#s13981__c_maps.nii.gz",
+        "#s13982__c_maps.nii.gz",
+        "#s13983__c_maps.nii.gz",
+    }
 
     a = k.f(s)
     b = k.f(a)
@@ -286,9 +284,7 @@ def test_set_hash(tmp_path, digest):
 def test_set_decimal_hash(digest):
     # Check that sets containing decimals hash consistently, even though
     # ordering is not guaranteed
-    assert digest(set([Decimal(0), Decimal("NaN")])) == digest(
-        set([Decimal("NaN"), Decimal(0)])
-    )
+    assert digest({Decimal(0), Decimal("NaN")}) == digest({Decimal("NaN"), Decimal(0)})
 
 
 def test_string(digest):
