@@ -328,6 +328,9 @@ def test_a_server_gone_during_the_run_makes_one_warning(tmp_path):
     home.mkdir()
     with running_prefect_server(home) as (server_env, server):
         env = command_env(tmp_path, server_env["PREFECT_API_URL"])
+        # the client's retries with backoff (5 by default) only make the wait
+        # for the same end longer: ~4 minutes here
+        env["PREFECT_CLIENT_MAX_RETRIES"] = "0"
         proc = subprocess.Popen(
             [str(BIN / "samplepipe"), "run", *SLOW],
             cwd=tmp_path,

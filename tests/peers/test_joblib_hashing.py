@@ -7,7 +7,7 @@ data; arrays by their bytes): every case runs with both, through the
 ``digest`` fixture. Each test names the peer test; inputs and expected outcomes
 (equal or different digests) are the peer's. Where samplepipe differs on
 purpose, the test asserts samplepipe's behaviour and tests/peers/README.md
-gives the reason; a case that shows a samplepipe bug is a strict xfail.
+gives the reason. The two samplepipe bugs this suite found are fixed (tests/peers/README.md).
 
 Not ported: ``test_hash_numpy_performance`` (a wall-clock bound; benchmarks
 live in bench/, never in tests).
@@ -95,12 +95,6 @@ def test_hash_methods(digest):
     assert digest(a.flush) == digest(a.flush)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="samplepipe bug: a method of a built-in type (deque.extend, "
-    "re.Pattern.sub) is hashed by its qualified name only; the object it is "
-    "bound to (__self__) is left out",
-)
 def test_hash_methods_bound_to_different_objects(digest):
     # joblib test_hash_methods, second half
     a1 = collections.deque(range(10))
@@ -195,12 +189,6 @@ def test_bound_methods_hash(digest):
     assert code_identity(a.f) == code_identity(b.f)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="samplepipe bug: an object holding a joblib Memory.cache'd function "
-    "(MemorizedFunc) is hashed with its attribute 'timestamp' (time.time() at "
-    "creation), so its identity changes in every process",
-)
 def test_bound_cached_methods_hash(tmp_path, digest):
     """Calling the same _cached_ method on two different instances of the
     same class resolves to the same hashes.
