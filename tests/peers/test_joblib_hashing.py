@@ -7,7 +7,8 @@ data; arrays by their bytes): every case runs with both, through the
 ``digest`` fixture. Each test names the peer test; inputs and expected outcomes
 (equal or different digests) are the peer's. Where samplepipe differs on
 purpose, the test asserts samplepipe's behaviour and tests/peers/README.md
-gives the reason. The two samplepipe bugs this suite found are fixed (tests/peers/README.md).
+gives the reason. The two samplepipe bugs this suite found are fixed
+(tests/peers/README.md).
 
 Not ported: ``test_hash_numpy_performance`` (a wall-clock bound; benchmarks
 live in bench/, never in tests).
