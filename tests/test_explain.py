@@ -377,3 +377,37 @@ def test_verify_tolerances_and_bad_fraction(tmp_path):
     for fraction in (0, -0.5, 1.5):
         with pytest.raises(ValueError, match="verify got fraction="):
             step.verify(samples, fraction=fraction)
+
+
+# ---------------------------------------------------------------------------
+# fit(None): a trained model without its data (issue 24, item 5)
+# ---------------------------------------------------------------------------
+def test_fit_none_loads_a_matching_model_without_calling_the_estimator(tmp_path):
+    from samplepipe.testing import CountingTransformer, read_calls
+
+    log = tmp_path / "calls.log"
+    samples = make_samples(8)
+    kwargs = {"model_path": str(tmp_path / "model.pkl")}
+    first = checkpointed(CountingTransformer(log_path=str(log)), tmp_path, **kwargs)
+    first.fit(samples)
+    fits = [c for c in read_calls(log) if c[0] == "fit"]
+    assert len(fits) == 1
+    again = checkpointed(CountingTransformer(log_path=str(log)), tmp_path, **kwargs)
+    assert again.fit(None) is again
+    assert [c for c in read_calls(log) if c[0] == "fit"] == fits  # not fitted
+    np.testing.assert_array_equal(
+        again.estimator.estimator.mean_, first.estimator.estimator.mean_
+    )
+    assert only(again.explain(samples))[:2] == ("recompute", "missing")
+    # other parameters: that model is not this step's
+    other = checkpointed(
+        CountingTransformer(offset=1.0, log_path=str(log)), tmp_path, **kwargs
+    )
+    with pytest.raises(ValueError, match=r"fit\(None\) loads a trained model"):
+        other.fit(None)
+    missing = checkpointed(
+        CountingTransformer(), tmp_path, model_path=str(tmp_path / "none.pkl")
+    )
+    with pytest.raises(ValueError, match="none.pkl"):
+        missing.fit(None)
+    assert not (tmp_path / "none.pkl").exists()

@@ -586,15 +586,17 @@ class CheckpointWrapper(BaseWrapper):
         self._validate_params()
         wanted = self.identities(samples)
         new = self.describe_step()
-        old: dict[str, Any] = {}
+        differences: dict[str, tuple[str, str]] = {}
 
-        def describe(step: str) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-            if step not in old:
-                old[step] = _explain.read_description(step)
-            return old[step], new
+        def difference(step: str) -> tuple[str, str]:
+            """What differs from the step that wrote a checkpoint (once per step)."""
+            if step not in differences:
+                old = _explain.read_description(step)
+                differences[step] = _explain.step_difference(old, new)
+            return differences[step]
 
         return [
-            _explain.explain_one(i.key, state, record, i, describe)
+            _explain.explain_one(i.key, state, record, i, difference)
             for i, (state, record, _) in zip(wanted, self._judge_all(wanted))
         ]
 
@@ -785,6 +787,13 @@ class CheckpointWrapper(BaseWrapper):
     def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
         """Load the model checkpoint, or fit and save it.
 
+        The model in ``model_path`` is loaded when it was written by a step of
+        the same code and parameters fitted on the same training samples.
+        ``X=None`` loads a trained model without its data (bob.pipelines'
+        way): the model file must match the step's code and parameters, and
+        the training samples are then not compared, the one case where they
+        are not; without such a file it is a `ValueError` naming the path.
+
         Returns
         -------
         self : CheckpointWrapper
@@ -792,6 +801,16 @@ class CheckpointWrapper(BaseWrapper):
         self._validate_params()
         if not estimator_requires_fit(self.estimator):
             return self
+        if X is None:
+            if self.model_path is not None and self.load_model():
+                return self
+            msg = (
+                f"CheckpointWrapper({self._name()}).fit(None) loads a trained "
+                f"model without its data, but model_path={self.model_path!r} "
+                "holds no model of this step's code and parameters; fit it on "
+                "training samples first, or name the model_path that holds one."
+            )
+            raise ValueError(msg)
         data = None if fit_params else self.training_digest(X, y)
         if not self.force and data is not None and self.load_model(data=data):
             return self

@@ -260,11 +260,12 @@ def explain_one(
     state: str,
     record: str | None,
     wanted: Identity,
-    describe: Any,
+    difference: Any,
 ) -> Explanation:
     """The `Explanation` of one checkpoint judged ``state`` holding ``record``.
 
-    ``describe(step)`` returns ``(old description, new description)``.
+    ``difference(step)`` returns the ``(reason, detail)`` of a checkpoint
+    written by step identity ``step`` (see `step_difference`).
     """
     if state == "valid":
         return Explanation(key, "reuse", "same", "every ingredient is the same")
@@ -282,7 +283,7 @@ def explain_one(
             f"now {FORMAT_VERSION})",
         )
     if found.step != wanted.step:
-        reason, detail = step_difference(*describe(found.step))
+        reason, detail = difference(found.step)
         return Explanation(key, "recompute", reason, detail)
     return Explanation(
         key, "recompute", "input", input_difference(found.inputs, wanted.inputs)
