@@ -411,3 +411,35 @@ def test_fit_none_loads_a_matching_model_without_calling_the_estimator(tmp_path)
     with pytest.raises(ValueError, match="none.pkl"):
         missing.fit(None)
     assert not (tmp_path / "none.pkl").exists()
+
+
+def test_a_pipeline_is_explained_and_verified_step_by_step(tmp_path):
+    """The CLI's walk: each step's planned outputs are the next step's inputs."""
+    samples = make_samples(6)
+    steps = [
+        checkpointed(
+            FunctionTransformer(plus, kw_args={"term": 1.0}),
+            tmp_path / "a",
+            layout="shards",
+        ),
+        checkpointed(
+            FunctionTransformer(times, kw_args={"factor": 2.0}), tmp_path / "b"
+        ),
+    ]
+    current = samples
+    for step in steps:
+        current = quiet_transform(step, current)
+    steps[0].set_params(estimator__estimator__kw_args={"term": 2.0})
+    current = samples[:3]
+    answers = []
+    for step in steps:
+        answers.append(only(step.explain(current))[:2])
+        current = step.planned_outputs(current)
+    assert answers == [("recompute", "parameter"), ("recompute", "input")]
+    # verify: reused samples only, loaded through the planned outputs
+    steps[0].set_params(estimator__estimator__kw_args={"term": 1.0})
+    current = samples
+    for step in steps:
+        report = step.verify(current, fraction=1.0)
+        assert (report.reused, report.checked, report.mismatches) == (6, 6, [])
+        current = step.planned_outputs(current)

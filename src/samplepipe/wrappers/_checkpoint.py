@@ -163,7 +163,7 @@ def _array_digest(X: Any, y: Any) -> str | None:
     return "arrays:" + combine(*parts)
 
 
-def lazy_output(sample: Any, attribute: str, loader: CheckpointLoader) -> Any:
+def lazy_output(sample: Any, attribute: str, loader: Callable[[], Any]) -> Any:
     """A copy of ``sample`` whose ``attribute`` loads lazily through ``loader``."""
     if attribute == "data":
         return DelayedSample(loader, parent=sample)
@@ -638,10 +638,14 @@ class CheckpointWrapper(BaseWrapper):
         load = self._funcs()[1]
         options = None if self._features_fs().local else self.storage_options
         attribute = self._sample_attribute()
-        return [
-            lazy_output(s, attribute, CheckpointLoader(p, i, NO_STAMP, load, options))
-            for s, p, i in zip(samples, paths, wanted)
-        ]
+        outputs = []
+        for s, p, i, (_, _, loader) in zip(
+            samples, paths, wanted, self._judge_all(wanted)
+        ):
+            if loader is None:  # loads once transform has written it
+                loader = CheckpointLoader(p, i, NO_STAMP, load, options)
+            outputs.append(lazy_output(s, attribute, loader))
+        return outputs
 
     def verify(
         self,
