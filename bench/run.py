@@ -3,6 +3,7 @@
     python bench/run.py            # the full run recorded in bench/RESULTS.md
     python bench/run.py --quick    # smaller sizes, for a smoke test
     python bench/run.py --sections 1   # sections 1 and 2 only
+    python bench/run.py --sections floor   # first run / raw h5py, new processes
 
 Every figure is measured in this one run on this machine; ratios compare
 figures of the same run. Nothing here is a test.
@@ -491,7 +492,9 @@ def _double(X):
 def floor_child(case, n, d, folder):
     """Run in a subprocess: one case of section floor; print JSON.
 
-    Imports and data generation come before the clock; ``folder`` is empty.
+    Imports and data generation come before the clock; ``folder`` is empty
+    (``-`` on the command line: a new temporary folder, removed after; for
+    ``farm-bench --vs``, which starts each run the same way).
     ``raw``: the loop a user writes with h5py. ``wrapper``: the default
     one-file-per-sample layout, every output's ``data`` read. ``promises``:
     what each promise of the wrapper costs alone, per sample.
@@ -686,7 +689,14 @@ def main():
         return
     if args.floor_child:
         case, n, d, folder = args.floor_child
-        floor_child(case, int(n), int(d), folder)
+        if folder != "-":
+            floor_child(case, int(n), int(d), folder)
+            return
+        folder = tempfile.mkdtemp(prefix="samplepipe-floor-")  # for farm-bench
+        try:
+            floor_child(case, int(n), int(d), folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return
     n = 2000 if args.quick else 10_000
     print(
@@ -694,7 +704,9 @@ def main():
         f"{platform.machine()}, {os.cpu_count()} cores"
     )
     print(json.dumps(versions()))
-    print("load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    print(
+        "load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     work = tempfile.mkdtemp(prefix="samplepipe-bench-")
     try:
         sections = set(args.sections.split(","))

@@ -443,7 +443,7 @@ def read_payload(
 def _read_at(path: str | os.PathLike[str], at: PayloadAt) -> np.ndarray:
     """The payload described by ``at``; `OSError` if the file ends before it."""
     out = np.empty(at.shape, np.dtype(at.dtype))
-    view = memoryview(out.reshape(-1).view(np.uint8))
+    view = out.reshape(-1).view(np.uint8).data
     done = 0
     with open(path, "rb", buffering=0) as f:
         f.seek(at.offset)
