@@ -24,9 +24,9 @@ RECORD_SIZES = [16, 77, 200, 1000]
 @pytest.fixture(autouse=True)
 def fresh_templates():
     """Each test makes its own templates (and leaves none behind)."""
-    hdf5_module._TEMPLATES.clear()
+    hdf5_module.clear_templates()
     yield
-    hdf5_module._TEMPLATES.clear()
+    hdf5_module.clear_templates()
 
 
 def random_payload(rng, dtype, shape):
@@ -45,6 +45,7 @@ def check_images_are_the_files_hdf5_builds(tmp_path):
     for dtype in DTYPES:
         for shape in SHAPES:
             for size in RECORD_SIZES:
+                image_at(random_payload(rng, dtype, shape), "r" * size)  # the first
                 payload = random_payload(rng, dtype, shape)
                 record = random_record(rng, size)
                 made = image_at(payload, record)
@@ -74,7 +75,7 @@ def template_of_any_record_size(dtype, shape, record_size):
 
 def test_images_are_the_files_hdf5_builds(tmp_path, monkeypatch):
     check_images_are_the_files_hdf5_builds(tmp_path)
-    hdf5_module._TEMPLATES.clear()
+    hdf5_module.clear_templates()
     monkeypatch.setattr(hdf5_module, "_template", template_of_any_record_size)
     with pytest.raises(AssertionError, match="differs from HDF5's"):
         check_images_are_the_files_hdf5_builds(tmp_path)
@@ -87,13 +88,18 @@ def test_images_are_the_files_hdf5_builds(tmp_path, monkeypatch):
         (np.zeros((0, 3)), "r" * 40),  # no payload stored
         (np.arange(3.0), "short"),  # records of < 16 bytes
         (np.arange(3.0), None),  # no record
+        (np.zeros(2**17 + 1), "r" * 40),  # over 1 MiB
     ],
 )
 def test_other_layouts_are_built_by_hdf5(payload, record):
+    image_at(payload, record)
     made = image_at(payload, record)
-    assert made.payload_at is None
     assert made.blob == build_image(payload, record)
     assert not hdf5_module._TEMPLATES
+    if made.payload_at is not None:  # HDF5 stored the payload's bytes as they are
+        at = made.payload_at.offset
+        assert made.blob[at : at + payload.nbytes] == payload.tobytes()
+    assert (made.payload_at is None) == (payload.size == 0)
 
 
 _real_build = hdf5_module._build
@@ -119,17 +125,18 @@ def make_template_unchecked(dtype, shape, record_size):
 def check_an_image_that_varies_gets_no_template():
     build_with_a_counter.calls = 0
     payload = np.arange(8.0)
-    for record in ("a" * 40, "b" * 40):
+    for record in ("a" * 40, "b" * 40, "c" * 40):
         made = image_at(payload, record)
-        expected = hdf5_module._build(payload, record)[0]
-        assert made.blob[:-1] == expected[:-1], "a template was used for a varying file"
-        assert made.payload_at is None, "a template was used for a varying file"
+        # the last byte tells which build made the file: the one just made
+        last = build_with_a_counter.calls % 256
+        assert made.blob[-1] == last, "a template was used for a varying file"
+        assert made.blob[:-1] == build_image(payload, record)[:-1]
 
 
 def test_an_image_that_varies_gets_no_template(monkeypatch):
     monkeypatch.setattr(hdf5_module, "_build", build_with_a_counter)
     check_an_image_that_varies_gets_no_template()
-    hdf5_module._TEMPLATES.clear()
+    hdf5_module.clear_templates()
     monkeypatch.setattr(hdf5_module, "_make_template", make_template_unchecked)
     with pytest.raises(AssertionError, match="a template was used for a varying"):
         check_an_image_that_varies_gets_no_template()
@@ -165,3 +172,34 @@ def test_outputs_of_a_first_run_load_without_opening_hdf5(tmp_path, opened):
     os.replace(path + ".new", path)
     np.testing.assert_array_equal(out[2].data, samples[2].data + 1.0)
     assert opened and set(opened) == {path}
+
+
+def test_data_of_varying_shapes_pays_for_no_template(monkeypatch):
+    calls = []
+
+    def counted(data, record):
+        calls.append(data.shape)
+        return _real_build(data, record)
+
+    monkeypatch.setattr(hdf5_module, "_build", counted)
+    for n in range(1, 21):
+        image_at(np.arange(float(n)), "r" * 40)
+    assert len(calls) == 20, "templates were made for layouts seen once"
+    image_at(np.arange(5.0) + 1, "s" * 40)  # a layout seen before
+    assert len(calls) == 20 + 2
+    assert isinstance(hdf5_module._TEMPLATES[("<f8", (5,), 40)], hdf5_module._Template)
+
+
+def test_templates_are_bounded(monkeypatch):
+    monkeypatch.setattr(hdf5_module, "_TEMPLATES_MAX_BYTES", 100_000)
+    for n in range(1000, 1100, 10):  # ~14 KB a template
+        for _ in range(2):
+            image_at(np.zeros(n), "r" * 40)
+    templates = [
+        t
+        for t in hdf5_module._TEMPLATES.values()
+        if isinstance(t, hdf5_module._Template)
+    ]
+    assert 0 < len(templates) < 10
+    assert hdf5_module._template_bytes == sum(len(t.blob) for t in templates)
+    assert hdf5_module._template_bytes <= 100_000

@@ -164,14 +164,22 @@ class _Template(NamedTuple):
     record_at: int
 
 
-# Patchable templates by (dtype, shape, record length in bytes); None marks a
-# layout whose image did not pass the check of `_make_template`.
-_TEMPLATES: OrderedDict[tuple[str, tuple[int, ...], int], _Template | None] = (
+# Patchable templates by (dtype, shape, record length in bytes), or a marker:
+# _ONCE for a layout seen once (a template is made at its second image: data of
+# varying shapes never pays for templates it cannot use), _UNFIT for a layout
+# whose images failed the check of `_make_template`.
+_ONCE = "once"
+_UNFIT = "unfit"
+_TEMPLATES: OrderedDict[tuple[str, tuple[int, ...], int], _Template | str] = (
     OrderedDict()
 )
-_TEMPLATES_MAX = 256
+_TEMPLATES_MAX = 256  # layouts remembered
+_TEMPLATES_MAX_BYTES = 16 << 20  # bytes of templates kept, over all layouts
+_TEMPLATE_MAX_PAYLOAD = 1 << 20  # larger payloads: HDF5's cost is small beside them
 _TEMPLATE_KINDS = "iufc"  # stored byte for byte (bool becomes an HDF5 enum)
 _MIN_RECORD = 16  # bytes; shorter records are built by HDF5 each time
+_TEMPLATES_LOCK = threading.Lock()
+_template_bytes = 0
 
 
 def image(payload: np.ndarray, record: str | None) -> bytes:
@@ -186,35 +194,52 @@ def image_at(payload: np.ndarray, record: str | None) -> Image:
     """`Image` of an HDF5 file holding ``payload`` as dataset ``array``.
 
     The file is the one `build_image` makes, byte for byte. Making one costs
-    HDF5 ~100-300 us, more than writing it to disk; so the first image of a
-    dtype, shape and record length is built by HDF5 twice, with two
-    different payloads and records, and kept as a template once the two
-    differ only in the payload's and the record's bytes and swapping those
-    bytes into the first gives the second exactly. Images of the same layout
-    are then that template with this payload and record copied in (HDF5
-    stores a contiguous, unfiltered dataset and a string attribute without
-    anything derived from their content: no checksums, no timestamps).
-    Layouts that fail the check, bool arrays and empty payloads are built by
-    HDF5 each time.
+    HDF5 ~100-300 us, about what writing it to disk costs. So at the second
+    image of a dtype, shape and record length, HDF5 builds two images of that
+    layout with random payloads and records, and the first is kept as a
+    template once the two differ only in the payload's and the record's
+    bytes and swapping those bytes into the first gives the second exactly.
+    Images of that layout are then the template with this payload and record
+    copied in (HDF5 stores a contiguous, unfiltered dataset and a string
+    attribute without anything derived from their content: no checksums, no
+    timestamps). Bool arrays, empty payloads, payloads over 1 MiB, records
+    under 16 bytes and layouts that fail the check are built by HDF5 each
+    time. Templates are bounded: 256 layouts, 16 MiB in all.
+
+    The payload's offset is given whenever the image holds the payload's
+    bytes there (``H5Dget_offset``, compared): a template's, or one HDF5
+    built for a numeric or bool payload.
     """
     data = np.asarray(payload, order="C")
     if (
         record is None
         or not data.size
+        or data.nbytes > _TEMPLATE_MAX_PAYLOAD
         or data.dtype.kind not in _TEMPLATE_KINDS
         or data.dtype.fields is not None
     ):
-        return Image(build_image(data, record), None)
+        return _built(data, record)
     text = record.encode("utf-8")
     if len(text) < _MIN_RECORD:
-        return Image(build_image(data, record), None)
+        return _built(data, record)
     template = _template(data.dtype, data.shape, len(text))
     if template is None:
-        return Image(build_image(data, record), None)
+        return _built(data, record)
     return Image(
         _patched(template, data, text),
         PayloadAt(template.payload_at, data.dtype.str, data.shape),
     )
+
+
+def _built(data: np.ndarray, record: str | None) -> Image:
+    """`Image` built by HDF5; its payload offset if the bytes there are the payload."""
+    blob, offset = _build(data, record)
+    if offset is None or data.dtype.kind not in _NATIVE or data.dtype.fields:
+        return Image(blob, None)
+    stored = memoryview(blob)[offset : offset + data.nbytes]
+    if stored != data.reshape(-1).view(np.uint8).data:
+        return Image(blob, None)
+    return Image(blob, PayloadAt(offset, data.dtype.str, data.shape))
 
 
 def _patched(template: _Template, data: np.ndarray, text: bytes) -> bytes:
@@ -228,17 +253,49 @@ def _patched(template: _Template, data: np.ndarray, text: bytes) -> bytes:
 def _template(
     dtype: np.dtype[Any], shape: tuple[int, ...], record_size: int
 ) -> _Template | None:
+    """The checked template of a layout; None at its first image or if unfit."""
     key = (dtype.str, shape, record_size)
     with _TEMPLATES_LOCK:
-        if key in _TEMPLATES:
-            _TEMPLATES.move_to_end(key)
-            return _TEMPLATES[key]
+        entry = _TEMPLATES.get(key)
+        if entry is None:
+            _remember_template(key, _ONCE)
+            return None
+        _TEMPLATES.move_to_end(key)
+    if isinstance(entry, _Template):
+        return entry
+    if entry == _UNFIT:
+        return None
     template = _make_template(dtype, shape, record_size)
     with _TEMPLATES_LOCK:
-        _TEMPLATES[key] = template
-        while len(_TEMPLATES) > _TEMPLATES_MAX:
-            _TEMPLATES.popitem(last=False)
+        _remember_template(key, _UNFIT if template is None else template)
     return template
+
+
+def _remember_template(
+    key: tuple[str, tuple[int, ...], int], entry: _Template | str
+) -> None:
+    """Keep ``entry`` for ``key``, within the bounds (holding the lock)."""
+    global _template_bytes
+    old = _TEMPLATES.pop(key, None)
+    if isinstance(old, _Template):
+        _template_bytes -= len(old.blob)
+    _TEMPLATES[key] = entry
+    if isinstance(entry, _Template):
+        _template_bytes += len(entry.blob)
+    while _TEMPLATES and (
+        len(_TEMPLATES) > _TEMPLATES_MAX or _template_bytes > _TEMPLATES_MAX_BYTES
+    ):
+        _, dropped = _TEMPLATES.popitem(last=False)
+        if isinstance(dropped, _Template):
+            _template_bytes -= len(dropped.blob)
+
+
+def clear_templates() -> None:
+    """Forget every template (as a new process would)."""
+    global _template_bytes
+    with _TEMPLATES_LOCK:
+        _TEMPLATES.clear()
+        _template_bytes = 0
 
 
 def _make_template(
@@ -276,7 +333,6 @@ def _make_template(
 
 
 _LETTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
-_TEMPLATES_LOCK = threading.Lock()
 
 
 def build_image(payload: np.ndarray, record: str | None) -> bytes:
