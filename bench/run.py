@@ -531,7 +531,7 @@ def promise_costs(X, folder):
     `CheckpointWrapper` does it for a payload of this size) and nothing else.
     """
     from samplepipe.storage import hdf5
-    from samplepipe.storage.files import Stamp, temporary_name
+    from samplepipe.storage.files import Stamp, remove_stale_temporaries, temporary_name
     from samplepipe.storage.journal import JOURNAL
 
     n = len(X)
@@ -591,6 +591,10 @@ def promise_costs(X, folder):
     costs["file image built by HDF5 (replaced)"] = per_sample(hdf5_images)
     costs["checksums (write + load)"] = per_sample(checksums)
     costs["stamps (write + load)"] = per_sample(stats)
+    # once per folder and call, here over a folder of n checkpoints
+    costs["stale-temporary listing (one per call)"] = per_sample(
+        lambda: remove_stale_temporaries(folder)
+    )
     os.environ["SAMPLEPIPE_JOURNAL"] = os.path.join(folder, "journal")
     found = [(path, os.stat(path)) for path in paths]
     costs["journal line"] = per_sample(journaled)
