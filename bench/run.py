@@ -606,8 +606,10 @@ def bench_floor(n, d, work, rounds=ROUNDS):
 
     Each case runs in a new process (imports and data generation excluded),
     the two cases alternating, ``rounds`` rounds; each side's best round
-    counts. The load average is printed beside each round: this machine is
-    shared, and a round run beside other work is slower.
+    counts; the ratio of each round's pair is printed too (on a loaded machine
+    one lucky round decides a best of 3). The load average is printed beside
+    each round: this machine is shared, and a round run beside other work is
+    slower.
     """
     print(f"\nfloor. {n} x {d} float64, first run, each case in its own process")
     times: dict[str, list[float]] = {"raw": [], "wrapper": []}
@@ -639,6 +641,12 @@ def bench_floor(n, d, work, rounds=ROUNDS):
         n,
     )
     ratio("first run / raw h5py write loop (best of each)", first, raw)
+    paired = sorted(w / r for w, r in zip(times["wrapper"], times["raw"]))
+    print(
+        "  the same, round by round (each after its raw loop): "
+        + " ".join(f"{x:.2f}x" for x in paired)
+        + f"; median {paired[len(paired) // 2]:.2f}x"
+    )
     folder = tempfile.mkdtemp(dir=work, prefix="floor-promises-")
     out = subprocess.run(
         [sys.executable, __file__, "--floor-child", "promises", str(n), str(d)]
