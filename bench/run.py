@@ -3,6 +3,7 @@
     python bench/run.py            # the full run recorded in bench/RESULTS.md
     python bench/run.py --quick    # smaller sizes, for a smoke test
     python bench/run.py --sections 1   # sections 1 and 2 only
+    python bench/run.py --sections floor   # first run / raw h5py, new processes
 
 Every figure is measured in this one run on this machine; ratios compare
 figures of the same run. Nothing here is a test.
@@ -480,6 +481,187 @@ def bench_dask(n, d, work):
     ratio("2 workers / one process", two, one)
 
 
+# ---------------------------------------------------------------------------
+# section floor: the files layout's first run against a raw h5py write loop,
+# each case timed in a process of its own (issue 25)
+# ---------------------------------------------------------------------------
+def _double(X):
+    return np.asarray(X) * 2
+
+
+def floor_child(case, n, d, folder):
+    """Run in a subprocess: one case of section floor; print JSON.
+
+    Imports and data generation come before the clock; ``folder`` is empty
+    (``-`` on the command line: a new temporary folder, removed after; for
+    ``farm-bench --vs``, which starts each run the same way).
+    ``raw``: the loop a user writes with h5py. ``wrapper``: the default
+    one-file-per-sample layout, every output's ``data`` read. ``promises``:
+    what each promise of the wrapper costs alone, per sample.
+    """
+    from sklearn.preprocessing import FunctionTransformer
+
+    from samplepipe import Sample, wrap
+
+    X = np.random.default_rng(0).normal(size=(n, d))
+    samples = [Sample(X[i], key=f"{i:06d}") for i in range(n)]
+    gc.collect()
+    if case == "promises":
+        print(json.dumps(promise_costs(X, folder)))
+        return
+    t0 = time.perf_counter()
+    if case == "raw":
+        for i in range(n):
+            with h5py.File(f"{folder}/{i:06d}.h5", "w") as h:
+                h["array"] = X[i] * 2
+    else:
+        step = wrap(["sample", "checkpoint"], FunctionTransformer(_double))
+        step.set_params(features_dir=folder)
+        out = step.transform(samples)
+        for s in out:
+            s.data  # noqa: B018 - reading is the point
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"case": case, "seconds": seconds}))
+
+
+def promise_costs(X, folder):
+    """Microseconds per sample of each promise of a first run, measured alone.
+
+    Each loop does one promise's work for every sample of ``X`` (as
+    `CheckpointWrapper` does it for a payload of this size) and nothing else.
+    """
+    from samplepipe.storage import hdf5
+    from samplepipe.storage.files import Stamp, remove_stale_temporaries, temporary_name
+    from samplepipe.storage.journal import JOURNAL
+
+    n = len(X)
+    record = "1:" + "s" * 32 + ":" + "v" * 33 + ":" + "c" * 32 + ":a:000000"
+    blob = hdf5.image(X[0], record)
+    paths = [f"{folder}/{i:06d}.h5" for i in range(n)]
+
+    def per_sample(fn):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        return 1e6 * (time.perf_counter() - t0) / n
+
+    def write(name):
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        os.write(fd, blob)
+        os.close(fd)
+
+    def writes():
+        for path in moves:
+            write(path)
+
+    def names():
+        for path in paths:
+            temporary_name(path)
+
+    def replaces():
+        for tmp, path in zip(moves, paths):
+            os.replace(tmp, path)
+
+    def images():
+        for x in X:
+            hdf5.image(x, record)
+
+    def hdf5_images():  # what the templates save
+        for x in X:
+            hdf5.build_image(x, record)
+
+    def checksums():  # one when written, one when loaded
+        for x in X:
+            hdf5.checksum(x, "a")
+            hdf5.checksum(x, "a")
+
+    def stats():  # the stamp after writing, the stamp check before loading
+        for path in paths:
+            os.stat(path)
+            os.stat(path)
+
+    def journaled():  # a line per file written, appended once per call
+        JOURNAL.add([(path, Stamp.of(st), record) for path, st in found])
+
+    moves = [temporary_name(path) for path in paths]
+    costs = {"write a file (os.open, os.write, os.close)": per_sample(writes)}
+    costs["temporary name"] = per_sample(names)
+    costs["os.replace"] = per_sample(replaces)
+    costs["file image (template)"] = per_sample(images)
+    costs["file image built by HDF5 (replaced)"] = per_sample(hdf5_images)
+    costs["checksums (write + load)"] = per_sample(checksums)
+    costs["stamps (write + load)"] = per_sample(stats)
+    # once per folder and call, here over a folder of n checkpoints
+    costs["stale-temporary listing (one per call)"] = per_sample(
+        lambda: remove_stale_temporaries(folder)
+    )
+    os.environ["SAMPLEPIPE_JOURNAL"] = os.path.join(folder, "journal")
+    found = [(path, os.stat(path)) for path in paths]
+    costs["journal line"] = per_sample(journaled)
+    return costs
+
+
+def bench_floor(n, d, work, rounds=ROUNDS):
+    """Section floor: first run of the files layout / raw h5py write loop.
+
+    Each case runs in a new process (imports and data generation excluded),
+    the two cases alternating, ``rounds`` rounds; each side's best round
+    counts; the ratio of each round's pair is printed too (on a loaded machine
+    one lucky round decides a best of 3). The load average is printed beside
+    each round: this machine is shared, and a round run beside other work is
+    slower.
+    """
+    print(f"\nfloor. {n} x {d} float64, first run, each case in its own process")
+    times: dict[str, list[float]] = {"raw": [], "wrapper": []}
+    for round_ in range(rounds):
+        for case in ("raw", "wrapper"):
+            folder = tempfile.mkdtemp(dir=work, prefix=f"floor-{case}-")
+            load = os.getloadavg()[0]
+            out = subprocess.run(
+                [sys.executable, __file__, "--floor-child", case, str(n), str(d)]
+                + [folder],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            seconds = json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+            times[case].append(seconds)
+            print(
+                f"  round {round_ + 1} {case:8s} {seconds:7.3f} s "
+                f"{n / seconds:7.0f}/s  load average {load:.2f} "
+                f"(after: {os.getloadavg()[0]:.2f})",
+                flush=True,
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+    raw = record("floor", "raw h5py write loop, new process", min(times["raw"]), n)
+    first = record(
+        "floor",
+        "files layout first run + data read, new process",
+        min(times["wrapper"]),
+        n,
+    )
+    ratio("first run / raw h5py write loop (best of each)", first, raw)
+    paired = sorted(w / r for w, r in zip(times["wrapper"], times["raw"]))
+    print(
+        "  the same, round by round (each after its raw loop): "
+        + " ".join(f"{x:.2f}x" for x in paired)
+        + f"; median {paired[len(paired) // 2]:.2f}x"
+    )
+    folder = tempfile.mkdtemp(dir=work, prefix="floor-promises-")
+    out = subprocess.run(
+        [sys.executable, __file__, "--floor-child", "promises", str(n), str(d)]
+        + [folder],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    shutil.rmtree(folder, ignore_errors=True)
+    print("  each promise alone, us per sample:")
+    for name, us in json.loads(out.stdout.strip().splitlines()[-1]).items():
+        ROWS.append({"section": "floor", "name": name, "us_per_sample": us})
+        print(f"    {name:40s} {us:8.1f} us")
+
+
 def versions():
     import cloudpickle
     import dask
@@ -506,14 +688,27 @@ def main():
     parser.add_argument("--json", help="also write all rows to this file")
     parser.add_argument(
         "--sections",
-        default="1,3,4,5",
-        help="comma-separated sections to run (1 includes 2); default all",
+        default="floor,1,3,4,5",
+        help="comma-separated sections to run (1 includes 2; floor: the first "
+        "run against a raw h5py loop, each in its own process); default all",
     )
     parser.add_argument("--scale-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--floor-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.scale_child:
         n, d, batch, folder = args.scale_child
         scale_child(int(n), int(d), int(batch), folder)
+        return
+    if args.floor_child:
+        case, n, d, folder = args.floor_child
+        if folder != "-":
+            floor_child(case, int(n), int(d), folder)
+            return
+        folder = tempfile.mkdtemp(prefix="samplepipe-floor-")  # for farm-bench
+        try:
+            floor_child(case, int(n), int(d), folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
         return
     n = 2000 if args.quick else 10_000
     print(
@@ -521,9 +716,14 @@ def main():
         f"{platform.machine()}, {os.cpu_count()} cores"
     )
     print(json.dumps(versions()))
+    print(
+        "load average (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    )
     work = tempfile.mkdtemp(prefix="samplepipe-bench-")
     try:
         sections = set(args.sections.split(","))
+        if "floor" in sections:
+            bench_floor(n, 128, work)
         if "1" in sections:
             from prefect.testing.utilities import prefect_test_harness
 

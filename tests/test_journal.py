@@ -306,14 +306,14 @@ def check_a_payload_changed_under_the_loader_is_never_returned(tmp_path, monkeyp
     before = stamp(target)
     real = hdf5_module.read_payload
 
-    def changed_right_before_the_read(path):
+    def changed_right_before_the_read(path, at=None):
         """The file changes after the loader's stat (another writer, bit rot)."""
         if os.fspath(path) == target:
             with h5py.File(path, "r+") as f:
                 raw = f["array"][()].view(np.uint8).copy()
                 raw[5] ^= 0x01
                 f["array"][...] = raw.view(np.float64)
-        return real(path)
+        return real(path, at)
 
     with monkeypatch.context() as m:
         m.setattr(hdf5_module, "read_payload", changed_right_before_the_read)
@@ -334,9 +334,10 @@ def check_a_payload_changed_under_the_loader_is_never_returned(tmp_path, monkeyp
     assert read_calls(log, "transform") == [("transform", 3), ("transform", 1)]
 
 
-def load_verified_without_checksum(path, record):
+def load_verified_without_checksum(path, record, at=None):
     """Broken on purpose: decodes the payload without checking it."""
-    return hdf5_module.decode(hdf5_module.read_payload(path), record.split(":")[4])
+    payload = hdf5_module.read_payload(path, at)
+    return hdf5_module.decode(payload, record.split(":")[4])
 
 
 def test_a_payload_changed_under_the_loader_is_never_returned(tmp_path, monkeypatch):

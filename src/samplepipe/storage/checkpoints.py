@@ -31,7 +31,7 @@ import posixpath
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
@@ -334,15 +334,24 @@ def journal_written(written: Sequence[tuple[str, Stamp, str]]) -> None:
     JOURNAL.add(written)
 
 
-def encode_default(value: Any, identity: Identity) -> tuple[bytes, str]:
-    """The file image and record of ``value`` in the default HDF5 format.
+class Encoded(NamedTuple):
+    """A default-format checkpoint ready to write (see `encode_default`)."""
+
+    blob: bytes
+    record: str
+    payload_at: hdf5.PayloadAt | None  # where the payload lies in ``blob``
+
+
+def encode_default(value: Any, identity: Identity) -> Encoded:
+    """The file image, record and payload offset of ``value`` (default format).
 
     Raises ``TypeError`` for values the format cannot store exactly, before
     anything is written.
     """
     payload, kind = hdf5.encode(value)
     record = identity.record(hdf5.checksum(payload, kind), kind)
-    return hdf5.image(payload, record), record
+    blob, at = hdf5.image_at(payload, record)
+    return Encoded(blob, record, at)
 
 
 def write_default(path: str, blob: bytes) -> None:
@@ -427,7 +436,12 @@ class CheckpointLoader:
     A default-format file is then opened once: its payload is read and checked
     against the checksum of ``record``, the verified record of the file (when
     the loader has none, the file's own record is read, verified and judged in
-    the same open). A ``record`` that was not verified against the file
+    the same open). A loader made by the process that wrote the file knows
+    where the payload lies in it (``payload_at``, see `samplepipe.storage.
+    hdf5.image_at`): while the stamp is the one written, it reads the
+    payload's bytes there with plain I/O instead of opening the file through
+    HDF5, and checks them against the checksum all the same. A ``record``
+    that was not verified against the file
     (``record_verified=False``: one named by a flow's manifest) is a shortcut
     only: when the payload fails it, the file is judged by its own record. A file
     that fails raises `CorruptCheckpointError`, is no longer trusted by this
@@ -447,14 +461,17 @@ class CheckpointLoader:
     storage_options: Mapping[str, Any] | None = field(default=None, repr=False)
     record: str | None = field(default=None, repr=False)
     record_verified: bool = field(default=True, repr=False)
+    payload_at: hdf5.PayloadAt | None = field(default=None, repr=False)
 
     def __call__(self) -> Any:
         custom = self.load_func is not None
         if "://" in self.path and is_url(self.path):
             return self._load_stored(custom)
         record = self.record
+        at = self.payload_at  # where this process wrote the payload
         st = stamp(self.path)
         if st != self.stamp:
+            at = None
             found, st, record = check(self.path, self.identity, custom)
             if found != "valid":
                 raise CorruptCheckpointError(self._changed(found))
@@ -464,7 +481,7 @@ class CheckpointLoader:
         try:
             if record is not None:
                 try:
-                    return hdf5.load_verified(self.path, record)
+                    return hdf5.load_verified(self.path, record, at)
                 except hdf5.ChecksumError:
                     if self.record_verified or record is not self.record:
                         raise

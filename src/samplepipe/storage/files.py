@@ -15,7 +15,6 @@ import os
 import socket
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
@@ -79,7 +78,7 @@ def stamp(path: str) -> Stamp | None:
 # ---------------------------------------------------------------------------
 def temporary_name(path: str) -> str:
     folder, name = os.path.split(path)
-    tag = f"{HOST_TAG}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{HOST_TAG}-{os.getpid()}-{os.urandom(4).hex()}"
     return os.path.join(folder, f".{name}.{tag}{TMP_SUFFIX}")
 
 
@@ -116,12 +115,27 @@ def atomic_write(
             os.close(fd)
 
 
+# open(name, "wb") without Python's buffered file object (~10 us a file)
+_CREATE = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_TRUNC
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
 def write_bytes(path: str, blob: bytes, *, fsync: bool = False) -> None:
     """Write ``blob`` to ``path`` atomically."""
 
     def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(blob)
+        fd = os.open(tmp, _CREATE, 0o666)
+        try:
+            view = memoryview(blob)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
 
     atomic_write(path, write, fsync=fsync)
 

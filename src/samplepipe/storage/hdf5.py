@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from typing import Any
+from collections import OrderedDict
+from typing import Any, NamedTuple
 
 import h5py
 import numpy as np
@@ -136,8 +137,206 @@ def checksum(array: np.ndarray, kind: str) -> str:
     return h.hexdigest()
 
 
+class PayloadAt(NamedTuple):
+    """Where a file image holds its payload: byte offset, dtype and shape.
+
+    Valid only for the file as written (a loader checks its stamp first); the
+    payload is still verified against the checksum of the record when read.
+    """
+
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class Image(NamedTuple):
+    """The bytes of a checkpoint file and where its payload lies in them."""
+
+    blob: bytes
+    payload_at: PayloadAt | None  # None: not known (read through HDF5)
+
+
+class _Template(NamedTuple):
+    """An image built by HDF5 whose payload and record bytes can be swapped."""
+
+    blob: bytes
+    payload_at: int
+    record_at: int
+
+
+# Patchable templates by (dtype, shape, record length in bytes), or a marker:
+# _ONCE for a layout seen once (a template is made at its second image: data of
+# varying shapes never pays for templates it cannot use), _UNFIT for a layout
+# whose images failed the check of `_make_template`.
+_ONCE = "once"
+_UNFIT = "unfit"
+_TEMPLATES: OrderedDict[tuple[str, tuple[int, ...], int], _Template | str] = (
+    OrderedDict()
+)
+_TEMPLATES_MAX = 256  # layouts remembered
+_TEMPLATES_MAX_BYTES = 16 << 20  # bytes of templates kept, over all layouts
+_TEMPLATE_MAX_PAYLOAD = 1 << 20  # larger payloads: HDF5's cost is small beside them
+_TEMPLATE_KINDS = "iufc"  # stored byte for byte (bool becomes an HDF5 enum)
+_MIN_RECORD = 16  # bytes; shorter records are built by HDF5 each time
+_TEMPLATES_LOCK = threading.Lock()
+_template_bytes = 0
+
+
 def image(payload: np.ndarray, record: str | None) -> bytes:
     """The bytes of an HDF5 file holding ``payload`` as dataset ``array``.
+
+    See `image_at`, which also says where the payload lies in them.
+    """
+    return image_at(payload, record).blob
+
+
+def image_at(payload: np.ndarray, record: str | None) -> Image:
+    """`Image` of an HDF5 file holding ``payload`` as dataset ``array``.
+
+    The file is the one `build_image` makes, byte for byte. Making one costs
+    HDF5 ~100-300 us, about what writing it to disk costs. So at the second
+    image of a dtype, shape and record length, HDF5 builds two images of that
+    layout with random payloads and records, and the first is kept as a
+    template once the two differ only in the payload's and the record's
+    bytes and swapping those bytes into the first gives the second exactly.
+    Images of that layout are then the template with this payload and record
+    copied in (HDF5 stores a contiguous, unfiltered dataset and a string
+    attribute without anything derived from their content: no checksums, no
+    timestamps). Bool arrays, empty payloads, payloads over 1 MiB, records
+    under 16 bytes and layouts that fail the check are built by HDF5 each
+    time. Templates are bounded: 256 layouts, 16 MiB in all.
+
+    The payload's offset is given whenever the image holds the payload's
+    bytes there (``H5Dget_offset``, compared): a template's, or one HDF5
+    built for a numeric or bool payload.
+    """
+    data = np.asarray(payload, order="C")
+    if (
+        record is None
+        or not data.size
+        or data.nbytes > _TEMPLATE_MAX_PAYLOAD
+        or data.dtype.kind not in _TEMPLATE_KINDS
+        or data.dtype.fields is not None
+    ):
+        return _built(data, record)
+    text = record.encode("utf-8")
+    if len(text) < _MIN_RECORD:
+        return _built(data, record)
+    template = _template(data.dtype, data.shape, len(text))
+    if template is None:
+        return _built(data, record)
+    return Image(
+        _patched(template, data, text),
+        PayloadAt(template.payload_at, data.dtype.str, data.shape),
+    )
+
+
+def _built(data: np.ndarray, record: str | None) -> Image:
+    """`Image` built by HDF5; its payload offset if the bytes there are the payload."""
+    blob, offset = _build(data, record)
+    if offset is None or data.dtype.kind not in _NATIVE or data.dtype.fields:
+        return Image(blob, None)
+    stored = memoryview(blob)[offset : offset + data.nbytes]
+    if stored != data.reshape(-1).view(np.uint8).data:
+        return Image(blob, None)
+    return Image(blob, PayloadAt(offset, data.dtype.str, data.shape))
+
+
+def _patched(template: _Template, data: np.ndarray, text: bytes) -> bytes:
+    out = bytearray(template.blob)
+    start = template.payload_at
+    out[start : start + data.nbytes] = data.reshape(-1).view(np.uint8).data
+    out[template.record_at : template.record_at + len(text)] = text
+    return bytes(out)
+
+
+def _template(
+    dtype: np.dtype[Any], shape: tuple[int, ...], record_size: int
+) -> _Template | None:
+    """The checked template of a layout; None at its first image or if unfit."""
+    key = (dtype.str, shape, record_size)
+    with _TEMPLATES_LOCK:
+        entry = _TEMPLATES.get(key)
+        if entry is None:
+            _remember_template(key, _ONCE)
+            return None
+        _TEMPLATES.move_to_end(key)
+    if isinstance(entry, _Template):
+        return entry
+    if entry == _UNFIT:
+        return None
+    template = _make_template(dtype, shape, record_size)
+    with _TEMPLATES_LOCK:
+        _remember_template(key, _UNFIT if template is None else template)
+    return template
+
+
+def _remember_template(
+    key: tuple[str, tuple[int, ...], int], entry: _Template | str
+) -> None:
+    """Keep ``entry`` for ``key``, within the bounds (holding the lock)."""
+    global _template_bytes
+    old = _TEMPLATES.pop(key, None)
+    if isinstance(old, _Template):
+        _template_bytes -= len(old.blob)
+    _TEMPLATES[key] = entry
+    if isinstance(entry, _Template):
+        _template_bytes += len(entry.blob)
+    while _TEMPLATES and (
+        len(_TEMPLATES) > _TEMPLATES_MAX or _template_bytes > _TEMPLATES_MAX_BYTES
+    ):
+        _, dropped = _TEMPLATES.popitem(last=False)
+        if isinstance(dropped, _Template):
+            _template_bytes -= len(dropped.blob)
+
+
+def clear_templates() -> None:
+    """Forget every template (as a new process would)."""
+    global _template_bytes
+    with _TEMPLATES_LOCK:
+        _TEMPLATES.clear()
+        _template_bytes = 0
+
+
+def _make_template(
+    dtype: np.dtype[Any], shape: tuple[int, ...], record_size: int
+) -> _Template | None:
+    """A checked template for this layout, or None if HDF5's images vary otherwise.
+
+    Two images of random payloads and records (every byte of each drawn
+    anew): the template is kept only if the payload sits where HDF5 says
+    (``H5Dget_offset``), the record is found once, outside the payload, the
+    two images differ nowhere else, and patching the first gives the second.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    rng = np.random.default_rng()
+    images = []
+    for _ in range(2):
+        data = np.frombuffer(rng.bytes(nbytes), dtype).reshape(shape)
+        text = bytes(rng.choice(np.frombuffer(_LETTERS, np.uint8), record_size))
+        blob, offset = _build(data, text.decode())
+        images.append((data, text, blob, offset))
+    (data_a, text_a, blob_a, at), (data_b, text_b, blob_b, at_b) = images
+    if at is None or at != at_b or len(blob_a) != len(blob_b):
+        return None
+    if blob_a[at : at + nbytes] != data_a.tobytes():
+        return None
+    record_at = blob_a.find(text_a)
+    if record_at < 0 or blob_a.find(text_a, record_at + 1) >= 0:
+        return None
+    if record_at < at + nbytes and at < record_at + record_size:
+        return None  # overlapping: not two separate regions
+    template = _Template(blob_a, at, record_at)
+    if _patched(template, data_b, text_b) != blob_b:
+        return None
+    return template
+
+
+_LETTERS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+def build_image(payload: np.ndarray, record: str | None) -> bytes:
+    """The bytes of an HDF5 file holding ``payload`` as dataset ``array``, by HDF5.
 
     The file is built in memory (HDF5's ``core`` driver): the disk is then
     written by plain Python I/O, so a full disk or an I/O error is an ordinary
@@ -150,8 +349,13 @@ def image(payload: np.ndarray, record: str | None) -> bytes:
     string attribute, as ``f.attrs[...] = record`` writes it: the same file,
     at half the cost of the high-level calls.
     """
-    data = np.asarray(payload, order="C")
-    name = f"samplepipe-{threading.get_ident()}-{id(payload)}".encode()
+    return _build(np.asarray(payload, order="C"), record)[0]
+
+
+def _build(data: np.ndarray, record: str | None) -> tuple[bytes, int | None]:
+    """`build_image` and the payload's offset in it (None if not stored)."""
+    name = f"samplepipe-{threading.get_ident()}-{id(data)}".encode()
+    offset = None
     with H5_LOCK:
         fapl = h5p.create(h5p.FILE_ACCESS)
         fapl.set_libver_bounds(h5f.LIBVER_EARLIEST, h5f.LIBVER_LATEST)
@@ -169,6 +373,7 @@ def image(payload: np.ndarray, record: str | None) -> bytes:
             try:
                 if data.size:
                     did.write(h5s.ALL, h5s.ALL, data)
+                    offset = did.get_offset()
             finally:
                 did.close()
             if record is not None:
@@ -178,7 +383,7 @@ def image(payload: np.ndarray, record: str | None) -> bytes:
                 finally:
                     aid.close()
             h5f.flush(fid)
-            return fid.get_file_image()
+            return fid.get_file_image(), offset
         finally:
             fid.close()
 
@@ -263,13 +468,19 @@ def _kind(record: str | None) -> str:
     return "a"
 
 
-def read_payload(path: str | os.PathLike[str]) -> np.ndarray:
+def read_payload(
+    path: str | os.PathLike[str], at: PayloadAt | None = None
+) -> np.ndarray:
     """Dataset ``array`` of a file, read through h5py's low-level API.
 
     One open of the file and no attribute read: what a loader needs once it
-    knows the file's record. Raises `OSError` or `KeyError` when the file is
-    not readable HDF5 with dataset ``array``.
+    knows the file's record. With ``at`` (where `image_at` put the payload
+    of a file this process wrote, still unchanged), the payload's bytes are
+    read at that offset with plain I/O: no HDF5 call. Raises `OSError` or
+    `KeyError` when the file is not readable HDF5 with dataset ``array``.
     """
+    if at is not None:
+        return _read_at(path, at)
     with H5_LOCK:
         fid = h5f.open(os.fsencode(path), h5f.ACC_RDONLY, fapl=_READ_FAPL)
         try:
@@ -285,18 +496,37 @@ def read_payload(path: str | os.PathLike[str]) -> np.ndarray:
     return out
 
 
-def load_verified(path: str | os.PathLike[str], record: str) -> Any:
+def _read_at(path: str | os.PathLike[str], at: PayloadAt) -> np.ndarray:
+    """The payload described by ``at``; `OSError` if the file ends before it."""
+    out = np.empty(at.shape, np.dtype(at.dtype))
+    view = out.reshape(-1).view(np.uint8).data
+    done = 0
+    with open(path, "rb", buffering=0) as f:
+        f.seek(at.offset)
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                msg = f"{os.fspath(path)!r} ends before its payload"
+                raise OSError(msg)
+            done += n
+    return out
+
+
+def load_verified(
+    path: str | os.PathLike[str], record: str, at: PayloadAt | None = None
+) -> Any:
     """The value of a checkpoint whose ``record`` is known, its checksum verified.
 
-    Raises `ChecksumError` when the payload is not the one of ``record``, and
-    `OSError` or `KeyError` when the file is not readable.
+    ``at``: where the payload lies in a file this process wrote (see
+    `read_payload`). Raises `ChecksumError` when the payload is not the one
+    of ``record``, and `OSError` or `KeyError` when the file is not readable.
     """
     parts = record.split(":", 5)
     if len(parts) != 6:
         msg = f"not a samplepipe checkpoint record: {record[:80]!r}"
         raise ValueError(msg)
     expected, kind = parts[3], parts[4]
-    payload = read_payload(path)
+    payload = read_payload(path, at)
     if checksum(payload, kind) != expected:
         msg = f"the payload of {os.fspath(path)!r} fails its checksum"
         raise ChecksumError(msg)

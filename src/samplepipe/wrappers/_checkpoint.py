@@ -834,8 +834,10 @@ class CheckpointWrapper(BaseWrapper):
         value: Any,
         fs: FileSystem = LOCAL,
     ) -> Any:
+        """Write one checkpoint (``encoded``: `ckpt.Encoded`, None for a
+        ``save_func``) and return its stamp; transient errors are retried."""
         folder = os.path.dirname(path)
-        save, _ = self._funcs()
+        save = None if encoded is not None else self._funcs()[0]
         last: OSError | None = None
         for attempt in range(self.attempts):
             try:
@@ -850,8 +852,8 @@ class CheckpointWrapper(BaseWrapper):
                 if attempt:  # made by _prepare_folder; removed since?
                     os.makedirs(folder, exist_ok=True)
                 if save is None:
-                    blob, record = encoded
-                    ckpt.write_default(path, blob)
+                    record = encoded.record
+                    ckpt.write_default(path, encoded.blob)
                 else:
                     record = ckpt.write_custom(path, value, identity, save)
                 st = ckpt.stamp(path)
@@ -870,10 +872,10 @@ class CheckpointWrapper(BaseWrapper):
         self, path: str, encoded: Any, identity: Identity, value: Any, fs: FileSystem
     ) -> Any:
         """`_save_one` on a store: one atomic write (a PUT on object stores)."""
-        save, _ = self._funcs()
+        save = None if encoded is not None else self._funcs()[0]
         if save is None:
-            blob, record = encoded
-            st = fs.write_bytes(path, blob)
+            record = encoded.record
+            st = fs.write_bytes(path, encoded.blob)
         else:
             record, st = ckpt.write_custom_stored(path, value, identity, save, fs)
         ckpt.remember(path, save is not None, st, record, fs)
@@ -1013,25 +1015,31 @@ class CheckpointWrapper(BaseWrapper):
                     self._encode(value, wanted[i], check=True)
         folders: set[str] = set()
         written: list[tuple[str, Any, str]] = []  # for the journal (local HDF5)
+        payloads: dict[int, Any] = {}  # where this process wrote each payload
         for i, value in outputs.items():
             if value is None:
                 continue
             # one file image at a time: memory stays that of the outputs
-            blob = None if save is not None else self._encode(value, wanted[i])
+            encoded = None if save is not None else self._encode(value, wanted[i])
             self._prepare_folder(fs.dirname(paths[i]), folders, fs)
-            stamps[i] = self._save_one(paths[i], blob, wanted[i], value, fs)
-            if blob is not None:
-                records[i] = blob[1]
+            stamps[i] = self._save_one(paths[i], encoded, wanted[i], value, fs)
+            if encoded is not None:
+                records[i] = encoded.record
                 if fs.local:
-                    written.append((paths[i], stamps[i], blob[1]))
+                    written.append((paths[i], stamps[i], encoded.record))
+                    payloads[i] = encoded.payload_at
             computed += 1
         ckpt.journal_written(written)
         results = []
-        for s, path, ident, st, record in zip(samples, paths, wanted, stamps, records):
+        for i, (s, path, ident, st, record) in enumerate(
+            zip(samples, paths, wanted, stamps, records)
+        ):
             if st is None:
                 results.append(failed_output(s, attribute))
             else:
-                loader = CheckpointLoader(path, ident, st, load, options, record)
+                loader = CheckpointLoader(
+                    path, ident, st, load, options, record, True, payloads.get(i)
+                )
                 results.append(lazy_output(s, attribute, loader))
         if report is not None:
             report["computed"] = computed
@@ -1095,7 +1103,7 @@ class CheckpointWrapper(BaseWrapper):
 
     def _encode(
         self, value: Any, identity: Identity, check: bool = False
-    ) -> tuple[bytes, str] | None:
+    ) -> ckpt.Encoded | None:
         """The file image and record of ``value``; with ``check``, only check it.
 
         ``TypeError`` naming the sample for a value the format cannot store.
