@@ -421,7 +421,10 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
     layout, store, tmp_path
 ):
     rng = random.Random(13)
-    n, shard_size, kills_wanted = 1000, 50, 5
+    # one file per sample is written fast (~60-100 us a file, after the whole
+    # call's transform): more of them, so that a kill lands while writing
+    n = 3000 if layout == "files" else 1000
+    shard_size, kills_wanted = 50, 5
     log, marker = tmp_path / "calls.log", tmp_path / "fail"
     spec = {
         "n": n,
@@ -430,7 +433,7 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
             "stateless": True,
             "log_path": str(log),
             "fail_marker": str(marker),
-            "delay": 0.0005,
+            "delay": 0.0005 if layout == "shards" else 0.0002,
         },
         "wrapper": {
             "features_dir": store.url("f"),
