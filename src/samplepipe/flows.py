@@ -34,6 +34,7 @@ from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
+from .errors import PipelineRunError as PipelineRunError
 from .locks import lock_manager_from_url
 from .server import api_for_tasks
 from .storage import (
@@ -59,20 +60,6 @@ from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
 from .wrappers._base import estimator_requires_fit
 from .wrappers._method import PREDICTION_METHODS, UseMethod, available_methods
 from .wrappers._sample import Sample, SampleSet
-
-
-class PipelineRunError(RuntimeError):
-    """A step of a flow failed; ``step`` names it.
-
-    ``failures`` lists ``(key, error)`` of the samples that failed, in input
-    order, when the step failed on individual samples.
-    """
-
-    def __init__(self, msg, step, failures=None):
-        super().__init__(msg)
-        self.step = step
-        self.failures = list(failures or [])
-
 
 ON_ERROR = ("raise", "skip")
 LAYOUTS = ("files", "shards")

@@ -31,6 +31,8 @@ from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 from prefect.utilities.annotations import BaseAnnotation
 
+from .errors import SampleFailures as SampleFailures
+from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
@@ -55,21 +57,6 @@ from .wrappers._checkpoint import failed_output, lazy_output
 MANIFEST_FORMAT = 3  # 3: files entries carry their checksum and kind
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
-
-
-class StaleManifestError(ValueError):
-    """A cached manifest names files that changed or disappeared since."""
-
-
-class SampleFailures(RuntimeError):
-    """Some samples of a batch failed; every other sample was checkpointed.
-
-    ``failures`` lists ``[key, error]`` pairs in input order.
-    """
-
-    def __init__(self, msg: str, failures: list[list[str]]) -> None:
-        super().__init__(msg)
-        self.failures = failures
 
 
 class ManifestSerializer(Serializer):
