@@ -27,6 +27,7 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.protocol import LockManager
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 from prefect.utilities.annotations import BaseAnnotation
@@ -347,15 +348,17 @@ def _store_token(step: CheckpointWrapper) -> str:
     return ""
 
 
-def step_cache_policy(locks: str | None = None) -> StepCachePolicy:
+def step_cache_policy(locks: str | LockManager | None = None) -> StepCachePolicy:
     """The cache policy of the step tasks, with the lock manager of ``locks``.
 
-    ``locks`` is a lock URL (see `samplepipe.locks.lock_manager_from_url`):
+    ``locks`` is a lock manager (any ``prefect.locking.protocol.LockManager``,
+    used as it is) or a lock URL (see `samplepipe.locks.lock_manager_from_url`):
     None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host).
     """
+    manager = locks if isinstance(locks, LockManager) else lock_manager_from_url(locks)
     return StepCachePolicy(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=lock_manager_from_url(locks),
+        lock_manager=manager,
     )
 
 
