@@ -51,15 +51,16 @@ needs_unshare = pytest.mark.skipif(
     reason="needs root and unshare(1) for UTS namespaces",
 )
 
-# A lock holder or contender in its own process. It loads locks.py alone:
-# importing the samplepipe package imports scikit-learn, seconds per process.
+# A lock holder or contender in its own process. It loads samplepipe.locks
+# (and samplepipe.errors) without samplepipe/__init__.py: importing the
+# samplepipe package imports scikit-learn, seconds per process.
 WORKER = r'''
-import importlib.util, json, os, socket, sys, time
+import importlib, json, os, socket, sys, time, types
 
-spec = importlib.util.spec_from_file_location("samplepipe_locks", sys.argv[1])
-locks = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = locks
-spec.loader.exec_module(locks)
+package = types.ModuleType("samplepipe")
+package.__path__ = [sys.argv[1]]
+sys.modules["samplepipe"] = package
+locks = importlib.import_module("samplepipe.locks")
 
 
 class NoLease(locks.RedisLocks):
@@ -196,6 +197,9 @@ def make_manager(request, tmp_path):
     return lambda **kw: RedisLocks(url, prefix=prefix, **kw)
 
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(samplepipe.locks.__file__))
+
+
 class Workers:
     """Worker processes, each logging events as JSON lines; all killed at the end."""
 
@@ -207,7 +211,7 @@ class Workers:
 
     def start(self, name, mode, url, *args, host=None, env=None):
         log = self.folder / f"{name}.jsonl"
-        cmd = [sys.executable, str(self.script), samplepipe.locks.__file__]
+        cmd = [sys.executable, str(self.script), PACKAGE_DIR]
         cmd += [mode, str(log), url, *map(str, args)]
         if host is not None:  # a host of its own: a new UTS namespace
             shell = ["sh", "-c", 'hostname "$0" && exec "$@"', host]

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .errors import CommandError as CommandError
+
 DEMO_PIPELINE = "samplepipe.examples:demo_pipeline"
 DEMO_SAMPLES = "samplepipe.examples:digits_samples"
 DEMO_DIR = "samplepipe-demo"
@@ -40,14 +42,6 @@ app = App(
 )
 console = Console()
 err = Console(stderr=True)
-
-
-class CommandError(Exception):
-    """A command stops: ``main`` prints the message and exits with ``code``."""
-
-    def __init__(self, msg, code=1):
-        super().__init__(msg)
-        self.code = code
 
 
 def _json(value, option):

@@ -28,13 +28,15 @@ from prefect.artifacts import (
 )
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.locking.protocol import LockManager
 from prefect.results import should_persist_result
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
-from .locks import lock_manager_from_url
+from .errors import PipelineRunError as PipelineRunError
+from .locks import CrashSafeFileLocks, RedisLocks, lock_manager_from_url
 from .server import api_for_tasks
 from .storage import (
     check_location,
@@ -59,20 +61,6 @@ from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
 from .wrappers._base import estimator_requires_fit
 from .wrappers._method import PREDICTION_METHODS, UseMethod, available_methods
 from .wrappers._sample import Sample, SampleSet
-
-
-class PipelineRunError(RuntimeError):
-    """A step of a flow failed; ``step`` names it.
-
-    ``failures`` lists ``(key, error)`` of the samples that failed, in input
-    order, when the step failed on individual samples.
-    """
-
-    def __init__(self, msg, step, failures=None):
-        super().__init__(msg)
-        self.step = step
-        self.failures = list(failures or [])
-
 
 ON_ERROR = ("raise", "skip")
 LAYOUTS = ("files", "shards")
@@ -102,9 +90,12 @@ class RunOptions:
         ``"raise"``: a flow run with failed samples fails (after every other
         sample is checkpointed); ``"skip"``: it completes, failed samples kept
         in line with ``data=None``.
-    locks : str or None
-        Where the per-batch locks live (`samplepipe.locks.lock_manager_from_url`):
-        None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host);
+    locks : str, LockManager or None
+        Where the per-batch locks live: a lock manager object (any
+        ``prefect.locking.protocol.LockManager``, such as
+        `samplepipe.locks.CrashSafeFileLocks` or `samplepipe.locks.RedisLocks`),
+        used as it is; or a URL (`samplepipe.locks.lock_manager_from_url`):
+        None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host),
         ``"redis://host:port/db"`` for several hosts.
     layout : str
         ``"files"`` or ``"shards"``, for the steps the flow wraps itself.
@@ -118,7 +109,7 @@ class RunOptions:
     max_batches_in_flight: int = 2
     method: str = "transform"
     on_error: str = "raise"
-    locks: str | None = None
+    locks: str | LockManager | None = None
     storage_options: dict[str, Any] | None = None
     layout: str = "files"
 
@@ -134,8 +125,16 @@ class RunOptions:
         if self.method not in PREDICTION_METHODS:
             msg = f"method={self.method!r} is not one of {list(PREDICTION_METHODS)}."
             raise ValueError(msg)
-        if self.locks is not None:
+        if isinstance(self.locks, str):
             lock_manager_from_url(self.locks)  # a clear error for a bad URL, now
+        elif self.locks is not None and not isinstance(self.locks, LockManager):
+            msg = (
+                f"locks must be a lock URL (e.g. 'redis://host:6379/0'), a lock "
+                "manager implementing prefect.locking.protocol.LockManager (e.g. "
+                "samplepipe.locks.CrashSafeFileLocks('/a/folder')) or None, got "
+                f"{type(self.locks).__name__} {self.locks!r}."
+            )
+            raise TypeError(msg)
         if self.on_error not in ON_ERROR:
             msg = f"on_error={self.on_error!r} is not one of {list(ON_ERROR)}."
             raise ValueError(msg)
@@ -626,8 +625,10 @@ def summarize_parameter(value: Any) -> Any:
     """What the Prefect API stores of a flow parameter: JSON, and small.
 
     Prefect sends flow parameters to its API (which refuses more than 512 KB).
-    Lists of samples become ``"<N samples: first-key ... last-key>"`` and
-    estimators their repr; JSON values (import paths, dicts) pass unchanged.
+    Lists of samples become ``"<N samples: first-key ... last-key>"``,
+    estimators their repr, samplepipe's lock managers their repr (a Redis
+    password hidden) and other lock managers their class name; JSON values
+    (import paths, dicts) pass unchanged.
     """
     if isinstance(value, quote):
         value = value.unquote()
@@ -640,6 +641,10 @@ def summarize_parameter(value: Any) -> Any:
         return f"<{len(value)} samples: {first} ... {last}>"
     if hasattr(value, "get_params"):
         return repr(value)[:2000]
+    if isinstance(value, CrashSafeFileLocks | RedisLocks):
+        return repr(value)  # the folder or the URL, its password hidden
+    if isinstance(value, LockManager):
+        return f"<{type(value).__name__}>"  # its repr may hold credentials
     return value
 
 
@@ -909,10 +914,16 @@ _FLOW_PARAMETERS = """
         ``samplepipe-failures``). ``"raise"`` then fails the run (a new run
         computes only the failed samples); ``"skip"`` completes it with them
         in line as ``data=None``, counted in the summary.
-    locks : str, default=None
-        Where the per-batch locks live: None reads ``SAMPLEPIPE_LOCKS`` (unset:
-        file locks on this host); ``"redis://host:port/db"`` across hosts (see
-        `samplepipe.locks.lock_manager_from_url`).
+    locks : str or LockManager, default=None
+        Where the per-batch locks live. A lock manager object (any
+        ``prefect.locking.protocol.LockManager``, e.g.
+        ``samplepipe.locks.CrashSafeFileLocks("/a/folder")`` or
+        ``samplepipe.locks.RedisLocks("redis://host:6379/0")``) is used as it
+        is; it must pickle if the task runner sends tasks to other processes
+        (Dask). A string is a URL (see `samplepipe.locks.lock_manager_from_url`):
+        ``"redis://host:port/db"`` across hosts, ``"file:///a/folder"``. None
+        reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host). A
+        deployment's parameters are JSON: give it a URL.
     storage_options : dict, default=None
         Passed to fsspec for URL folders (e.g. ``{"endpoint_url": ...}``).
         Flow parameters are stored by the Prefect server: give credentials
@@ -938,7 +949,7 @@ def fit_pipeline(
     samples_kwargs: dict | None = None,
     max_batches_in_flight: int = 2,
     on_error: str = "raise",
-    locks: str | None = None,
+    locks: str | LockManager | None = None,
     storage_options: dict | None = None,
     layout: str = "files",
 ) -> Pipeline:
@@ -978,7 +989,7 @@ def transform_pipeline(
     max_batches_in_flight: int = 2,
     method: str = "transform",
     on_error: str = "raise",
-    locks: str | None = None,
+    locks: str | LockManager | None = None,
     storage_options: dict | None = None,
     layout: str = "files",
 ) -> list:
@@ -1020,7 +1031,7 @@ def run_pipeline(
     max_batches_in_flight: int = 2,
     method: str = "transform",
     on_error: str = "raise",
-    locks: str | None = None,
+    locks: str | LockManager | None = None,
     storage_options: dict | None = None,
     layout: str = "files",
 ) -> list[dict]:

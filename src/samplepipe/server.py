@@ -39,12 +39,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import LostLogsWarning as LostLogsWarning
+from .errors import ServerError as ServerError
+
 DEFAULT_TIMEOUT = 120.0
 _PR_SET_PDEATHSIG = 1
-
-
-class ServerError(RuntimeError):
-    """The Prefect API could not be reached or started."""
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -91,10 +90,6 @@ def startup_timeout() -> float:
     except ValueError:
         msg = f"SAMPLEPIPE_SERVER_TIMEOUT={value!r} is not a number of seconds."
         raise ServerError(msg) from None
-
-
-class LostLogsWarning(UserWarning):
-    """Run logs of the block were not stored by its Prefect API."""
 
 
 @contextlib.contextmanager

@@ -27,10 +27,13 @@ from uuid import UUID
 from prefect import get_run_logger, task
 from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
+from prefect.locking.protocol import LockManager
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 from prefect.utilities.annotations import BaseAnnotation
 
+from .errors import SampleFailures as SampleFailures
+from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
@@ -55,21 +58,6 @@ from .wrappers._checkpoint import failed_output, lazy_output
 MANIFEST_FORMAT = 3  # 3: files entries carry their checksum and kind
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
-
-
-class StaleManifestError(ValueError):
-    """A cached manifest names files that changed or disappeared since."""
-
-
-class SampleFailures(RuntimeError):
-    """Some samples of a batch failed; every other sample was checkpointed.
-
-    ``failures`` lists ``[key, error]`` pairs in input order.
-    """
-
-    def __init__(self, msg: str, failures: list[list[str]]) -> None:
-        super().__init__(msg)
-        self.failures = failures
 
 
 class ManifestSerializer(Serializer):
@@ -360,15 +348,17 @@ def _store_token(step: CheckpointWrapper) -> str:
     return ""
 
 
-def step_cache_policy(locks: str | None = None) -> StepCachePolicy:
+def step_cache_policy(locks: str | LockManager | None = None) -> StepCachePolicy:
     """The cache policy of the step tasks, with the lock manager of ``locks``.
 
-    ``locks`` is a lock URL (see `samplepipe.locks.lock_manager_from_url`):
+    ``locks`` is a lock manager (any ``prefect.locking.protocol.LockManager``,
+    used as it is) or a lock URL (see `samplepipe.locks.lock_manager_from_url`):
     None reads ``SAMPLEPIPE_LOCKS`` (unset: file locks on this host).
     """
+    manager = locks if isinstance(locks, LockManager) else lock_manager_from_url(locks)
     return StepCachePolicy(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=lock_manager_from_url(locks),
+        lock_manager=manager,
     )
 
 

@@ -33,6 +33,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from ..errors import CorruptCheckpointError as CorruptCheckpointError
+from ..errors import UnknownFileError as UnknownFileError
 from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
 from .fs import ChangedWhileReading, FileSystem, filesystem
@@ -42,14 +44,6 @@ from .keys import is_url
 
 CUSTOM_KIND = "custom"
 _CHUNK = 1 << 20
-
-
-class UnknownFileError(FileExistsError):
-    """A readable file that samplepipe did not write is in a checkpoint's place."""
-
-
-class CorruptCheckpointError(RuntimeError):
-    """A checkpoint changed since it was validated and is no longer valid."""
 
 
 def sidecar(path: str) -> str:

@@ -19,6 +19,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..errors import MissingStoreError as MissingStoreError
+
 TMP_SUFFIX = ".tmp"
 # The host in temporary names is a short digest: a long or dotted hostname
 # neither overflows the 255-byte name limit nor confuses the parser.
@@ -39,10 +41,6 @@ PERMANENT_ERRNOS = frozenset(
         errno.EEXIST,
     }
 )
-
-
-class MissingStoreError(FileNotFoundError):
-    """The bucket or folder to write into does not exist; retrying cannot help."""
 
 
 def is_permanent(exc: BaseException) -> bool:

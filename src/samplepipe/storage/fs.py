@@ -37,6 +37,7 @@ from collections.abc import Iterator, Mapping
 from datetime import datetime
 from typing import Any
 
+from ..errors import ChangedWhileReading as ChangedWhileReading
 from . import files
 from .files import HOST_TAG, TMP_SUFFIX, MissingStoreError, Stamp, is_temporary_file
 from .keys import is_url
@@ -272,10 +273,6 @@ class FileSystem(ABC):
     @abstractmethod
     def remove_stale_temporaries(self, folder: str) -> list[str]:
         """Remove temporary files of crashed writers in ``folder``."""
-
-
-class ChangedWhileReading(OSError):
-    """A file was replaced while it was being read."""
 
 
 class LocalFileSystem(FileSystem):

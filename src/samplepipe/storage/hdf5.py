@@ -19,6 +19,9 @@ import h5py
 import numpy as np
 from h5py import h5a, h5d, h5f, h5p, h5s, h5t
 
+from ..errors import ChecksumError as ChecksumError
+from ..errors import UnsupportedValueError as UnsupportedValueError
+
 ATTRIBUTE = "samplepipe"
 DATASET = "array"
 ATTRIBUTE_NAME = ATTRIBUTE.encode()
@@ -48,14 +51,6 @@ _VLEN_STR = h5t.py_create(_STR_DTYPE, logical=True)
 _VLEN_STR_MEM = h5t.py_create(_STR_DTYPE)
 _READ_FAPL = h5p.create(h5p.FILE_ACCESS)
 _READ_FAPL.set_libver_bounds(h5f.LIBVER_EARLIEST, h5f.LIBVER_LATEST)
-
-
-class UnsupportedValueError(TypeError):
-    """The default format cannot store this value exactly."""
-
-
-class ChecksumError(ValueError):
-    """A payload does not match the checksum of its record."""
 
 
 def encode(value: Any) -> tuple[np.ndarray, str]:

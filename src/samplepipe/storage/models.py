@@ -17,15 +17,12 @@ from typing import Any
 
 import cloudpickle
 
+from ..errors import ModelWarning as ModelWarning
 from .files import atomic_write, remove_stale_temporaries
 from .fs import filesystem, location_root
 
 MODEL_MAGIC = b"samplepipe-model\n"
 MODEL_FORMAT = 2
-
-
-class ModelWarning(UserWarning):
-    """A model file could not be used and the step is fitted again."""
 
 
 def save_model(

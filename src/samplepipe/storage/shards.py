@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..errors import ShardError as ShardError
 from . import hdf5
 from .checkpoints import CheckpointLoader, CorruptCheckpointError
 from .files import HOST_TAG, TMP_SUFFIX, Stamp, is_temporary_file
@@ -89,10 +90,6 @@ def is_shard_temporary(name: str) -> bool:
         return False
     inner = name[1 : -len(TMP_SUFFIX)].rsplit(".", 1)[0]
     return is_shard_name(inner)
-
-
-class ShardError(ValueError):
-    """A shard file that cannot be read as a samplepipe shard."""
 
 
 # ---------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sklearn.utils.metaestimators import available_if
 
+from ..errors import CheckpointWarning as CheckpointWarning
 from ..storage import checkpoints as ckpt
 from ..storage import hdf5
 from ..storage.checkpoints import CheckpointLoader, UnknownFileError
@@ -72,13 +73,6 @@ __all__ = [
     "load_hdf5",
     "save_hdf5",
 ]
-
-
-class CheckpointWarning(UserWarning):
-    """Checkpoints were found stale or corrupt and are recomputed.
-
-    Silence with ``warnings.simplefilter("ignore", samplepipe.CheckpointWarning)``.
-    """
 
 
 # a stamp no file has: a loader holding it checks its file before loading
