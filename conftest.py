@@ -16,8 +16,8 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["DO_NOT_TRACK"] = "1"
-# The doctests of docs/concepts/flows.md run flows on Prefect's embedded server: on a busy
-# machine it needs longer than Prefect's default 20 s to start.
+# The doctests of docs/concepts/flows.md run flows on Prefect's embedded
+# server: on a busy machine it needs longer than Prefect's default 20 s to start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Step descriptions (for `explain`) in a throw-away folder too, not ~/.cache.
 _DESCRIPTIONS = tempfile.mkdtemp(prefix="samplepipe-descriptions-")
