@@ -1,6 +1,6 @@
 """Root pytest configuration: Prefect settings fixed before prefect is imported.
 
-Applies to the tests, the module doctests and the README doctests alike.
+Applies to the tests, the module doctests and the doctests of README.md and docs/ alike.
 """
 
 import os
@@ -16,8 +16,8 @@ os.environ["PREFECT_HOME"] = _PREFECT_HOME
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ["DO_NOT_TRACK"] = "1"
-# The README's doctests run flows on Prefect's embedded server: on a busy
-# machine it needs longer than Prefect's default 20 s to start.
+# The doctests of docs/concepts/flows.md run flows on Prefect's embedded
+# server: on a busy machine it needs longer than Prefect's default 20 s to start.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 # Step descriptions (for `explain`) in a throw-away folder too, not ~/.cache.
 _DESCRIPTIONS = tempfile.mkdtemp(prefix="samplepipe-descriptions-")
@@ -26,10 +26,13 @@ for _name in [n for n in os.environ if n in ("PREFECT_API_URL", "PREFECT_API_KEY
     del os.environ[_name]
 
 
+# Doctest files whose examples run flows: a Prefect server starts (~30 s).
+_SLOW_DOCTEST_FILES = ("docs/concepts/flows.md",)
+
+
 def pytest_collection_modifyitems(items):
     for item in items:
-        if item.nodeid == "README.md::README.md":
-            # its Prefect example runs flows: a Prefect server starts (~30 s)
+        if item.nodeid.split("::")[0] in _SLOW_DOCTEST_FILES:
             item.add_marker(pytest.mark.slow)
 
 
