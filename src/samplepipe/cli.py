@@ -955,7 +955,7 @@ def verify(
     if failed:
         console.print(
             "Mismatches: a step is not deterministic, or depends on something its "
-            "identity cannot see (declare a version: see the README)."
+            "identity cannot see (declare a version: see docs/concepts/identity.md)."
         )
         return 1
     console.print("Every checked sample matches its checkpoint.")
