@@ -5,6 +5,7 @@ Applies to the tests, the module doctests and the doctests of README.md and docs
 
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -36,6 +37,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist's controller: add up a worker's reliability figures."""
+    stats = getattr(node, "workeroutput", {}).get("reliability_stats")
+    if stats:
+        from tests.reliability import _stats
+
+        _stats.add(**stats)
+        _stats.FROM_WORKERS = True
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_PREFECT_HOME, ignore_errors=True)
     shutil.rmtree(_DESCRIPTIONS, ignore_errors=True)
+    if "tests.reliability._stats" in sys.modules:
+        from tests.reliability import _stats
+
+        if _stats.FROM_WORKERS:
+            _stats.dump()

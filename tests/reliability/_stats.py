@@ -5,6 +5,8 @@ import os
 from collections import Counter
 
 STATS = Counter()
+# True in pytest-xdist's controller once a worker's figures were added
+FROM_WORKERS = False
 
 
 def add(**counts):
