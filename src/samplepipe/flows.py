@@ -8,19 +8,16 @@ another task runner with ``fit_pipeline.with_options(task_runner=...)``, e.g.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import errno
 import os
 import pkgutil
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import Flow, flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import (
     create_progress_artifact,
     create_table_artifact,
@@ -29,14 +26,14 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 from prefect.locking.protocol import LockManager
-from prefect.results import should_persist_result
-from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
+from ._prefect import SampleFlow as SampleFlow
+from ._prefect import returned, sample_flow, unvisited
+from ._prefect import summarize_parameter as summarize_parameter
 from .errors import PipelineRunError as PipelineRunError
-from .locks import CrashSafeFileLocks, RedisLocks, lock_manager_from_url
+from .locks import lock_manager_from_url
 from .server import api_for_tasks
 from .storage import (
     check_location,
@@ -156,12 +153,6 @@ class RunOptions:
             )
             raise TypeError(msg)
         return self
-
-    @classmethod
-    def of(cls, parameters: dict[str, Any]) -> RunOptions:
-        """The options among a flow's ``parameters`` (its ``locals()``)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in parameters.items() if k in names})
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {
@@ -381,19 +372,6 @@ class _Progress:
             callback(self.done, self.total, self.description)
 
 
-def _unvisited(value):
-    """``quote(value)`` under Prefect's thread runner, else ``value``.
-
-    Quoted, Prefect does not visit every sample of a task's parameters looking
-    for futures (they hold none). Dask's task packing turns the quote (a
-    tuple) into a plain tuple, so other runners get the value itself.
-    """
-    context = FlowRunContext.get()
-    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
-        return quote(value)
-    return value
-
-
 def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
 
@@ -429,12 +407,12 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
         runner = task.with_options(refresh_cache=True) if again else task
         future = runner.submit(
             step=step,
-            samples=_unvisited(inputs),
+            samples=unvisited(inputs),
             name=name,
             start=start,
             stop=stop,
             on_error=options.on_error,
-            identities=_unvisited((step_id, step.input_identities(inputs))),
+            identities=unvisited((step_id, step.input_identities(inputs))),
         )
         running[future] = (start, stop, again)
 
@@ -533,7 +511,7 @@ def _fit_step(name, step, samples, options, rows, upstream):
     while True:
         task = fit_step.with_options(**options.task_options(), refresh_cache=refresh)
         future = task.submit(
-            step=step, samples=_unvisited(samples), name=name, upstream=upstream
+            step=step, samples=unvisited(samples), name=name, upstream=upstream
         )
         future.wait()
         state = future.state
@@ -621,147 +599,6 @@ def _summarized(title, work, *args):
 # ---------------------------------------------------------------------------
 # flows
 # ---------------------------------------------------------------------------
-def summarize_parameter(value: Any) -> Any:
-    """What the Prefect API stores of a flow parameter: JSON, and small.
-
-    Prefect sends flow parameters to its API (which refuses more than 512 KB).
-    Lists of samples become ``"<N samples: first-key ... last-key>"``,
-    estimators their repr, samplepipe's lock managers their repr (a Redis
-    password hidden) and other lock managers their class name; JSON values
-    (import paths, dicts) pass unchanged.
-    """
-    if isinstance(value, quote):
-        value = value.unquote()
-    if (
-        isinstance(value, list | tuple)
-        and value
-        and all(isinstance(s, Sample | SampleSet) for s in value[:1])
-    ):
-        first, last = (getattr(s, "key", "?") for s in (value[0], value[-1]))
-        return f"<{len(value)} samples: {first} ... {last}>"
-    if hasattr(value, "get_params"):
-        return repr(value)[:2000]
-    if isinstance(value, CrashSafeFileLocks | RedisLocks):
-        return repr(value)  # the folder or the URL, its password hidden
-    if isinstance(value, LockManager):
-        return f"<{type(value).__name__}>"  # its repr may hold credentials
-    return value
-
-
-def _in_process_heartbeats() -> contextlib.AbstractContextManager[Any]:
-    """No flow-run heartbeats for a flow called in this process, by default.
-
-    Prefect's flow engine runs a heartbeat thread that sleeps in 1 s steps and
-    is joined when the run ends: every run paid up to 1 s (0.5 s on average)
-    for heartbeats that only Prefect's zombie-run automation reads. A flow
-    called in-process (a script, a notebook, ``samplepipe run``) reports its own
-    end, so a top-level call runs without them; deployment runs (workers,
-    ``serve``: the engine runs them without calling the flow object) keep
-    Prefect's heartbeats, and so does a samplepipe flow called as a subflow.
-    Setting ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` (environment or profile)
-    keeps heartbeats for in-process calls too.
-    """
-    from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
-
-    context = get_settings_context()
-    explicit = "heartbeat_frequency" in context.settings.flows.model_fields_set
-    if explicit or FlowRunContext.get() is not None:
-        return contextlib.nullcontext()
-    # What `prefect.settings.temporary_settings` does, with the copy of these
-    # settings kept: building one costs tens of milliseconds per run.
-    source, quiet = _NO_HEARTBEATS.get("settings", (None, None))
-    if source is not context.settings:
-        source = context.settings
-        quiet = source.copy_with_update(
-            updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
-        )
-        _NO_HEARTBEATS["settings"] = (source, quiet)
-    return SettingsContext(profile=context.profile, settings=quiet)
-
-
-# The settings a top-level call last ran under, and their copy without heartbeats.
-_NO_HEARTBEATS: dict[str, tuple[Any, Any]] = {}
-
-# Set by `SampleFlow.__call__` for a top-level call in this process: the flow
-# hands its samples back inside `quote` (see `_returned`).
-_CALLED_IN_PROCESS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "samplepipe_called_in_process", default=False
-)
-
-
-def _returned(value: Any) -> Any:
-    """What a flow returns: ``value``, quoted for a top-level in-process call.
-
-    Prefect walks a flow's return value twice (to resolve futures, then to
-    link each item to the run's state for later tasks), 3.6-7.5 ms per 1,000
-    samples each on the project's machine. Neither applies to the outputs of
-    a top-level call, which `SampleFlow.__call__` unquotes. Deployment runs,
-    subflows, calls with ``return_state=True`` and runs that persist their
-    result return ``value``.
-    """
-    if _CALLED_IN_PROCESS.get() and not should_persist_result():
-        return quote(value)
-    return value
-
-
-# `Flow.__call__`'s own keyword arguments, given to Prefect as they are.
-_CALL_OPTIONS = frozenset({"return_state", "wait_for"})
-
-
-def _quoted(value: Any) -> Any:
-    """A list or tuple argument of a top-level call, quoted (see below)."""
-    return quote(value) if isinstance(value, list | tuple) and value else value
-
-
-class SampleFlow(Flow):
-    """A Prefect flow that stores only summaries of in-memory parameters.
-
-    Called in-process, it runs without flow-run heartbeats unless they are
-    configured (see `_in_process_heartbeats`). A top-level call passes its
-    list arguments (the samples) in `quote`, so that Prefect does not walk
-    them looking for futures (a top-level call has none; 3.8-8.5 ms per
-    1,000 samples on the project's machine), and gets the flow's outputs back
-    the same way (see `_returned`).
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        top = FlowRunContext.get() is None
-        if top:
-            args = tuple(_quoted(a) for a in args)
-            kwargs = {
-                k: v if k in _CALL_OPTIONS else _quoted(v) for k, v in kwargs.items()
-            }
-        token = _CALLED_IN_PROCESS.set(top and not kwargs.get("return_state"))
-        try:
-            with _in_process_heartbeats():
-                result = super().__call__(*args, **kwargs)
-        finally:
-            _CALLED_IN_PROCESS.reset(token)
-        return result.unquote() if isinstance(result, quote) else result
-
-    def serialize_parameters(self, parameters):
-        return super().serialize_parameters(
-            {k: summarize_parameter(v) for k, v in parameters.items()}
-        )
-
-    def with_options(self, **kwargs):
-        new = super().with_options(**kwargs)
-        new.__class__ = SampleFlow
-        return new
-
-
-def sample_flow(**kwargs: Any) -> Callable[[Callable[..., Any]], SampleFlow]:
-    """``@flow`` for samplepipe's flows (see `SampleFlow`)."""
-
-    def decorate(fn):
-        new = flow(**kwargs)(fn)
-        new.__class__ = SampleFlow
-        return new
-
-    return decorate
-
-
 def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
     """Check every input before any work; return the wrapped steps and samples.
 
@@ -963,7 +800,19 @@ def fit_pipeline(
     Pipeline
         The fitted pipeline of `CheckpointWrapper` steps.
     """
-    options = RunOptions.of(locals())
+    options = RunOptions(
+        features_dir=features_dir,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        max_batches_in_flight=max_batches_in_flight,
+        method="transform",
+        on_error=on_error,
+        locks=locks,
+        storage_options=storage_options,
+        layout=layout,
+    )
     return _summarized(
         "fit-pipeline",
         _fit,
@@ -1002,7 +851,19 @@ def transform_pipeline(
         loading lazily from the checkpoints (``data=None`` for failed samples
         with ``on_error="skip"``). An empty ``samples`` gives an empty list.
     """
-    options = RunOptions.of(locals())
+    options = RunOptions(
+        features_dir=features_dir,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        max_batches_in_flight=max_batches_in_flight,
+        method=method,
+        on_error=on_error,
+        locks=locks,
+        storage_options=storage_options,
+        layout=layout,
+    )
     outputs = _summarized(
         "transform-pipeline",
         _transform,
@@ -1012,7 +873,7 @@ def transform_pipeline(
         pipeline_kwargs,
         samples_kwargs,
     )
-    return _returned(outputs)
+    return returned(outputs)
 
 
 @sample_flow(name="run-pipeline", validate_parameters=False)
@@ -1040,7 +901,19 @@ def run_pipeline(
     Parameters are those of `transform_pipeline`. Returns the per-step summary
     rows (JSON), the same as the table artifact.
     """
-    options = RunOptions.of(locals())
+    options = RunOptions(
+        features_dir=features_dir,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        max_batches_in_flight=max_batches_in_flight,
+        method=method,
+        on_error=on_error,
+        locks=locks,
+        storage_options=storage_options,
+        layout=layout,
+    )
 
     def fit_then_transform(run):
         fitted = _fit(
