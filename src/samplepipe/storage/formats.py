@@ -95,10 +95,12 @@ class Format:
         """What of the format makes a checkpoint valid: its name and code.
 
         Part of a step's identity (with the extension): changing it
-        recomputes every checkpoint. The default digests the code of `save`
-        and `load`.
+        recomputes every checkpoint. The default digests the code of the
+        class's `save` and `load`; a format with parameters that change what
+        it writes (a compression level, ...) adds them.
         """
-        return f"{self.name}:{code_identity(self.save)}:{code_identity(self.load)}"
+        cls = type(self)
+        return f"{self.name}:{code_identity(cls.save)}:{code_identity(cls.load)}"
 
     def check_value(self, value: Any) -> None:
         """Raise ``TypeError`` for a value this format cannot store exactly.
