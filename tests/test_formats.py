@@ -108,7 +108,7 @@ def test_a_registered_format_of_ones_own_is_used_by_name_or_instance(
     np.testing.assert_array_equal(values(again), expected(samples))
     assert calls(tmp_path) == 4
     # the format's check runs before anything is written
-    bad = counting(tmp_path, offset=1, format=fmt)
+    bad = passthrough(tmp_path, format=fmt)
     ints = [Sample(np.arange(3), key="ints")]
     with pytest.raises(TypeError, match="sample 'ints': TextFormat stores float64"):
         bad.transform(ints)
