@@ -1,7 +1,8 @@
 """The per-sample promises, written once, for every layout and format, local and S3.
 
 Every test runs for ``layout`` in ("files", "shards", "npy": the files layout
-in the npy format, its record in a sidecar) and a store in ("local", "s3"): the S3 API server (moto on 127.0.0.1) and the stores are those of
+in the npy format, its record in a sidecar) and a store in ("local", "s3"):
+the S3 API server (moto on 127.0.0.1) and the stores are those of
 test_storage_fs and test_shards. Behaviour is observed through the public API
 only: values, `CheckpointWarning`, the counting transformer's log, the paths
 ``transform_samples`` reports for each sample, `iter_checkpoints` and

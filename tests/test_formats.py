@@ -250,7 +250,9 @@ def test_npy_outputs_survive_pickling(tmp_path):
 def test_each_format_has_its_own_identity(tmp_path, text_format):
     def custom():
         return counting(
-            tmp_path, save_func=lambda d, p: np.save(open(p, "wb"), d), load_func=np.load
+            tmp_path,
+            save_func=lambda d, p: np.save(open(p, "wb"), d),
+            load_func=np.load,
         )
 
     steps = {

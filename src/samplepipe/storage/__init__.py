@@ -47,6 +47,13 @@ from .files import (
     is_temporary_file,
     stamp,
 )
+from .formats import (
+    CustomFormat,
+    Format,
+    HDF5Format,
+    register_format,
+    registered_formats,
+)
 from .fs import (
     FileSystem,
     check_location,
@@ -57,13 +64,6 @@ from .fs import (
     normalize_location,
     relative_location,
     stamp_of,
-)
-from .formats import (
-    CustomFormat,
-    Format,
-    HDF5Format,
-    register_format,
-    registered_formats,
 )
 from .hdf5 import load_hdf5, save_hdf5
 from .identity import (

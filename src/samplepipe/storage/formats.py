@@ -131,9 +131,7 @@ class Format:
     ) -> tuple[str, Stamp]:
         """`write` on a filesystem that is not local: ``(record, stamp)``."""
         self.check_value(value)
-        return ckpt.write_custom_stored(
-            path, value, identity, self.save, fs, self.name
-        )
+        return ckpt.write_custom_stored(path, value, identity, self.save, fs, self.name)
 
     def read_record(self, path: str) -> tuple[str, str | None]:
         """``(status, record)`` of the file at ``path``, checksum verified.

@@ -24,6 +24,7 @@ from ..storage.files import (
     remove_stale_temporaries,
 )
 from ..storage.files import _owner_alive as temporary_owner_alive
+from ..storage.formats import CustomFormat, Format, HDF5Format, get_format
 from ..storage.fs import (
     LOCAL,
     FileSystem,
@@ -33,7 +34,6 @@ from ..storage.fs import (
     location_root,
     relative_location,
 )
-from ..storage.formats import CustomFormat, Format, HDF5Format, get_format
 from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.identity import (
     FORMAT_VERSION,
