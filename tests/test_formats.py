@@ -402,3 +402,39 @@ def test_a_format_without_save_or_load_says_what_to_implement(tmp_path):
 
     with pytest.raises(NotImplementedError, match=r"Half must implement save"):
         counting(tmp_path, format=Half()).transform(random_samples(1))
+
+
+# ---------------------------------------------------------------------------
+# flows
+# ---------------------------------------------------------------------------
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_flow_reuses_npy_checkpoints_through_its_manifests(tmp_path):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from samplepipe.flows import fit_pipeline, transform_pipeline
+
+    log = str(tmp_path / "calls.log")
+    step = CheckpointWrapper(
+        SampleWrapper(CountingTransformer(stateless=True, log_path=log)),
+        features_dir=str(tmp_path / "f"),
+        format="npy",
+    )
+    folders = {
+        "features_dir": str(tmp_path / "features"),
+        "model_dir": str(tmp_path / "models"),
+        "batch_size": 4,
+    }
+    pipeline = Pipeline([("scale", StandardScaler()), ("count", step)])
+    samples = random_samples(8)
+    fitted = fit_pipeline(pipeline, samples, **folders)
+    first = transform_pipeline(fitted, samples, **folders)
+    computed = count_rows(log, "transform")
+    second = transform_pipeline(fitted, samples, **folders)
+    assert count_rows(log, "transform") == computed  # nothing recomputed
+    np.testing.assert_array_equal(values(second), values(first))
+    names = [n for _, _, files in os.walk(tmp_path / "f") for n in files]
+    assert len(names) == 16 and {n.rsplit(".", 2)[-1] for n in names} == {
+        "npy",
+        "json",
+    }
