@@ -351,6 +351,13 @@ class CheckpointWrapper(BaseWrapper):
                 "int >= 1."
             )
             raise ValueError(msg)
+        if self.hash_fn is not None and not callable(self.hash_fn):
+            msg = (
+                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
+            )
+            raise TypeError(msg)
+        if self.layout != "files":
+            self._validate_shards()
         self._format()  # a bad format: ValueError or TypeError
         extension = self._extension()
         if (
@@ -363,13 +370,6 @@ class CheckpointWrapper(BaseWrapper):
                 f"such as '.h5' without '/', at most {MAX_EXTENSION} bytes."
             )
             raise ValueError(msg)
-        if self.hash_fn is not None and not callable(self.hash_fn):
-            msg = (
-                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
-            )
-            raise TypeError(msg)
-        if self.layout != "files":
-            self._validate_shards()
 
     def _validate_shards(self) -> None:
         if self.layout != "shards":
@@ -381,13 +381,6 @@ class CheckpointWrapper(BaseWrapper):
         size = self.shard_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             msg = f"CheckpointWrapper got shard_size={size!r}; it must be an int >= 1."
-            raise ValueError(msg)
-        if self._format().sidecar:
-            msg = (
-                f"CheckpointWrapper got format={self.format!r} with "
-                "layout='shards'; shards store every sample in the HDF5 format: "
-                "remove format or use layout='files'."
-            )
             raise ValueError(msg)
         for name, value in (
             ("save_func", _resolve_option(self, "save_func")),
@@ -401,6 +394,13 @@ class CheckpointWrapper(BaseWrapper):
                     f"file per batch: remove {name} or use layout='files'."
                 )
                 raise ValueError(msg)
+        if self._format().sidecar:
+            msg = (
+                f"CheckpointWrapper got format={self.format!r} with "
+                "layout='shards'; shards store every sample in the HDF5 format: "
+                "remove format or use layout='files'."
+            )
+            raise ValueError(msg)
 
     def _sample_attribute(self) -> str:
         if self.sample_attribute is not None:
