@@ -1,7 +1,8 @@
-"""The per-sample promises, written once, for both layouts on a local path and S3.
+"""The per-sample promises, written once, for every layout and format, local and S3.
 
-Every test runs for ``layout`` in ("files", "shards") and a store in ("local",
-"s3"): the S3 API server (moto on 127.0.0.1) and the stores are those of
+Every test runs for ``layout`` in ("files", "shards", "npy": the files layout
+in the npy format, its record in a sidecar) and a store in ("local", "s3"):
+the S3 API server (moto on 127.0.0.1) and the stores are those of
 test_storage_fs and test_shards. Behaviour is observed through the public API
 only: values, `CheckpointWarning`, the counting transformer's log, the paths
 ``transform_samples`` reports for each sample, `iter_checkpoints` and
@@ -11,6 +12,7 @@ kill loop.
 """
 
 import contextlib
+import io
 import json
 import os
 import pickle
@@ -43,7 +45,7 @@ from .test_storage_fs import counting, expected, s3_server, values  # noqa: F401
 
 store = test_shards.store  # the fixture: "local" and "s3" (the server above)
 
-LAYOUTS = ["files", "shards"]
+LAYOUTS = ["files", "shards", "npy"]  # "npy": files in format="npy"
 
 
 @pytest.fixture(params=LAYOUTS)
@@ -69,6 +71,8 @@ def step(layout, store, log, offset=1.0, stateless=True, **kwargs):
     if layout == "shards":
         kwargs.setdefault("shard_size", 4)
         kwargs["layout"] = "shards"
+    elif layout == "npy":
+        kwargs["format"] = "npy"
     return counting(store, log, offset=offset, stateless=stateless, **kwargs)
 
 
@@ -118,9 +122,29 @@ def user_hdf5():
         return f.id.get_file_image()
 
 
-def stored(store):
-    """Every file under ``features_dir``, as the paths samplepipe reports."""
-    return {store.url("f", name) for name in store.files("f")}
+def user_npy():
+    """The bytes of a ``.npy`` file of the user's (no samplepipe sidecar)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.arange(3.0))
+    return buffer.getvalue()
+
+
+def user_file(layout):
+    """``(name, bytes)`` of a file of the user's that ``layout`` would list."""
+    return ("mine.npy", user_npy()) if layout == "npy" else ("mine.h5", user_hdf5())
+
+
+def stored(store, sidecars=False):
+    """Every file under ``features_dir``, as the paths samplepipe reports.
+
+    The ``.meta.json`` sidecars of the npy format are left out unless
+    ``sidecars``: `iter_checkpoints` lists each checkpoint once.
+    """
+    return {
+        store.url("f", name)
+        for name in store.files("f")
+        if sidecars or not name.endswith(".meta.json")
+    }
 
 
 def dead_temporary(path):
@@ -267,9 +291,10 @@ def test_a_file_samplepipe_did_not_write_is_never_overwritten_or_removed(
 ):
     log = tmp_path / "calls.log"
     samples = random_samples(4)
-    mine = [store.url("f", "mine.h5"), store.url("f", "s", "mine.h5")]
+    name, content = user_file(layout)
+    mine = [store.url("f", name), store.url("f", "s", name)]
     for path in mine:
-        store.write(path, user_hdf5())
+        store.write(path, content)
     step(layout, store, log).transform(samples)
     step(layout, store, log, force=True).transform(samples)  # rewrites its own
     with one_warning("recomputes 4 checkpoint.*4 stale"):
@@ -284,7 +309,7 @@ def test_a_file_samplepipe_did_not_write_is_never_overwritten_or_removed(
         w.remove_checkpoints(statuses=("unknown",))
     removed = w.remove_checkpoints()
     assert removed and not {p for p, _, _ in removed} & set(mine)
-    assert [store.read(p) for p in mine] == [user_hdf5()] * 2
+    assert [store.read(p) for p in mine] == [content] * 2
     after = {p: s for p, s, _ in w.iter_checkpoints()}
     assert set(after.values()) <= {"valid", "unknown"}
     assert {p for p, s in after.items() if s == "unknown"} == set(mine)
@@ -342,6 +367,10 @@ def test_remove_checkpoints_removes_only_stale_corrupt_and_temporary_items(
         + [(temporary, "temporary")]
     )
     assert stored(store) == set(paths) - {corrupt}
+    if layout == "npy":  # each file's sidecar went with it, the others stay
+        assert stored(store, sidecars=True) - stored(store) == {
+            f"{p}.meta.json" for p in set(paths) - {corrupt}
+        }
     new_process()
     out = w.transform(samples)  # exactly the removed samples
     lost = sum(p == corrupt for p in paths)
@@ -423,7 +452,7 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
     rng = random.Random(13)
     # one file per sample is written fast (~60-100 us a file, after the whole
     # call's transform): more of them, so that a kill lands while writing
-    n = 3000 if layout == "files" else 1000
+    n = 1000 if layout == "shards" else 3000
     shard_size, kills_wanted = 50, 5
     log, marker = tmp_path / "calls.log", tmp_path / "fail"
     spec = {
@@ -438,8 +467,9 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
         "wrapper": {
             "features_dir": store.url("f"),
             "storage_options": store.options,
-            "layout": layout,
+            "layout": "shards" if layout == "shards" else "files",
             "shard_size": shard_size,
+            **({"format": "npy"} if layout == "npy" else {}),
         },
     }
     w = CheckpointWrapper(
@@ -467,7 +497,8 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
             new_process()  # read the folder as the next process will
             states = [s for _, s, _ in w.iter_checkpoints()]
             assert set(states) <= {"valid", "temporary"}, states
-            assert states.count("temporary") <= 1  # the file being written
+            # the file being written (npy: and its sidecar, written meanwhile)
+            assert states.count("temporary") <= (2 if layout == "npy" else 1)
             now = valid_outputs(w, samples, marker)
             assert set(valid) <= set(now)  # nothing finished is ever lost
             for key, out in now.items():

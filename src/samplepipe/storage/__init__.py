@@ -7,8 +7,13 @@ modules behind it hold one concern each:
     key and step-name rules, key digests, `hash_string` buckets.
 ``identity``
     the identity of code, parameters, fitted state and inputs; `Identity`.
+``formats``
+    checkpoint file formats registered by name (`Format`, `register_format`):
+    ``"hdf5"``, ``"custom"`` and ``"npy"``.
 ``hdf5``
     the default file format (`save_hdf5`, `load_hdf5`).
+``npy``
+    the ``"npy"`` format: NumPy ``.npy`` files (`NpyFormat`).
 ``checkpoints``
     per-sample checkpoint files: status, atomic writing, `CheckpointLoader`.
 ``models``
@@ -42,6 +47,13 @@ from .files import (
     is_temporary_file,
     stamp,
 )
+from .formats import (
+    CustomFormat,
+    Format,
+    HDF5Format,
+    register_format,
+    registered_formats,
+)
 from .fs import (
     FileSystem,
     check_location,
@@ -73,16 +85,21 @@ from .keys import (
     sample_keys,
 )
 from .models import ModelWarning, load_model, read_model_header, save_model
+from .npy import NpyFormat
 
 __all__ = [
     "FORMAT_VERSION",
     "VALIDATED",
     "CheckpointLoader",
     "CorruptCheckpointError",
+    "CustomFormat",
     "FileSystem",
+    "Format",
+    "HDF5Format",
     "Identity",
     "MissingStoreError",
     "ModelWarning",
+    "NpyFormat",
     "Stamp",
     "UnknownFileError",
     "check_key",
@@ -107,6 +124,8 @@ __all__ = [
     "normalize_location",
     "read_model_header",
     "read_record",
+    "register_format",
+    "registered_formats",
     "relative_location",
     "remove_checkpoint_file",
     "sample_keys",

@@ -354,14 +354,18 @@ def write_default(path: str, blob: bytes) -> None:
 
 
 def write_custom(
-    path: str, value: Any, identity: Identity, save: Callable[[Any, str], Any]
+    path: str,
+    value: Any,
+    identity: Identity,
+    save: Callable[[Any, str], Any],
+    kind: str = CUSTOM_KIND,
 ) -> str:
     """Write ``save(value, tmp)`` then its sidecar record, then move it in place.
 
     The sidecar holds the SHA-256 of the file: a crash between the two moves
     leaves a file whose checksum does not match its sidecar (``corrupt``,
     recomputed), never a file that loads as valid with the wrong record.
-    Returns the record.
+    ``kind`` is the record's kind (the format's name). Returns the record.
     """
     record = ""
 
@@ -369,7 +373,7 @@ def write_custom(
         nonlocal record
         save(value, tmp)
         checksum = _file_checksum(tmp)
-        record = identity.record(checksum, CUSTOM_KIND)
+        record = identity.record(checksum, kind)
         meta = json.dumps({"record": record, "checksum": checksum})
         write_bytes(sidecar(path), meta.encode("utf-8"))
 
@@ -383,6 +387,7 @@ def write_custom_stored(
     identity: Identity,
     save: Callable[[Any, str], Any],
     fs: FileSystem,
+    kind: str = CUSTOM_KIND,
 ) -> tuple[str, Stamp]:
     """`write_custom` on a filesystem that is not local.
 
@@ -397,7 +402,7 @@ def write_custom_stored(
         with open(local, "rb") as f:
             blob = f.read()
     checksum = hashlib.sha256(blob).hexdigest()
-    record = identity.record(checksum, CUSTOM_KIND)
+    record = identity.record(checksum, kind)
     meta = json.dumps({"record": record, "checksum": checksum}).encode()
     fs.write_bytes(sidecar(path), meta)
     return record, fs.write_bytes(path, blob)

@@ -15,7 +15,6 @@ from sklearn.utils.metaestimators import available_if
 
 from ..errors import CheckpointWarning as CheckpointWarning
 from ..storage import checkpoints as ckpt
-from ..storage import hdf5
 from ..storage.checkpoints import CheckpointLoader, UnknownFileError
 from ..storage.files import (
     MAX_EXTENSION,
@@ -25,6 +24,7 @@ from ..storage.files import (
     remove_stale_temporaries,
 )
 from ..storage.files import _owner_alive as temporary_owner_alive
+from ..storage.formats import CustomFormat, Format, HDF5Format, get_format
 from ..storage.fs import (
     LOCAL,
     FileSystem,
@@ -74,6 +74,8 @@ __all__ = [
     "save_hdf5",
 ]
 
+
+_HDF5 = HDF5Format()
 
 # a stamp no file has: a loader holding it checks its file before loading
 NO_STAMP = Stamp(-1, -1, -1, -1)
@@ -211,11 +213,13 @@ class CheckpointWrapper(BaseWrapper):
     model_path : str or os.PathLike, default=None
         The file of the fitted estimator. ``None`` turns model checkpoints off.
     extension : str, default=None
-        File extension of feature checkpoints (default ``".h5"``).
+        File extension of feature checkpoints (default: the format's,
+        ``".h5"`` for HDF5 and the custom format, ``".npy"`` for npy).
     save_func, load_func : callable, default=None
         ``save_func(data, path)`` and ``load_func(path)`` for data the default
-        HDF5 format cannot hold. Validity is then recorded in a
-        ``<file>.meta.json`` beside each file, with the file's SHA-256.
+        HDF5 format cannot hold (the ``"custom"`` format). Validity is then
+        recorded in a ``<file>.meta.json`` beside each file, with the file's
+        SHA-256.
     sample_attribute : str, default=None
         Which attribute is checkpointed (default: the inner estimator's
         ``output_attribute``, else ``"data"``).
@@ -245,6 +249,15 @@ class CheckpointWrapper(BaseWrapper):
     shard_size : int, default=1000
         With ``layout="shards"``: samples per shard, and per call of the
         wrapped estimator's ``transform`` (a crash loses at most one shard).
+    format : str or Format, default=None
+        The file format of feature checkpoints: a name registered with
+        `samplepipe.storage.register_format` (``"hdf5"``, ``"custom"``,
+        ``"npy"``, ...) or a `samplepipe.storage.Format` instance. None means
+        ``"hdf5"``, or ``"custom"`` when ``save_func`` and ``load_func`` are
+        given. ``"npy"`` writes NumPy's ``.npy`` files (arrays of non-object
+        dtype), with the record in a sidecar. The format is part of the
+        step's identity: changing it recomputes. ``layout="shards"`` stores
+        HDF5 only.
 
     Notes
     -----
@@ -294,6 +307,7 @@ class CheckpointWrapper(BaseWrapper):
         storage_options: dict[str, Any] | None = None,
         layout: str = "files",
         shard_size: int = 1000,
+        format: str | Format | None = None,  # noqa: A002 - the option's name
     ) -> None:
         self.estimator = estimator
         self.features_dir = features_dir
@@ -308,6 +322,7 @@ class CheckpointWrapper(BaseWrapper):
         self.storage_options = storage_options
         self.layout = layout
         self.shard_size = shard_size
+        self.format = format
 
     # -- configuration -----------------------------------------------------
     def _validate_params(self) -> None:
@@ -336,7 +351,15 @@ class CheckpointWrapper(BaseWrapper):
                 "int >= 1."
             )
             raise ValueError(msg)
-        extension = _resolve_option(self, "extension")
+        if self.hash_fn is not None and not callable(self.hash_fn):
+            msg = (
+                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
+            )
+            raise TypeError(msg)
+        if self.layout != "files":
+            self._validate_shards()
+        self._format()  # a bad format: ValueError or TypeError
+        extension = self._extension()
         if (
             not isinstance(extension, str)
             or "/" in extension
@@ -347,13 +370,6 @@ class CheckpointWrapper(BaseWrapper):
                 f"such as '.h5' without '/', at most {MAX_EXTENSION} bytes."
             )
             raise ValueError(msg)
-        if self.hash_fn is not None and not callable(self.hash_fn):
-            msg = (
-                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
-            )
-            raise TypeError(msg)
-        if self.layout != "files":
-            self._validate_shards()
 
     def _validate_shards(self) -> None:
         if self.layout != "shards":
@@ -378,6 +394,13 @@ class CheckpointWrapper(BaseWrapper):
                     f"file per batch: remove {name} or use layout='files'."
                 )
                 raise ValueError(msg)
+        if self._format().sidecar:
+            msg = (
+                f"CheckpointWrapper got format={self.format!r} with "
+                "layout='shards'; shards store every sample in the HDF5 format: "
+                "remove format or use layout='files'."
+            )
+            raise ValueError(msg)
 
     def _sample_attribute(self) -> str:
         if self.sample_attribute is not None:
@@ -401,6 +424,17 @@ class CheckpointWrapper(BaseWrapper):
         return attributes
 
     def _funcs(self) -> tuple[Any, Any]:
+        """``(save, load)`` of a format with a sidecar record; (None, None) for
+        HDF5 (whose record is inside the file)."""
+        fmt = self._format()
+        if isinstance(fmt, CustomFormat):
+            return fmt.save_func, fmt.load_func
+        if fmt.sidecar:
+            return fmt.save, fmt.load
+        return None, None
+
+    def _format(self) -> Format:
+        """The `Format` of feature checkpoints (see the ``format`` parameter)."""
         save = _resolve_option(self, "save_func")
         load = _resolve_option(self, "load_func")
         if (save is None) != (load is None):
@@ -409,7 +443,46 @@ class CheckpointWrapper(BaseWrapper):
                 "both or neither."
             )
             raise ValueError(msg)
-        return save, load
+        fmt = self.format
+        if fmt is None:
+            return _HDF5 if save is None else CustomFormat(save, load)
+        if isinstance(fmt, str):
+            try:
+                cls = get_format(fmt)
+            except ValueError as exc:
+                msg = f"CheckpointWrapper got format={fmt!r}: {exc}"
+                raise ValueError(msg) from None
+            if issubclass(cls, CustomFormat):
+                if save is None:
+                    msg = (
+                        f"CheckpointWrapper got format={fmt!r} without save_func "
+                        "and load_func; give both."
+                    )
+                    raise ValueError(msg)
+                return cls(save, load)
+            fmt = _HDF5 if cls is HDF5Format else cls()
+        elif not isinstance(fmt, Format):
+            msg = (
+                f"CheckpointWrapper got format={fmt!r}; it must be the name of a "
+                "registered format (see samplepipe.storage.registered_formats()) "
+                "or a samplepipe.storage.Format instance."
+            )
+            raise TypeError(msg)
+        if save is not None and not isinstance(fmt, CustomFormat):
+            msg = (
+                f"CheckpointWrapper got save_func and load_func with format="
+                f"{self.format!r}; they are the 'custom' format: remove them or "
+                "format."
+            )
+            raise ValueError(msg)
+        return fmt
+
+    def _extension(self) -> str:
+        """The file extension: given, declared by the estimator, or the format's."""
+        extension = self.extension
+        if extension is None:
+            extension = estimator_options(self.estimator).get("extension")
+        return self._format().extension if extension is None else extension
 
     def _checkpoints_features(self) -> bool:
         return self.features_dir is not None and bool(
@@ -436,7 +509,7 @@ class CheckpointWrapper(BaseWrapper):
         ``<key><extension>``, under the bucket that ``hash_fn`` gives the key
         if it is set. Each key (and bucket) is checked first (see `check_key`).
         """
-        extension = _resolve_option(self, "extension")
+        extension = self._extension()
         names = []
         for key in keys:
             check_key(key)
@@ -464,11 +537,8 @@ class CheckpointWrapper(BaseWrapper):
 
     # -- identity ----------------------------------------------------------
     def _format_identity(self) -> str:
-        save, load = self._funcs()
-        extension = _resolve_option(self, "extension")
-        if save is None:
-            return f"hdf5:{FORMAT_VERSION}:{extension}"
-        return f"custom:{code_identity(save)}:{code_identity(load)}:{extension}"
+        """The format's identity and the extension (part of `step_identity`)."""
+        return f"{self._format().identity()}:{self._extension()}"
 
     def _fitted_digest(self) -> str | None:
         """Digest of the fitted state; None for a step that needs no fitting.
@@ -831,7 +901,7 @@ class CheckpointWrapper(BaseWrapper):
         """Write one checkpoint (``encoded``: `ckpt.Encoded`, None for a
         ``save_func``) and return its stamp; transient errors are retried."""
         folder = os.path.dirname(path)
-        save = None if encoded is not None else self._funcs()[0]
+        fmt = None if encoded is not None else self._format()
         last: OSError | None = None
         for attempt in range(self.attempts):
             try:
@@ -845,14 +915,14 @@ class CheckpointWrapper(BaseWrapper):
                     raise IsADirectoryError(errno.EISDIR, msg)
                 if attempt:  # made by _prepare_folder; removed since?
                     os.makedirs(folder, exist_ok=True)
-                if save is None:
+                if fmt is None:
                     record = encoded.record
                     ckpt.write_default(path, encoded.blob)
                 else:
-                    record = ckpt.write_custom(path, value, identity, save)
+                    record = fmt.write(path, value, identity)
                 st = ckpt.stamp(path)
                 assert st is not None
-                ckpt.remember(path, save is not None, st, record)
+                ckpt.remember(path, fmt is not None, st, record)
                 return st
             except OSError as exc:
                 last = exc
@@ -866,13 +936,12 @@ class CheckpointWrapper(BaseWrapper):
         self, path: str, encoded: Any, identity: Identity, value: Any, fs: FileSystem
     ) -> Any:
         """`_save_one` on a store: one atomic write (a PUT on object stores)."""
-        save = None if encoded is not None else self._funcs()[0]
-        if save is None:
+        if encoded is not None:
             record = encoded.record
             st = fs.write_bytes(path, encoded.blob)
         else:
-            record, st = ckpt.write_custom_stored(path, value, identity, save, fs)
-        ckpt.remember(path, save is not None, st, record, fs)
+            record, st = self._format().write_stored(path, value, identity, fs)
+        ckpt.remember(path, encoded is None, st, record, fs)
         return st
 
     def _prepare_folder(
@@ -1003,10 +1072,10 @@ class CheckpointWrapper(BaseWrapper):
         computed = 0
         if outputs:
             self._describe(wanted[0].step)
-        if save is None:  # check all first: an unsupported value writes nothing
-            for i, value in outputs.items():
-                if value is not None:
-                    self._encode(value, wanted[i], check=True)
+        fmt = self._format()
+        for i, value in outputs.items():  # an unsupported value writes nothing
+            if value is not None:
+                self._encode(value, wanted[i], check=fmt)
         folders: set[str] = set()
         written: list[tuple[str, Any, str]] = []  # for the journal (local HDF5)
         payloads: dict[int, Any] = {}  # where this process wrote each payload
@@ -1096,15 +1165,16 @@ class CheckpointWrapper(BaseWrapper):
         return values
 
     def _encode(
-        self, value: Any, identity: Identity, check: bool = False
+        self, value: Any, identity: Identity, check: Format | None = None
     ) -> ckpt.Encoded | None:
-        """The file image and record of ``value``; with ``check``, only check it.
+        """The HDF5 image and record of ``value``; with ``check`` (a format),
+        only check that the format can store it.
 
         ``TypeError`` naming the sample for a value the format cannot store.
         """
         try:
-            if check:
-                hdf5.encode(value)  # views of native arrays: nothing is copied
+            if check is not None:
+                check.check_value(value)  # HDF5: copies nothing
                 return None
             return ckpt.encode_default(value, identity)
         except TypeError as exc:
@@ -1194,7 +1264,7 @@ class CheckpointWrapper(BaseWrapper):
         if self.layout == "shards":
             yield from _shards.walk(self)
             return
-        extension = _resolve_option(self, "extension")
+        extension = self._extension()
         step = self.step_identity() if self._has_model_state() else None
         root = location_root(self.features_dir)
         fs = self._features_fs()
@@ -1345,7 +1415,7 @@ class CheckpointWrapper(BaseWrapper):
             return False
         save, _ = self._funcs()
         ckpt.forget(path, save is not None, fs)  # judge from the file, not the cache
-        again = self._judge(path, step, _resolve_option(self, "extension"), fs)
+        again = self._judge(path, step, self._extension(), fs)
         return again is not None and again[0] == state and again[2] == stamp_
 
 
