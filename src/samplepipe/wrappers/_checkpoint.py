@@ -661,11 +661,13 @@ class CheckpointWrapper(BaseWrapper):
 
         return [
             _explain.explain_one(i.key, state, record, i, difference)
-            for i, (state, record, _) in zip(wanted, self._judge_all(wanted))
+            for i, (state, record, _) in zip(
+                wanted, self._judge_all(wanted, loaders=False)
+            )
         ]
 
     def _judge_all(
-        self, wanted: Sequence[Identity]
+        self, wanted: Sequence[Identity], loaders: bool = True
     ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
         """``(status, record, loader)`` of each checkpoint, for `explain`.
 
@@ -685,7 +687,7 @@ class CheckpointWrapper(BaseWrapper):
                 path, ident, load is not None, fs=fs, any_record=True
             )
             loader = None
-            if state == "valid" and st is not None:
+            if loaders and state == "valid" and st is not None:
                 loader = CheckpointLoader(path, ident, st, load, options, record)
             judged.append((state, record, loader))
         return judged
