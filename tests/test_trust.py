@@ -801,3 +801,14 @@ def test_wrap_refuses_step_names_that_are_not_one_folder_name(tmp_path, name):
     with pytest.raises(ValueError, match=re.escape(f"step named {name!r}")):
         wrap(["sample", "checkpoint"], pipeline, features_dir=str(tmp_path / "f"))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_record_array_with_object_fields_is_hashed_by_content():
+    from samplepipe.storage import value_digest
+
+    def record(items):
+        return np.array([(1, items)], dtype=[("a", "i4"), ("b", "O")])
+
+    # it recursed without end: a record of a record array is a record array
+    assert value_digest(record([2])) == value_digest(record([2]))
+    assert value_digest(record([2])) != value_digest(record([3]))

@@ -437,7 +437,11 @@ class _Hasher:
 
     def array(self, a: np.ndarray) -> None:
         self.tag(f"ndarray:{a.dtype.str}:{a.shape}")
-        if a.dtype.hasobject:
+        if a.dtype.hasobject and a.dtype.names:  # a record array: field by field
+            for name in a.dtype.names:
+                self.tag(name)
+                self.array(np.ascontiguousarray(a[name]))
+        elif a.dtype.hasobject:
             for item in a.ravel(order="C"):
                 self.value(item)
         else:
