@@ -927,3 +927,37 @@ def test_the_issue_reproduction_as_a_user_runs_it(tmp_path):
     helpers = tmp_path / "helpers.py"
     helpers.write_text(HELPERS.replace("2.0", "3.0"))
     assert run_py() == "[3. 3.]"
+
+
+def test_an_identity_does_not_depend_on_what_was_imported_before(user_code):
+    """Hashing imports nothing, and a package's submodules count by their source.
+
+    An identity that imported the modules a function imports changed what
+    their package held (its submodule as an attribute): the same step had
+    another identity the second time (a served deployment refused its own
+    models as "fitted after other versions of the steps before it").
+    """
+    user_code.write(
+        {
+            **PKG,
+            "lazy.py": (
+                "import pkg\n\n\n"
+                "def by_name(X, name='scale'):\n    return getattr(pkg, name)(X)\n\n\n"
+                "def late(X):\n    from pkg import sub\n\n    return sub.scale(X)\n"
+            ),
+        }
+    )
+    lazy = user_code.load("lazy")
+    whole, late = (
+        identity.code_identity(lazy.by_name),
+        identity.code_identity(lazy.late),
+    )
+    assert "pkg.sub" not in sys.modules  # hashing `late` imported nothing
+    importlib.import_module("pkg.sub")  # as running `late` does
+    assert identity.code_identity(lazy.by_name) == whole
+    assert identity.code_identity(lazy.late) == late
+    (user_code.root / "pkg" / "sub.py").write_text(HELPERS.replace("2.0", "3.0"))
+    user_code.forget()
+    lazy = user_code.load("lazy")
+    assert identity.code_identity(lazy.late) != late
+    assert identity.code_identity(lazy.by_name) != whole  # its submodule's source

@@ -37,6 +37,7 @@ import importlib.machinery
 import importlib.util
 import os
 import pathlib
+import pkgutil
 import re
 import sys
 import sysconfig
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .source import source_digest
+from .source import source_closure, source_digest
 
 FORMAT_VERSION = 3
 
@@ -742,11 +743,32 @@ class _Hasher:
         self.modules[key] = module
         self.tag("module")
         self.namespace(vars(module))
+        names = [module.__name__]
+        if isinstance(getattr(module, "__path__", None), list | tuple):
+            # a package: its submodules, imported yet or not, by their source
+            names += sorted(
+                f"{module.__name__}.{info.name}"
+                for info in pkgutil.iter_modules(module.__path__)
+            )
+        for name in names:
+            closure = source_closure(name, _ROOTS)
+            if closure is not None:
+                self.tag(f"source:{name}:{closure}")
 
     def namespace(self, names: Mapping[str, Any]) -> None:
-        """The values of a module's namespace, but its dunder names."""
+        """The values of a module's namespace, but its dunder names.
+
+        A package's submodules are left out: a submodule is an attribute of
+        its package only once something imported it, so the digest would
+        depend on what ran before (`whole_module` counts their source).
+        """
+        prefix = f"{names.get('__name__')}."
         for name, value in sorted(names.items()):
             if name.startswith("__") and name.endswith("__"):
+                continue
+            if isinstance(value, types.ModuleType) and value.__name__.startswith(
+                prefix
+            ):
                 continue
             self.tag(name)
             if isinstance(value, types.ModuleType) and _is_user_module(value):
@@ -770,34 +792,24 @@ class _Hasher:
         package: str | None,
         dynamic: bool = False,
     ) -> None:
-        """An ``import`` run by the function: the user module's whole content."""
+        """An ``import`` run by the function: the user module's source, and theirs.
+
+        The modules are found and read as files, never imported here: importing
+        runs their code and changes what others hold (a package gains its
+        submodule as an attribute), so the identity would depend on what
+        happened to be imported before. The source of the module (or of
+        ``module.name`` when that is a submodule) counts, with the source of
+        every user module it imports, transitively (`source_closure`).
+        """
         try:
             absolute = importlib.util.resolve_name("." * level + name, package)
         except (ImportError, ValueError):
             self.tag(f"import:{name}:unresolved")
             return
-        module = sys.modules.get(absolute)
-        if module is None:
-            if not _is_user_module_name(absolute):
-                if not dynamic:
-                    self.tag(f"import:{absolute}:library")
-                return
-            try:
-                module = importlib.import_module(absolute)
-            except Exception:  # noqa: BLE001 - the step's own run will say why
-                self.tag(f"import:{absolute}:failed")
-                return
-        if not _is_user_module(module):
-            return
-        self.tag(f"import:{'.' * level}{name}")
-        if not from_names:
-            self.referenced(module)
-        for from_name in from_names:
-            target = getattr(module, from_name, _MISSING)
-            if target is _MISSING:  # a submodule not imported yet
-                self._import(f"{absolute}.{from_name}", 0, (), None)
-            else:
-                self.referenced(target)
+        for candidate in (absolute, *(f"{absolute}.{n}" for n in from_names)):
+            digest = source_closure(candidate, _ROOTS)
+            if digest is not None:
+                self.tag(f"import:{candidate}:{digest}")
 
 
 _IGNORED_CLASS_ATTRIBUTES = {
@@ -939,24 +951,6 @@ def _is_user_module(module: Any) -> bool:
         isinstance(module, types.ModuleType)
         and library_version(module.__name__) is None
     )
-
-
-def _is_user_module_name(name: str) -> bool:
-    """Whether ``name``, not imported yet, would load the user's own code.
-
-    Found with the path finder, so nothing is imported to tell.
-    """
-    top = name.split(".", 1)[0]
-    if top in sys.builtin_module_names:
-        return False
-    try:
-        spec = importlib.machinery.PathFinder.find_spec(top)
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    locations = list(spec.submodule_search_locations or []) + [spec.origin or ""]
-    return not any(os.path.realpath(p).startswith(_ROOTS) for p in locations if p)
 
 
 def _is_user_object(value: Any) -> bool:

@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["source_digest"]
+__all__ = ["module_file", "source_closure", "source_digest"]
 
 _DIGEST_SIZE = 16
 
@@ -203,3 +205,125 @@ def _without_docstring(node: ast.AST, body: list[ast.AST]) -> list[ast.AST]:
     ):
         return body[1:]
     return body
+
+
+# ---------------------------------------------------------------------------
+# modules imported at run time: their source, found without importing them
+# ---------------------------------------------------------------------------
+_module_files: dict[str, str | None] = {}
+_module_files_path: tuple[str, ...] = ()
+_imports: dict[str, tuple[tuple[int, int], tuple[str, tuple[Any, ...]] | None]] = {}
+
+
+def module_file(name: str, library_roots: tuple[str, ...]) -> str | None:
+    """The source file of user module ``name``, found without importing it.
+
+    None for a module of the standard library or an installed package (a file
+    under one of ``library_roots``), a built-in one, or one that is not found.
+    Importing would run the module's code and change what other modules hold
+    (a package gains its submodule as an attribute): the identity of code
+    must not depend on what happened to be imported before.
+    """
+    global _module_files_path
+    path_now = tuple(sys.path)
+    with _lock:
+        if path_now != _module_files_path:
+            _module_files.clear()
+            _module_files_path = path_now
+        if name in _module_files:
+            return _module_files[name]
+    found: str | None = None
+    search: list[str] | None = None
+    spec = None
+    for part in name.split("."):
+        if not part.isidentifier():
+            spec = None
+            break
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(part, search)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None:
+            break
+        search = list(spec.submodule_search_locations or [])
+    origin = getattr(spec, "origin", None)
+    if origin and origin.endswith(".py") and os.path.isfile(origin):
+        if not os.path.realpath(origin).startswith(library_roots):
+            found = origin
+    with _lock:
+        _module_files[name] = found
+    return found
+
+
+def _file_imports(path: str) -> tuple[str, tuple[Any, ...]] | None:
+    """``(content digest, imports)`` of a source file, cached by its stamp."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size)
+    with _lock:
+        cached = _imports.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        tree = ast.parse(importlib.util.decode_source(data), path)
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
+        result = None
+    else:
+        found: list[tuple[int, str, tuple[str, ...]]] = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                found.extend((0, alias.name, ()) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                names = tuple(alias.name for alias in node.names if alias.name != "*")
+                found.append((node.level, node.module or "", names))
+        digest = hashlib.blake2b(data, digest_size=_DIGEST_SIZE).hexdigest()
+        result = (digest, tuple(sorted(set(found))))
+    with _lock:
+        _imports[path] = (stamp, result)
+    return result
+
+
+def source_closure(name: str, library_roots: tuple[str, ...]) -> str | None:
+    """Digest of user module ``name``'s source and of every user module it imports.
+
+    Followed through the ``import`` statements of each file, anywhere in it,
+    transitively; by module name and content, so the same sources give the
+    same digest in any folder. None when ``name`` is not user code.
+    """
+    origin = module_file(name, library_roots)
+    if origin is None:
+        return None
+    seen: dict[str, str] = {}
+    stack = [(name, origin)]
+    while stack:
+        module, path = stack.pop()
+        if module in seen:
+            continue
+        info = _file_imports(path)
+        if info is None:
+            seen[module] = "unreadable"
+            continue
+        digest, imports = info
+        seen[module] = digest
+        is_package = os.path.basename(path) == "__init__.py"
+        package = module if is_package else module.rpartition(".")[0]
+        for level, imported, names in imports:
+            try:
+                absolute = importlib.util.resolve_name(
+                    "." * level + imported, package or None
+                )
+            except (ImportError, ValueError):
+                continue
+            for candidate in (absolute, *(f"{absolute}.{n}" for n in names)):
+                if candidate and candidate not in seen:
+                    found = module_file(candidate, library_roots)
+                    if found is not None:
+                        stack.append((candidate, found))
+    h = hashlib.blake2b(b"closure", digest_size=_DIGEST_SIZE)
+    for module in sorted(seen):
+        h.update(f"{module}\0{seen[module]}\0".encode())
+    return h.hexdigest()
