@@ -177,17 +177,25 @@ def _code_digest(code: types.CodeType) -> tuple[str, tuple[str, ...]]:
     cached = _code_cache.get(code)
     if cached is not None:
         return cached
-    bytecode, names = _bytecode_digest(code)
     source = source_digest(code)
-    digest = f"s{source}" if source is not None else f"b{bytecode}"
-    result = (digest, tuple(sorted(set(names))))
+    digest = f"s{source}" if source is not None else f"b{_bytecode_digest(code)}"
+    result = (digest, tuple(sorted(set(_code_names(code)))))
     _code_cache[code] = result
     return result
 
 
-def _bytecode_digest(code: types.CodeType) -> tuple[str, list[str]]:
+def _code_names(code: types.CodeType) -> list[str]:
+    """The names ``code`` and the code nested in it read (globals, attributes)."""
+    names = list(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.extend(_code_names(const))
+    return names
+
+
+def _bytecode_digest(code: types.CodeType) -> str:
+    """Digest of the bytecode, for code whose source is not the code that runs."""
     h = _blake(b"code")
-    names: list[str] = list(code.co_names)
     h.update(code.co_code)
     h.update(repr((code.co_argcount, code.co_kwonlyargcount, code.co_flags)).encode())
     h.update("\0".join(code.co_names).encode("utf-8", "surrogatepass"))
@@ -196,16 +204,14 @@ def _bytecode_digest(code: types.CodeType) -> tuple[str, list[str]]:
     h.update(getattr(code, "co_exceptiontable", b""))  # try/except (3.11+)
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            digest, inner = _bytecode_digest(const)
-            h.update(digest.encode())
-            names.extend(inner)
+            h.update(_bytecode_digest(const).encode())
         elif isinstance(const, frozenset):  # its repr's order is the hash seed's
             h.update(b"frozenset")
             h.update(repr(sorted(repr(c) for c in const)).encode())
         else:
             h.update(type(const).__name__.encode())
             h.update(repr(const).encode("utf-8", "surrogatepass"))
-    return h.hexdigest(), names
+    return h.hexdigest()
 
 
 class _Uses(NamedTuple):
@@ -674,7 +680,7 @@ class _Hasher:
             for name, level, from_names in uses.imports:
                 self._import(name, level, from_names, package)
             for name in uses.dynamic:
-                self._import(name, 0, (), package, dynamic=True)
+                self._import(name, 0, (), package)
 
     # -- code reached through modules ---------------------------------------
     def _module_use(
@@ -790,7 +796,6 @@ class _Hasher:
         level: int,
         from_names: tuple[str, ...],
         package: str | None,
-        dynamic: bool = False,
     ) -> None:
         """An ``import`` run by the function: the user module's source, and theirs.
 

@@ -667,20 +667,25 @@ class CheckpointWrapper(BaseWrapper):
         ]
 
     def _judge_all(
-        self, wanted: Sequence[Identity], loaders: bool = True
+        self,
+        wanted: Sequence[Identity],
+        loaders: bool = True,
+        paths: Sequence[str] | None = None,
     ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
         """``(status, record, loader)`` of each checkpoint, for `explain`.
 
         Read-only: a record the journal holds for the file's present stamp is
         taken as it is, whatever it says (`ckpt.check` with ``any_record``).
-        ``loader`` loads a valid checkpoint (None for the others).
+        ``loader`` loads a valid checkpoint (None for the others); ``paths``
+        are the checkpoints' paths when the caller has them already.
         """
         fs = self._features_fs()
         options = None if fs.local else self.storage_options
         if self.layout == "shards":
             return _shards.judge_all(self, wanted, options)
         load = self._funcs()[1]
-        paths = self.checkpoint_paths(i.key for i in wanted)
+        if paths is None:
+            paths = self.checkpoint_paths(i.key for i in wanted)
         judged: list[tuple[str, str | None, Callable[[], Any] | None]] = []
         for path, ident in zip(paths, wanted):
             state, st, record = ckpt.check(
@@ -706,7 +711,7 @@ class CheckpointWrapper(BaseWrapper):
         attribute = self._sample_attribute()
         outputs = []
         for s, p, i, (_, _, loader) in zip(
-            samples, paths, wanted, self._judge_all(wanted)
+            samples, paths, wanted, self._judge_all(wanted, paths=paths)
         ):
             if loader is None:  # loads once transform has written it
                 loader = CheckpointLoader(p, i, NO_STAMP, load, options)
