@@ -32,7 +32,7 @@ from samplepipe import (
     save_hdf5,
     wrap,
 )
-from samplepipe.storage import identity
+from samplepipe.storage import identity, libraries
 from samplepipe.wrappers._explain import descriptions_dir
 
 from .conftest import make_samples
@@ -256,7 +256,7 @@ def test_library_names_the_distribution_and_versions(tmp_path, monkeypatch):
     quiet_transform(step, samples)
     version = sklearn.__version__
     monkeypatch.setattr(sklearn, "__version__", "99.0")
-    monkeypatch.setattr(identity, "_module_cache", {})
+    monkeypatch.setattr(libraries, "_module_cache", {})
     action, reason, detail = only(step.explain(samples))
     assert (action, reason) == ("recompute", "library")
     assert detail == f"library sklearn changed from {version} to 99.0"
