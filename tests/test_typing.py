@@ -3,8 +3,10 @@
 The public API is every name in ``samplepipe.__all__`` (for a class: its public
 methods, properties and ``__init__``, including those it inherits from other
 samplepipe classes), the module-level public functions, flows and tasks of
-``samplepipe.flows``, ``samplepipe.tasks`` and ``samplepipe.cli``, and the public
-functions and classes of ``samplepipe.examples`` (deployments import them by path).
+``samplepipe.flows``, ``samplepipe.tasks`` and ``samplepipe.cli`` (with the
+commands it takes from ``samplepipe._cli_folders`` and ``samplepipe._cli_explain``),
+and the public functions and classes of ``samplepipe.examples`` (deployments import
+them by path).
 Offenders are reported per module that defines them, so that a failure says
 which file to fix.
 """
@@ -24,6 +26,8 @@ ENTRY_MODULES = {
     "samplepipe.flows": False,
     "samplepipe.tasks": False,
     "samplepipe.cli": False,
+    "samplepipe._cli_folders": False,
+    "samplepipe._cli_explain": False,
     "samplepipe.examples": True,
 }
 
