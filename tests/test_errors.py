@@ -33,6 +33,7 @@ HOMES = {
     "ModelWarning": ["samplepipe.storage", "samplepipe.storage.models"],
     "PipelineRunError": ["samplepipe.flows"],
     "SampleFailures": ["samplepipe.tasks"],
+    "SourceError": ["samplepipe.sources"],
     "ServerError": ["samplepipe.server"],
     "ShardError": ["samplepipe.storage.shards"],
     "StaleManifestError": ["samplepipe.tasks"],

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prefect import Flow, flow
@@ -67,6 +67,12 @@ def summarize_parameter(value: Any) -> Any:
         return f"<{len(value)} samples: {first} ... {last}>"
     if hasattr(value, "get_params"):
         return repr(value)[:2000]
+    if _is_source(value):  # never iterated here: a stream is read once
+        try:
+            size = f"{len(value)} samples" if hasattr(value, "__len__") else "stream"
+        except Exception:  # noqa: BLE001 - a summary, not a check
+            size = "source"
+        return f"<{type(value).__name__}: {size}>"
     if isinstance(value, CrashSafeFileLocks | RedisLocks):
         return repr(value)  # the folder or the URL, its password hidden
     if isinstance(value, LockManager):
@@ -136,8 +142,23 @@ _CALL_OPTIONS = frozenset({"return_state", "wait_for"})
 
 
 def _quoted(value: Any) -> Any:
-    """A list or tuple argument of a top-level call, quoted (see below)."""
-    return quote(value) if isinstance(value, list | tuple) and value else value
+    """A samples argument of a top-level call, quoted (see below).
+
+    Lists and tuples, and sample sources (an iterable Prefect would consume
+    or walk: a stream is read once, by the flow).
+    """
+    if isinstance(value, list | tuple):
+        return quote(value) if value else value
+    if _is_source(value):
+        return quote(value)
+    return value
+
+
+def _is_source(value: Any) -> bool:
+    """A sample source other than a list: iterable, or with ``batch``."""
+    if isinstance(value, str | bytes | dict | quote) or hasattr(value, "get_params"):
+        return False
+    return callable(getattr(value, "batch", None)) or isinstance(value, Iterable)
 
 
 class SampleFlow(Flow):

@@ -33,6 +33,7 @@ __all__ = [
     "PipelineRunError",
     "SampleFailures",
     "ServerError",
+    "SourceError",
     "ShardError",
     "StaleManifestError",
     "UnknownFileError",
@@ -163,6 +164,14 @@ class PipelineRunError(RuntimeError):
         super().__init__(msg)
         self.step = step
         self.failures = list(failures or [])
+
+
+class SourceError(RuntimeError):
+    """A sample source raised while a flow read it; the message names the batch.
+
+    Raised by `samplepipe.sources` (the flows report it as `PipelineRunError`,
+    with this as its cause).
+    """
 
 
 class ServerError(RuntimeError):

@@ -13,7 +13,7 @@ import errno
 import os
 import pkgutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, cast
 from uuid import UUID
 
@@ -33,8 +33,11 @@ from ._prefect import SampleFlow as SampleFlow
 from ._prefect import returned, sample_flow, unvisited
 from ._prefect import summarize_parameter as summarize_parameter
 from .errors import PipelineRunError as PipelineRunError
+from .errors import SourceError
 from .locks import lock_manager_from_url
+from .outputs import PipelineOutputs
 from .server import api_for_tasks
+from .sources import DEFAULT_BATCH, as_source, estimate_batch_size
 from .storage import (
     check_location,
     check_step_name,
@@ -43,21 +46,19 @@ from .storage import (
     is_url,
     join_location,
     location_root,
-    sample_keys,
 )
 from .tasks import (
     SampleFailures,
     StaleManifestError,
+    batch_identity,
     fit_step,
     one_batch_holds_data,
-    samples_from_manifest,
     step_cache_policy,
     transform_step,
 )
 from .wrappers import CheckpointWrapper, DaskWrapper, SampleWrapper, ToDaskBag
 from .wrappers._base import estimator_requires_fit
 from .wrappers._method import PREDICTION_METHODS, UseMethod, available_methods
-from .wrappers._sample import Sample, SampleSet
 
 ON_ERROR = ("raise", "skip")
 LAYOUTS = ("files", "shards")
@@ -73,8 +74,9 @@ class RunOptions:
         Where checkpoints and models go: local folders or fsspec URLs.
     storage_options : dict or None
         Passed to fsspec for URLs (steps that have their own keep theirs).
-    batch_size : int
-        Samples per task run.
+    batch_size : int or None
+        Samples per task run; None: about 64 MiB of input per batch (a
+        stream's own batches).
     retries, retry_delay_seconds : int, float
         Retries of task runs that failed with a transient I/O error.
     max_batches_in_flight : int
@@ -100,7 +102,7 @@ class RunOptions:
 
     features_dir: str
     model_dir: str
-    batch_size: int = 1000
+    batch_size: int | None = None
     retries: int = 2
     retry_delay_seconds: float = 1.0
     max_batches_in_flight: int = 2
@@ -113,6 +115,8 @@ class RunOptions:
     def check(self) -> RunOptions:
         for name in ("batch_size", "max_batches_in_flight"):
             value = getattr(self, name)
+            if value is None and name == "batch_size":
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 msg = f"{name} must be an int >= 1, got {value!r}."
                 raise ValueError(msg)
@@ -209,24 +213,6 @@ def load_object(
         msg = f"{what}_kwargs was given, but {what}={spec!r} is not a factory."
         raise TypeError(msg)
     return obj
-
-
-def _check_samples(samples, what="samples"):
-    if not isinstance(samples, list | tuple):
-        msg = (
-            f"{what} must be a list of samples, got {type(samples).__name__}; "
-            "build them with samplepipe.Sample(data, key=...)."
-        )
-        raise TypeError(msg)
-    for i, s in enumerate(samples):
-        if not isinstance(s, Sample):
-            kind = "a SampleSet" if isinstance(s, SampleSet) else type(s).__name__
-            msg = (
-                f"{what}[{i}] is {kind}; the flows take a flat list of Sample objects."
-            )
-            raise TypeError(msg)
-    sample_keys(samples, owner=what)
-    return list(samples)
 
 
 def _check_writable(path, what):
@@ -342,22 +328,34 @@ class _Progress:
     is created at the first update, ``interval`` seconds into the run or at its
     end (a run that ends sooner, a cached one, costs one request, not two); the
     last batch always brings it to 100 %. ``progress_callbacks`` see every batch.
+
+    ``total`` is the number of task runs when known; for a stream it grows as
+    batches are read (`reading`), ``per_batch`` task runs each.
     """
 
     interval = 2.0
 
-    def __init__(self, total, description):
-        self.total = max(total, 1)
+    def __init__(self, total, description, per_batch=1):
+        self.total = total
+        self.per_batch = per_batch
+        self.read = 0
         self.done = 0
         self.description = description
         self.id: UUID | None = None
         self.updated = time.monotonic()
 
-    def advance(self):
-        self.done += 1
+    def reading(self, source):
+        """A batch was read from ``source``."""
+        self.read += 1
+        if source.length is None:  # a stream: the total so far
+            self.total = max(self.total or 0, self.read * self.per_batch)
+
+    def advance(self, n=1):
+        self.done += n
+        total = max(self.total or 0, self.done, 1)
         now = time.monotonic()
-        if self.done >= self.total or now - self.updated >= self.interval:
-            progress = 100.0 * self.done / self.total
+        if self.done >= total or now - self.updated >= self.interval:
+            progress = 100.0 * self.done / total
             if self.id is None:
                 self.id = cast(
                     "UUID",
@@ -369,102 +367,190 @@ class _Progress:
                 update_progress_artifact(self.id, progress=progress)
             self.updated = now
         for callback in progress_callbacks:
-            callback(self.done, self.total, self.description)
+            callback(self.done, total, self.description)
 
 
-def _batches(n, batch_size):
-    return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+def _n_batches(source, batch_size):
+    """Task runs per step for ``source``, None for a stream."""
+    if source.length is None:
+        return None
+    return -(-source.length // batch_size)
 
 
-def _transform_step(name, step, samples, options, progress, rows, failures):
-    """Run one step over all batches; return its output samples in order.
+class _Batch:
+    """A batch on its way through the steps: its samples and manifests so far."""
 
-    At most ``options.max_batches_in_flight`` batches are in flight, and one
-    at a time holds its data in this process (`one_batch_holds_data`), so
-    memory stays bounded whatever the size of the data set. Samples that
-    failed (``on_error="raise"``) are added to ``failures``.
+    __slots__ = ("keys", "samples", "start", "stop", "upstream")
+
+    def __init__(self, start, samples):
+        self.start = start
+        self.stop = start + len(samples)
+        self.samples = samples
+        self.keys = [s.key for s in samples]
+        self.upstream = []
+
+
+def _run_steps(steps, source, options, progress, run):
+    """Run every batch of ``source`` through ``steps``; return the lazy outputs.
+
+    Batches go through the steps one after the other (depth first): a batch
+    is read from the source when fewer than ``options.max_batches_in_flight``
+    are on their way, and dropped once its last step is done, so the samples
+    in this process are those of the batches in flight, whatever the size of
+    the data set. A step's task gets the batch's samples and the manifests of
+    the steps before it; its cache key chains from those manifests' digests
+    (`samplepipe.tasks.batch_identity`), so a cached run reads manifests and
+    visits no sample after the first step.
+
+    Samples that failed (``on_error="raise"``) are added to ``run.failures``;
+    a batch with failed samples goes no further.
     """
-    t0 = time.perf_counter()
-    task_options = options.task_options()
-    task = transform_step.with_options(**task_options, refresh_cache=bool(step.force))
-    pending = list(_batches(len(samples), options.batch_size))
-    n_batches = len(pending)
+    n_steps = len(steps)
+    step_ids = [step.step_identity() for _, step in steps]
+    tasks = [
+        transform_step.with_options(
+            **options.task_options(), refresh_cache=bool(step.force)
+        )
+        for _, step in steps
+    ]
+    stats = [_StepStats() for _ in steps]
+    outputs = PipelineOutputs(source)
     running = {}
-    outputs = [None] * len(samples)
-    computed = loaded = cached = n_failed = 0
-    failed = []
+    open_batches: list[_Batch] = []
+    failed: list[list[Any]] = [[] for _ in steps]
 
-    # Identities are hashed here once (the step's once per step) and given to
-    # the task, whose cache key and transform would otherwise each hash them.
-    # quote(): Prefect need not visit each sample and identity looking for
-    # futures (they hold none); that visit cost more than the cache key.
-    step_id = step.step_identity()
-
-    def submit(batch=None, again=False):
-        start, stop = batch or pending.pop(0)
-        inputs = samples[start:stop]
+    def submit(batch, k, again=False):
+        name, step = steps[k]
+        digest, ids = batch_identity(step, batch.samples, batch.upstream)
         # a batch whose cached manifest turned out stale runs again, uncached
-        runner = task.with_options(refresh_cache=True) if again else task
+        runner = tasks[k].with_options(refresh_cache=True) if again else tasks[k]
+        # quote(): Prefect need not visit each sample and identity looking for
+        # futures (they hold none); that visit cost more than the cache key.
         future = runner.submit(
             step=step,
-            samples=unvisited(inputs),
+            samples=unvisited(batch.samples),
             name=name,
-            start=start,
-            stop=stop,
+            start=batch.start,
+            stop=batch.stop,
             on_error=options.on_error,
-            identities=unvisited((step_id, step.input_identities(inputs))),
+            identities=unvisited((step_ids[k], digest, ids)),
+            upstream=unvisited(list(batch.upstream)) if batch.upstream else None,
         )
-        running[future] = (start, stop, again)
+        running[future] = (batch, k, again)
 
+    reading = source.batches(options.batch_size)
+    source_error = None
     # one batch at a time computes and writes in this process: the others in
     # flight do Prefect's bookkeeping meanwhile (memory: about two batches)
     context = FlowRunContext.get()
     run_id = context.flow_run.id if context and context.flow_run else None
     with one_batch_holds_data(run_id):
-        while pending and len(running) < options.max_batches_in_flight:
-            submit()
-        while running:
+        while True:
+            while reading is not None and len(open_batches) < (
+                options.max_batches_in_flight
+            ):
+                try:
+                    start, samples = next(reading)
+                except StopIteration:
+                    reading = None
+                    break
+                except Exception as exc:  # noqa: BLE001 - raised once in flight end
+                    source_error, reading = exc, None
+                    break
+                batch = _Batch(start, samples)
+                open_batches.append(batch)
+                progress.reading(source)
+                submit(batch, 0)
+            if not running:
+                break
             future = next(as_completed(list(running)))
-            start, stop, again = running.pop(future)
+            batch, k, again = running.pop(future)
+            name, step = steps[k]
             future.wait()
             state = future.state
             if not state.is_completed():
-                failed.append((start, stop, state))
-            else:
-                manifest = future.result()
-                try:
-                    batch = samples_from_manifest(manifest, samples[start:stop], step)
-                except StaleManifestError:
-                    if again:
-                        raise
-                    submit((start, stop), again=True)  # a damaged cache entry: redo
-                    continue
-                outputs[start:stop] = batch
-                n_failed += sum(f is None for f in manifest["files"])
-                if state.name == "Cached":
-                    cached += 1
-                    loaded += stop - start - sum(f is None for f in manifest["files"])
-                else:
-                    computed += manifest["computed"]
-                    loaded += manifest["loaded"]
-            if pending:
-                submit()
+                failed[k].append((batch.start, batch.stop, state))
+                open_batches.remove(batch)
+                progress.advance(n_steps - k)
+                continue
+            manifest = future.result()
+            try:
+                manifest.validate(batch.keys, step)
+            except StaleManifestError:
+                if again:
+                    raise
+                submit(batch, k, again=True)  # a damaged cache entry: redo
+                continue
+            stats[k].add(manifest, cached=state.name == "Cached")
+            batch.upstream.append((step, manifest))
             progress.advance()
-    sample_failures, other = _split_failures(name, failed, failures)
-    n_failed += len(sample_failures)
-    rows.append(
-        {
+            if k + 1 < n_steps:
+                submit(batch, k + 1)
+            else:
+                outputs._add(batch.start, batch.stop, batch.upstream)
+                open_batches.remove(batch)
+    for k, (name, step) in enumerate(steps):
+        run.rows.append(stats[k].row(name, _task_of(step, options)))
+    for k, (name, _) in enumerate(steps):
+        _raise_failures(name, failed[k], run.failures, stats[k].batches)
+    if source_error is not None:
+        _raise_source_error(source, source_error, outputs)
+    return outputs
+
+
+def _task_of(step, options):
+    return options.method if hasattr(step, "_predicts_for") else "transform"
+
+
+class _StepStats:
+    """One step's counts over a run: a row of the summary table."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.samples = self.computed = self.loaded = self.failed = 0
+        self.cached = self.batches = 0
+
+    def add(self, manifest, cached):
+        n, n_failed = len(manifest), manifest.failed
+        self.samples += n
+        self.failed += n_failed
+        self.batches += 1
+        if cached:
+            self.cached += 1
+            self.loaded += n - n_failed
+        else:
+            self.computed += manifest.computed
+            self.loaded += manifest.loaded
+
+    def row(self, name, task):
+        return {
             "step": name,
-            "task": options.method if hasattr(step, "_predicts_for") else "transform",
-            "samples": len(samples),
-            "computed": computed,
-            "loaded": loaded,
-            "failed": n_failed,
-            "cached batches": cached,
-            "batches": n_batches,
-            "seconds": round(time.perf_counter() - t0, 3),
+            "task": task,
+            "samples": self.samples,
+            "computed": self.computed,
+            "loaded": self.loaded,
+            "failed": self.failed,
+            "cached batches": self.cached,
+            "batches": self.batches,
+            "seconds": round(time.perf_counter() - self.t0, 3),
         }
+
+
+def _raise_source_error(source, exc, outputs):
+    if isinstance(exc, TypeError | ValueError) and not isinstance(exc, SourceError):
+        raise exc  # bad input the source's checks found: their message says it
+    cause = exc.__cause__ if isinstance(exc, SourceError) else exc
+    msg = (
+        f"{exc}; the {len(outputs)} samples of the batches before it are "
+        "checkpointed: run the flow again to resume."
     )
+    raise PipelineRunError(msg, source.what) from cause
+
+
+def _raise_failures(name, failed, failures, n_done):
+    """Raise `PipelineRunError` for a step's failed batches, if any."""
+    sample_failures, other = _split_failures(name, failed, failures)
+    n_batches = n_done + len(failed)
     if other:
         start, stop, cause = other[0]
         msg = (
@@ -486,7 +572,6 @@ def _transform_step(name, step, samples, options, progress, rows, failures):
             "failed ones, or pass on_error='skip' to keep them in line as None."
         )
         raise PipelineRunError(msg, name, sample_failures)
-    return outputs
 
 
 def _split_failures(name, failed, failures):
@@ -600,14 +685,18 @@ def _summarized(title, work, *args):
 # flows
 # ---------------------------------------------------------------------------
 def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
-    """Check every input before any work; return the wrapped steps and samples.
+    """Check every input before any work; return the wrapped steps and source.
 
     ``fit`` is ``"fit"`` (a fit alone: the last step's method does not matter),
-    ``"run"`` (a fit before a transform) or ``False`` (a transform).
+    ``"run"`` (a fit before a transform) or ``False`` (a transform). A fit
+    reads its samples whole (an estimator fits on all of them at once): its
+    source is a list.
     """
     options.check()
     pipeline = load_object(pipeline, pipeline_kwargs, "pipeline")
-    samples = _check_samples(load_object(samples, samples_kwargs, "samples"))
+    source = as_source(load_object(samples, samples_kwargs, "samples"))
+    if fit:
+        source = as_source(source.to_list())
     steps = prepare_steps(
         pipeline,
         options.features_dir,
@@ -615,7 +704,7 @@ def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
         options.storage_options,
         options.layout,
     )
-    if fit and not samples:
+    if fit and not len(source):
         msg = "samples is empty: there is nothing to fit on; give training samples."
         raise ValueError(msg)
     last_name, last = steps[-1]
@@ -629,7 +718,21 @@ def _prepare(pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit):
     if not fit and options.method != "transform":
         steps[-1] = (last_name, _method_step(last_name, last, options))
     _check_outputs(steps)
-    return steps, samples
+    return steps, source, _sized(options, source)
+
+
+def _sized(options, source):
+    """``options`` with a batch size: given, or about 64 MiB of input a batch.
+
+    For a list or an indexed source the first sample is measured (loaded, if
+    it is lazy: once); a stream's batches are those it yields.
+    """
+    if options.batch_size is not None or source.length is None:
+        return options
+    if source.length == 0:
+        return replace(options, batch_size=DEFAULT_BATCH)
+    first = source.batch(0, 1)[0]
+    return replace(options, batch_size=estimate_batch_size(first))
 
 
 def _method_step(name, step, options):
@@ -648,21 +751,22 @@ def _method_step(name, step, options):
 
 
 def _fit(pipeline, samples, options, pipeline_kwargs, samples_kwargs, run, then="fit"):
-    steps, samples = _prepare(
+    steps, source, options = _prepare(
         pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit=then
     )
-    n_batches = sum(len(_batches(len(samples), options.batch_size)) for _ in steps[:-1])
-    progress = _Progress(n_batches, "fit: batches transformed")
-    current = samples
+    per_step = _n_batches(source, options.batch_size)
+    progress = _Progress(per_step * (len(steps) - 1), "fit: batches transformed")
+    current = source.obj
     upstream: list[str] = []
     for i, (name, step) in enumerate(steps):
         if estimator_requires_fit(step.estimator):
             _fit_step(name, step, current, options, run.rows, combine(*upstream))
         upstream.append(step.step_identity())
         if i + 1 < len(steps):
-            current = _transform_step(
-                name, step, current, options, progress, run.rows, run.failures
+            outputs = _run_steps(
+                [(name, step)], as_source(current), options, progress, run
             )
+            current = outputs.to_list()
     return Pipeline(steps)
 
 
@@ -700,22 +804,14 @@ def _load_models(steps):
 
 
 def _transform(pipeline, samples, options, pipeline_kwargs, samples_kwargs, run):
-    steps, samples = _prepare(
+    steps, source, options = _prepare(
         pipeline, samples, options, pipeline_kwargs, samples_kwargs, fit=False
     )
     _load_models(steps)
-    if not samples:
-        return []
-    progress = _Progress(
-        len(steps) * len(_batches(len(samples), options.batch_size)),
-        "transform: batches",
-    )
-    current = samples
-    for name, step in steps:
-        current = _transform_step(
-            name, step, current, options, progress, run.rows, run.failures
-        )
-    return current
+    per_step = _n_batches(source, options.batch_size)
+    total = None if per_step is None else len(steps) * per_step
+    progress = _Progress(total, "transform: batches", per_batch=len(steps))
+    return _run_steps(steps, source, options, progress, run)
 
 
 _FLOW_PARAMETERS = """
@@ -724,14 +820,20 @@ _FLOW_PARAMETERS = """
     pipeline : Pipeline or str
         A scikit-learn `Pipeline` of plain or wrapped estimators, or an import
         path ``"package.module:factory"`` called with ``pipeline_kwargs``.
-    samples : list of Sample or str
-        Samples with unique keys, or an import path called with
-        ``samples_kwargs``.
+    samples : list of Sample, sample source or str
+        Samples with unique keys: a list; an object with ``__len__`` and
+        ``batch(start, stop)``; an iterable that yields lists of samples (a
+        stream, read once); or an import path to one of these, called with
+        ``samples_kwargs`` (see `samplepipe.sources`). Only the batches in
+        flight are held in memory (a fit reads its samples whole).
     features_dir, model_dir : str
         Checkpoints go to ``features_dir/<step>/<key>.h5`` and
         ``model_dir/<step>.pkl``: local folders or fsspec URLs (``s3://...``).
-    batch_size : int, default=1000
-        Samples per task run.
+    batch_size : int, default=None
+        Samples per task run. None: about 64 MiB of input per batch (the
+        first sample is measured, between 1 and 250,000 samples; 1,000 when
+        it is not an array), or a stream's own batches. Each task run costs
+        about 0.1 s of Prefect's bookkeeping: few, large batches at scale.
     retries, retry_delay_seconds : int, float
         Retries of a task run that failed with a transient I/O error.
     max_batches_in_flight : int, default=2
@@ -779,7 +881,7 @@ def fit_pipeline(
     samples: Any,
     features_dir: str,
     model_dir: str,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     retries: int = 2,
     retry_delay_seconds: float = 1.0,
     pipeline_kwargs: dict | None = None,
@@ -830,7 +932,7 @@ def transform_pipeline(
     samples: Any,
     features_dir: str,
     model_dir: str,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     retries: int = 2,
     retry_delay_seconds: float = 1.0,
     pipeline_kwargs: dict | None = None,
@@ -841,15 +943,17 @@ def transform_pipeline(
     locks: str | LockManager | None = None,
     storage_options: dict | None = None,
     layout: str = "files",
-) -> list:
-    """Apply the fitted steps batch by batch, step by step.
+) -> PipelineOutputs:
+    """Apply the fitted steps to each batch, one batch after the other.
     {parameters}
     Returns
     -------
-    list of Sample
+    PipelineOutputs
         The output samples in input order, keys and metadata kept, data
         loading lazily from the checkpoints (``data=None`` for failed samples
-        with ``on_error="skip"``). An empty ``samples`` gives an empty list.
+        with ``on_error="skip"``): a sequence built on demand from the
+        batches' manifests (about 100 bytes a sample), see
+        `samplepipe.outputs.PipelineOutputs`; ``.to_list()`` builds them all.
     """
     options = RunOptions(
         features_dir=features_dir,
@@ -883,7 +987,7 @@ def run_pipeline(
     samples: Any,
     features_dir: str,
     model_dir: str,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     retries: int = 2,
     retry_delay_seconds: float = 1.0,
     pipeline_kwargs: dict | None = None,

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -32,30 +32,26 @@ from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
 from prefect.utilities.annotations import BaseAnnotation
 
+from ._manifest import MANIFEST_FORMAT as MANIFEST_FORMAT
+from ._manifest import BatchManifest as BatchManifest
 from .errors import SampleFailures as SampleFailures
 from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
-    CheckpointLoader,
-    Identity,
     Stamp,
-    check_key,
+    combine,
     estimator_identity,
     filesystem,
     is_permanent,
     is_url,
-    join_location,
     keys_digest,
     normalize_location,
-    relative_location,
     stamp_of,
 )
-from .storage.shards import ShardLoader
 from .wrappers import CheckpointWrapper
-from .wrappers._checkpoint import failed_output, lazy_output
+from .wrappers._checkpoint import attribute_identity
 
-MANIFEST_FORMAT = 3  # 3: files entries carry their checksum and kind
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
 
@@ -71,6 +67,8 @@ class ManifestSerializer(Serializer):
     type: str = "samplepipe-manifest"
 
     def dumps(self, obj: Any) -> bytes:
+        if isinstance(obj, BatchManifest):
+            return obj.to_bytes()
         if isinstance(obj, BaseException):  # Prefect persists a failed run's error
             obj = {
                 "exception": type(obj).__name__,
@@ -85,14 +83,18 @@ class ManifestSerializer(Serializer):
         _CHECKED.last = None
         if run is not None and last is not None and last[:2] == (run, blob):
             return last[2]  # checked a moment ago, in this task run (below)
-        manifest = json.loads(blob)
-        if "exception" in manifest:
-            if manifest.get("failures") is not None:
-                return SampleFailures(manifest["message"], manifest["failures"])
-            return RuntimeError(f"{manifest['exception']}: {manifest['message']}")
-        if manifest.get("errors"):
-            # failed samples are tried again on the next run, never served cached
-            raise StaleManifestError("the batch had failed samples")
+        manifest: Any
+        if blob.startswith(b"samplepipe-manifest-"):
+            manifest = BatchManifest.from_bytes(blob)
+            if manifest.errors:
+                # failed samples are tried again on the next run, never served cached
+                raise StaleManifestError("the batch had failed samples")
+        else:
+            manifest = json.loads(blob)
+            if "exception" in manifest:
+                if manifest.get("failures") is not None:
+                    return SampleFailures(manifest["message"], manifest["failures"])
+                return RuntimeError(f"{manifest['exception']}: {manifest['message']}")
         check_manifest(manifest)
         if run is not None:
             _CHECKED.last = (run, blob, manifest)
@@ -240,53 +242,84 @@ def unquoted(value: Any) -> Any:
     return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
-def _recorded_stamps(manifest: dict[str, Any]) -> list[tuple[str, Stamp]]:
-    """``(path, recorded stamp)`` of every file a manifest names."""
-    root = manifest.get("root", "")
-    join = join_location if is_url(root) else os.path.join  # once, not per file
-    # a shard holds many samples: each file once
-    named = list(
-        {
-            entry[0]: (join(root, entry[0]), Stamp(*entry[1:5]))
-            for entry in manifest.get("files") or []
-            if entry is not None
-        }.values()
-    )
-    if manifest.get("model") is not None:
-        named.append((manifest["model"][0], Stamp(*manifest["model"][1:5])))
-    return named
-
-
 def check_manifest(
-    manifest: dict[str, Any],
+    manifest: BatchManifest | dict[str, Any],
     storage_options: Mapping[str, Any] | None = None,
     *,
     stored: bool = False,
 ) -> None:
-    """Raise `StaleManifestError` unless every named file is unchanged.
+    """Raise `StaleManifestError` unless every file a manifest names is unchanged.
 
     By default only local files are checked, one ``os.stat`` each (what
     `ManifestSerializer` does when Prefect reads a cached result: it knows no
     ``storage_options``). With ``stored=True`` only the files at URLs are
-    checked, one ``HEAD`` request each, with ``storage_options``; the flows do
-    that before they use a manifest of a step on an object store.
+    checked, one ``HEAD`` request each, with ``storage_options``.
 
     A file is unchanged when its size, modification time, inode and change
     time are those recorded (a file swapped for another one is noticed).
     """
-    if manifest.get("format") != MANIFEST_FORMAT:
+    if isinstance(manifest, BatchManifest):
+        manifest.check_files(storage_options, stored=stored)
+        return
+    if manifest.get("format") != MANIFEST_FORMAT or "model" not in manifest:
         raise StaleManifestError("manifest of another samplepipe version")
-    for path, recorded in _recorded_stamps(manifest):
-        if is_url(path) != stored:
-            continue
-        try:
-            st = stamp_of(path, storage_options) if stored else Stamp.of(os.stat(path))
-        except OSError as exc:
-            raise StaleManifestError(f"{path} is gone") from exc
-        if st is None:
-            raise StaleManifestError(f"{path} is gone")
-        if st != recorded:
-            raise StaleManifestError(f"{path} changed since it was recorded")
+    path, *recorded = manifest["model"]
+    if is_url(path) != stored:
+        return
+    try:
+        st = stamp_of(path, storage_options) if stored else Stamp.of(os.stat(path))
+    except OSError as exc:
+        raise StaleManifestError(f"{path} is gone") from exc
+    if st is None:
+        raise StaleManifestError(f"{path} is gone")
+    if st != Stamp(*recorded):
+        raise StaleManifestError(f"{path} changed since it was recorded")
+
+
+def inputs_of(samples: Sequence[Any], upstream: Sequence[Any] = ()) -> list[Any]:
+    """A step's input samples: a batch's samples through its upstream manifests.
+
+    ``upstream`` is ``[(step, manifest), ...]`` of the steps before this one,
+    in order; each replaces the attribute its step checkpoints with a lazy
+    loader of its checkpoint (`BatchManifest.samples`).
+    """
+    current = list(samples)
+    for step, manifest in upstream:
+        current = manifest.samples(current, step)
+    return current
+
+
+def batch_identity(
+    step: CheckpointWrapper, samples: Sequence[Any], upstream: Sequence[Any] = ()
+) -> tuple[str, list[str] | None]:
+    """``(digest, per-sample input identities or None)`` of a batch's inputs.
+
+    An attribute the step reads that a step before it checkpointed counts by
+    that step's manifest digest (`BatchManifest.chain_digest`: every output's
+    key and identity, in order): no sample is visited. The others count by
+    each sample's `attribute_identity`. With no upstream manifest involved,
+    the per-sample identities are returned too (the transform uses them).
+    """
+    attributes = step._read_attributes()
+    last: dict[str, BatchManifest] = {}
+    for _, manifest in upstream:
+        last[manifest.attribute] = manifest
+    if not any(a in last for a in attributes):
+        ids = step.input_identities(samples)
+        return keys_digest(f"{s.key}={i}" for s, i in zip(samples, ids)), ids
+    parts = ["chained"]
+    for attribute in attributes:
+        manifest = last.get(attribute)
+        if manifest is not None:
+            parts.append(f"{attribute}<{manifest.digest}")
+        else:
+            parts.append(
+                f"{attribute}="
+                + keys_digest(
+                    f"{s.key}={attribute_identity(s, attribute)}" for s in samples
+                )
+            )
+    return combine(*parts), None
 
 
 @dataclass
@@ -326,13 +359,14 @@ class StepCachePolicy(CachePolicy):
         else:
             given = unquoted(inputs.get("identities"))
             if given is None:
-                step_id, ids = step.step_identity(), step.input_identities(samples)
+                upstream = unquoted(inputs.get("upstream")) or ()
+                inputs_ = inputs_of(samples, upstream)
+                step_id = step.step_identity()
+                digest, _ = batch_identity(step, inputs_, upstream)
             else:  # computed once by the flow (see transform_batch)
-                step_id, ids = given
+                step_id, digest = given[0], given[1]
             parts.append(f"step={step_id}")
-            parts.append(
-                "samples=" + keys_digest(f"{s.key}={i}" for s, i in zip(samples, ids))
-            )
+            parts.append(f"samples={digest}")
         return keys_digest(parts)
 
 
@@ -398,15 +432,19 @@ def transform_batch(
     start: int = 0,
     stop: int | None = None,
     on_error: str = "raise",
-    identities: tuple[str, list[str]] | None = None,
-) -> dict[str, Any]:
+    identities: tuple[str, str, list[str] | None] | None = None,
+    upstream: list[tuple[CheckpointWrapper, BatchManifest]] | None = None,
+) -> BatchManifest:
     """Transform one batch through one checkpointed step; return its manifest.
 
-    ``identities`` is ``(step.step_identity(), step.input_identities(samples))``
-    when the caller computed them already: the cache key and the transform
-    then use these instead of hashing the step and the inputs again (the flows
-    compute the step's identity once per step, the inputs' once per batch,
-    after checking every key of the run). None computes them here.
+    ``samples`` are the batch's samples as the flow read them; ``upstream``
+    the ``(step, manifest)`` of each step before this one for this batch: the
+    step's inputs are the samples through those manifests (`inputs_of`).
+
+    ``identities`` is ``(step.step_identity(), digest, per-sample input
+    identities or None)`` (see `batch_identity`) when the caller computed them
+    already: the cache key and the transform then use these instead of
+    hashing the step and the inputs again. None computes them here.
 
     When the batch fails, the samples that fail are isolated by bisecting the
     batch; every other sample is checkpointed. With ``on_error="raise"`` the
@@ -416,38 +454,27 @@ def transform_batch(
     """
     t0 = time.perf_counter()
     samples, identities = unquoted(samples), unquoted(identities)
-    stop = start + len(samples) if stop is None else stop
+    inputs = inputs_of(samples, unquoted(upstream) or ())
+    stop = start + len(inputs) if stop is None else stop
     if step.features_dir is None:
         msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
         raise ValueError(msg)
+    given = None
+    if identities is not None and identities[2] is not None:
+        given = (identities[0], identities[2])
     with _data_slot():
-        report, errors = _transform_isolating(step, samples, identities)
-    root = normalize_location(step.features_dir)
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "step": name,
-        "start": start,
-        "root": root,
-        "identity": report["step"],
-        "layout": step.layout,
-        # [name, *stamp, input identity, where] per sample: shards add the
-        # entry's (group, row, checksum, kind), files their (checksum, kind)
-        "files": [
-            None
-            if f is None
-            else [relative_location(f[0], root), *f[1], inputs, *_verify_with(f, r)]
-            for f, inputs, r in zip(
-                report["files"],
-                report["inputs"],
-                report.get("records") or [None] * len(report["files"]),
-            )
-        ],
-        "computed": report["computed"],
-        "loaded": report["loaded"],
-        "failed": report["failed"],
-        "errors": errors,
-        "seconds": time.perf_counter() - t0,
-    }
+        report, errors = _transform_isolating(step, inputs, given)
+    manifest = BatchManifest.from_report(
+        report,
+        [s.key for s in inputs],
+        step=name,
+        start=start,
+        root=normalize_location(step.features_dir),
+        layout=step.layout,
+        attribute=step._sample_attribute(),
+        errors=errors,
+        seconds=time.perf_counter() - t0,
+    )
     logger = get_run_logger()
     logger.info(
         "%s[%d:%d]: computed %d, loaded %d from checkpoints, %d failed",
@@ -466,24 +493,10 @@ def transform_batch(
         msg = (
             f"step {name!r}, batch [{start}:{stop}]: {len(errors)} sample(s) failed: "
             f"{keys}{more} (first error: {errors[0][1]}); the other "
-            f"{len(samples) - len(errors)} are checkpointed."
+            f"{len(inputs) - len(errors)} are checkpointed."
         )
         raise SampleFailures(msg, errors)
     return manifest
-
-
-def _verify_with(file: tuple[Any, ...], record: str | None) -> list[Any]:
-    """What lets a loader verify the file without reading its record.
-
-    A shard's entry, or a file's ``[checksum, kind]`` from its verified record
-    (the rest of the record is the sample's identity); nothing when unknown.
-    """
-    if len(file) > 2:
-        return [file[2]]
-    if record is None:
-        return []
-    _, checksum, kind = Identity.parse(record)
-    return [[checksum, kind]]
 
 
 def _transform_isolating(step, samples, identities=None):
@@ -577,86 +590,8 @@ fit_step = _task_options(fit_model).with_options(name="fit", task_run_name="{nam
 fit_step.__doc__ = fit_model.__doc__
 
 
-def _is_relative_name(name: Any) -> bool:
-    """Whether ``name`` is a path inside its root (the rules of keys)."""
-    try:
-        check_key(name, owner="manifest")
-    except (TypeError, ValueError):
-        return False
-    return True
-
-
 def samples_from_manifest(
-    manifest: dict[str, Any], inputs: list[Any], step: CheckpointWrapper
+    manifest: BatchManifest, inputs: list[Any], step: CheckpointWrapper
 ) -> list[Any]:
-    """Output samples of a batch: lazy loaders of its files, metadata of inputs.
-
-    Raises `StaleManifestError` unless the manifest names exactly this batch's
-    files (or shard entries), in order, and (on an object store) they are
-    unchanged.
-    """
-    root = manifest["root"]
-    entries = manifest["files"]
-    if len(entries) != len(inputs):
-        msg = f"manifest names {len(entries)} files for {len(inputs)} samples"
-        raise StaleManifestError(msg)
-    layout = manifest.get("layout", "files")
-    if layout != step.layout:
-        msg = f"manifest of layout={layout!r}, the step has {step.layout!r}"
-        raise StaleManifestError(msg)
-    stored = is_url(root)
-    if stored:
-        check_manifest(manifest, step.storage_options, stored=True)
-    options = step.storage_options if stored else None
-    _, load_func = step._funcs()
-    attribute = step._sample_attribute()
-    sharded = layout == "shards"
-    folder = normalize_location(step.features_dir or "")
-    join = join_location if stored else os.path.join
-    # Each sample's checkpoint name in the step's folder (the name a manifest
-    # of this step records): one string comparison per sample; a manifest
-    # written under another spelling of the folder is checked the long way.
-    names: list[str] = [""] * len(inputs)
-    features_root = folder
-    if not sharded:  # shards: any shard in the step's folder
-        names = step.checkpoint_names(s.key for s in inputs)
-        features_root = step._features_root()
-    out = []
-    paths: dict[str, str] = {}
-    for s, entry, expected in zip(inputs, entries, names):
-        if entry is None:
-            out.append(failed_output(s, attribute))
-            continue
-        name, size, mtime_ns, ino, ctime_ns, inputs_digest = entry[:6]
-        if manifest["identity"] is None:  # pragma: no cover - all failed
-            raise StaleManifestError("manifest without a step identity")
-        path = paths.get(name)
-        if path is None:  # one string per file: a shard is named by many samples
-            path = paths[name] = join(root, name)
-        if sharded:
-            inside = root == folder and _is_relative_name(name)
-        else:
-            inside = (root == folder and name == expected) or (
-                normalize_location(path)
-                == normalize_location(join(features_root, expected))
-            )
-        if not inside:
-            msg = f"manifest names {path!r} for sample {s.key!r}"
-            raise StaleManifestError(msg)
-        identity = Identity(manifest["identity"], inputs_digest, s.key)
-        stamp_ = Stamp(size, mtime_ns, ino, ctime_ns)
-        loader: CheckpointLoader
-        if sharded:
-            group, row, checksum, kind = entry[6]
-            where = (int(group), int(row), str(checksum), str(kind))
-            loader = ShardLoader.make(path, identity, stamp_, options, where)
-        else:
-            record = None
-            if len(entry) > 6 and load_func is None:  # checksum and kind known
-                checksum, kind = (str(v) for v in entry[6])
-                record = identity.record(checksum, kind)
-            loader = CheckpointLoader(
-                path, identity, stamp_, load_func, options, record, False
-            )
-        out.append(lazy_output(s, attribute, loader))
-    return out
+    """Output samples of a batch (`BatchManifest.samples`)."""
+    return manifest.samples(inputs, step)

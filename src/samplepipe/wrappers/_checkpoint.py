@@ -162,6 +162,8 @@ def _array_digest(X: Any, y: Any) -> str | None:
 def lazy_output(sample: Any, attribute: str, loader: Callable[[], Any]) -> Any:
     """A copy of ``sample`` whose ``attribute`` loads lazily through ``loader``."""
     if attribute == "data":
+        if type(sample) in (Sample, DelayedSample):
+            return DelayedSample._child(loader, sample)
         return DelayedSample(loader, parent=sample)
     if isinstance(sample, DelayedSample):
         new = DelayedSample(sample._load, parent=sample)

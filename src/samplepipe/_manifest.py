@@ -1,0 +1,392 @@
+"""A batch's manifest: what one transform task run wrote, as columns.
+
+A manifest names, for each sample of a batch, the checkpoint it was written
+to (a file, or an entry of a shard), that file's stamp (size, modification
+time, inode, change time), the sample's input identity and the payload's
+checksum and kind. It is the persisted result of the task run (Prefect's
+cache), what the next step of the batch reads its inputs from, and what the
+flow's lazy outputs build samples from.
+
+Columns, not one object per sample: keys, input identities, checksums and
+kinds are each one ``"\\n"``-joined string (keys and digests hold no control
+characters), the files a batch names are listed once each with their stamps,
+and the per-sample file index and shard location are NumPy arrays. A manifest
+holds about 100 bytes per sample, in a handful of Python objects.
+
+``digest`` chains batches: it hashes the step's identity and each sample's key
+and input identity (the identity of its output, in short), so the next step's
+cache key is built from it without looking at one sample.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .errors import StaleManifestError
+from .storage import (
+    FORMAT_VERSION,
+    CheckpointLoader,
+    Identity,
+    Stamp,
+    check_key,
+    is_url,
+    join_location,
+    normalize_location,
+    relative_location,
+    stamp_of,
+)
+from .storage.bytecode import _blake
+from .storage.shards import ShardLoader
+from .wrappers._checkpoint import failed_output, lazy_output
+
+if TYPE_CHECKING:
+    from .wrappers import CheckpointWrapper
+
+MANIFEST_FORMAT = 4  # 4: columns, chained digest; 3: files entries with checksums
+_MAGIC = b"samplepipe-manifest-4\n"
+
+
+def _joined(values: Sequence[str | None]) -> str:
+    return "\n".join("" if v is None else v for v in values)
+
+
+def _split(text: str, n: int) -> list[str]:
+    if n == 0:
+        return []
+    parts = text.split("\n")
+    if len(parts) != n:
+        msg = f"manifest column of {len(parts)} values for {n} samples"
+        raise StaleManifestError(msg)
+    return parts
+
+
+@dataclass(eq=False)
+class BatchManifest:
+    """The checkpoints of one batch through one step (see the module docs)."""
+
+    step: str
+    start: int
+    root: str
+    identity: str | None
+    layout: str
+    keys: str
+    inputs: str
+    names: list[str]
+    stamps: np.ndarray  # (len(names), 4) int64
+    name_of: np.ndarray  # (n,) int32; -1: the sample failed
+    rows: np.ndarray | None  # (n, 2) int64 (group, row) in the shard; None: files
+    checksums: str
+    kinds: str
+    computed: int = 0
+    loaded: int = 0
+    failed: int = 0
+    errors: list[Any] = field(default_factory=list)
+    seconds: float = 0.0
+    attribute: str = "data"
+    digest: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.digest:
+            self.digest = self.chain_digest()
+
+    def __len__(self) -> int:
+        return len(self.name_of)
+
+    # -- building ----------------------------------------------------------
+    @classmethod
+    def from_report(
+        cls,
+        report: Mapping[str, Any],
+        keys: Sequence[str],
+        *,
+        step: str,
+        start: int,
+        root: str,
+        layout: str,
+        attribute: str,
+        errors: list[Any],
+        seconds: float,
+    ) -> BatchManifest:
+        """The manifest of a `CheckpointWrapper.transform_samples` report."""
+        files = report["files"]
+        records = report.get("records") or [None] * len(files)
+        names: dict[str, int] = {}
+        stamps: list[tuple[int, int, int, int]] = []
+        name_of = np.full(len(files), -1, dtype=np.int32)
+        rows = np.zeros((len(files), 2), dtype=np.int64) if layout == "shards" else None
+        checksums: list[str] = []
+        kinds: list[str] = []
+        inputs: list[str] = []
+        for i, (f, digest, record) in enumerate(zip(files, report["inputs"], records)):
+            if f is None:
+                checksums.append("")
+                kinds.append("")
+                inputs.append("")
+                continue
+            inputs.append(digest)
+            name = relative_location(f[0], root)
+            at = names.get(name)
+            if at is None:
+                at = names[name] = len(stamps)
+                stamps.append(tuple(f[1]))
+            name_of[i] = at
+            if len(f) > 2:  # a shard's entry
+                group, row, checksum, kind = f[2]
+                assert rows is not None
+                rows[i] = (group, row)
+            elif record is not None:
+                _, checksum, kind = Identity.parse(record)
+            else:  # custom load_func: the loader reads the record
+                checksum = kind = ""
+            checksums.append(checksum)
+            kinds.append(kind)
+        return cls(
+            step=step,
+            start=start,
+            root=root,
+            identity=report["step"],
+            layout=layout,
+            keys=_joined(keys),
+            inputs=_joined(inputs),
+            names=list(names),
+            stamps=np.array(stamps, dtype=np.int64).reshape(-1, 4),
+            name_of=name_of,
+            rows=rows,
+            checksums=_joined(checksums),
+            kinds=_joined(kinds),
+            computed=int(report["computed"]),
+            loaded=int(report["loaded"]),
+            failed=int(report["failed"]),
+            errors=errors,
+            seconds=seconds,
+            attribute=attribute,
+        )
+
+    def chain_digest(self) -> str:
+        """Digest of the outputs: step identity, keys, input identities, failures.
+
+        Equal digests mean equal per-sample output identities (each is a
+        function of the format, the step's identity, the input identity and
+        the key), in the same order.
+        """
+        h = _blake()
+        for part in (
+            f"{MANIFEST_FORMAT}:{FORMAT_VERSION}",
+            self.identity or "",
+            self.attribute,
+            self.keys,
+            self.inputs,
+        ):
+            h.update(part.encode("utf-8", "surrogatepass"))
+            h.update(b"\0")
+        h.update((self.name_of < 0).tobytes())
+        return h.hexdigest()
+
+    # -- serialising ---------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        def array(a: np.ndarray | None) -> Any:
+            if a is None:
+                return None
+            return [a.dtype.str, list(a.shape), base64.b64encode(a.tobytes()).decode()]
+
+        header = {
+            "step": self.step,
+            "start": self.start,
+            "root": self.root,
+            "identity": self.identity,
+            "layout": self.layout,
+            "keys": self.keys,
+            "inputs": self.inputs,
+            "names": self.names,
+            "stamps": array(self.stamps),
+            "name_of": array(self.name_of),
+            "rows": array(self.rows),
+            "checksums": self.checksums,
+            "kinds": self.kinds,
+            "computed": self.computed,
+            "loaded": self.loaded,
+            "failed": self.failed,
+            "errors": self.errors,
+            "seconds": self.seconds,
+            "attribute": self.attribute,
+            "digest": self.digest,
+        }
+        text = json.dumps(header, separators=(",", ":")).encode()
+        # Prefect stores a result's bytes as text: compressed, then base64
+        return _MAGIC + base64.b64encode(zlib.compress(text, 1))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> BatchManifest:
+        if not blob.startswith(_MAGIC):
+            raise StaleManifestError("manifest of another samplepipe version")
+        try:
+            packed = base64.b64decode(blob[len(_MAGIC) :])
+            header = json.loads(zlib.decompress(packed))
+
+            def array(spec: Any) -> Any:
+                if spec is None:
+                    return None
+                dtype, shape, data = spec
+                raw = base64.b64decode(data)
+                return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
+
+            for name in ("stamps", "name_of", "rows"):
+                header[name] = array(header[name])
+            manifest = cls(**header)
+        except (ValueError, TypeError, KeyError, zlib.error) as exc:
+            msg = f"unreadable manifest ({exc})"
+            raise StaleManifestError(msg) from exc
+        if manifest.digest != manifest.chain_digest():
+            raise StaleManifestError("manifest whose digest does not match")
+        return manifest
+
+    # -- reading -------------------------------------------------------------
+    def key_list(self) -> list[str]:
+        return _split(self.keys, len(self))
+
+    def recorded_stamps(self) -> list[tuple[str, Stamp]]:
+        """``(path, recorded stamp)`` of every file the manifest names, once each."""
+        join = join_location if is_url(self.root) else os.path.join
+        return [
+            (join(self.root, name), Stamp(*(int(v) for v in st)))
+            for name, st in zip(self.names, self.stamps)
+        ]
+
+    def check_files(
+        self, storage_options: Mapping[str, Any] | None = None, *, stored: bool
+    ) -> None:
+        """Raise `StaleManifestError` unless every named file is unchanged.
+
+        With ``stored=False`` local files are checked (one ``os.stat`` each);
+        with ``stored=True`` files at URLs (one ``HEAD`` request each).
+        """
+        for path, recorded in self.recorded_stamps():
+            if is_url(path) != stored:
+                continue
+            try:
+                st = (
+                    stamp_of(path, storage_options)
+                    if stored
+                    else Stamp.of(os.stat(path))
+                )
+            except OSError as exc:
+                raise StaleManifestError(f"{path} is gone") from exc
+            if st is None:
+                raise StaleManifestError(f"{path} is gone")
+            if st != recorded:
+                raise StaleManifestError(f"{path} changed since it was recorded")
+
+    def samples(self, inputs: Sequence[Any], step: CheckpointWrapper) -> list[Any]:
+        """Output samples: lazy loaders of the checkpoints, metadata of ``inputs``.
+
+        Raises `StaleManifestError` unless the manifest names exactly this
+        batch's checkpoints (keys in order, files inside the step's folder,
+        of the step's layout) and, on an object store, they are unchanged.
+        """
+        n = len(self)
+        keys = [getattr(s, "key", None) for s in inputs]
+        paths = self.validate(keys, step)
+        stored = is_url(self.root)
+        options = step.storage_options if stored else None
+        _, load_func = step._funcs()
+        attribute = step._sample_attribute()
+        inputs_ = _split(self.inputs, n)
+        checksums = _split(self.checksums, n)
+        kinds = _split(self.kinds, n)
+        stamps = [Stamp(*(int(v) for v in st)) for st in self.stamps]
+        name_of = self.name_of.tolist()
+        rows = self.rows.tolist() if self.rows is not None else None
+        sharded = self.layout == "shards"
+        out = []
+        for i, s in enumerate(inputs):
+            at = name_of[i]
+            if at < 0:
+                out.append(failed_output(s, attribute))
+                continue
+            identity = Identity(self.identity or "", inputs_[i], str(keys[i]))
+            loader: Any
+            if sharded:
+                assert rows is not None
+                group, row = rows[i]
+                where = (group, row, checksums[i], kinds[i])
+                loader = ShardLoader.make(
+                    paths[at], identity, stamps[at], options, where
+                )
+            else:
+                record = None
+                if checksums[i] and load_func is None:
+                    record = identity.record(checksums[i], kinds[i])
+                loader = CheckpointLoader(
+                    paths[at], identity, stamps[at], load_func, options, record, False
+                )
+            out.append(lazy_output(s, attribute, loader))
+        return out
+
+    def validate(self, keys: Sequence[Any], step: CheckpointWrapper) -> list[str]:
+        """Check that this manifest is the batch of ``keys`` through ``step``.
+
+        Returns the full path of each named file. Raises `StaleManifestError`
+        unless it names exactly these keys in order, files inside the step's
+        folder, of the step's layout and, on an object store, unchanged.
+        """
+        n = len(self)
+        if len(keys) != n:
+            msg = f"manifest names {n} samples for a batch of {len(keys)}"
+            raise StaleManifestError(msg)
+        if self.layout != step.layout:
+            msg = f"manifest of layout={self.layout!r}, the step has {step.layout!r}"
+            raise StaleManifestError(msg)
+        mine = self.key_list()
+        if mine != list(keys):
+            at = next(i for i, (a, b) in enumerate(zip(mine, keys)) if a != b)
+            msg = f"manifest names key {mine[at]!r} for sample {keys[at]!r}"
+            raise StaleManifestError(msg)
+        if n and self.identity is None and (self.name_of >= 0).any():
+            raise StaleManifestError("manifest without a step identity")
+        if is_url(self.root):
+            self.check_files(step.storage_options, stored=True)
+        return self._paths(step, mine)
+
+    def _paths(self, step: CheckpointWrapper, keys: list[str]) -> list[str]:
+        """The full path of each named file, checked to be inside the step's folder."""
+        root = self.root
+        folder = normalize_location(step.features_dir or "")
+        join = join_location if is_url(root) else os.path.join
+        paths = [join(root, name) for name in self.names]
+        if self.layout == "shards":
+            for name, path in zip(self.names, paths):
+                if root != folder or not _is_relative_name(name):
+                    msg = f"manifest names {path!r}, outside the step's folder"
+                    raise StaleManifestError(msg)
+            return paths
+        expected = step.checkpoint_names(keys)
+        features_root = step._features_root()
+        for i, at in enumerate(self.name_of.tolist()):
+            if at < 0:
+                continue
+            name = self.names[at]
+            if root == folder and name == expected[i]:
+                continue
+            if normalize_location(paths[at]) != normalize_location(
+                join(features_root, expected[i])
+            ):
+                msg = f"manifest names {paths[at]!r} for sample {keys[i]!r}"
+                raise StaleManifestError(msg)
+        return paths
+
+
+def _is_relative_name(name: Any) -> bool:
+    """Whether ``name`` is a path inside its root (the rules of keys)."""
+    try:
+        check_key(name, owner="manifest")
+    except (TypeError, ValueError):
+        return False
+    return True

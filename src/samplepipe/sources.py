@@ -1,0 +1,332 @@
+"""Sample sources: what the flows read their samples from, one batch at a time.
+
+A flow's ``samples`` may be
+
+* a list (or tuple) of samples, as always;
+* an *indexed source*: an object with ``__len__`` and ``batch(start, stop)``
+  returning the samples at those positions (a database query, a folder listing
+  read in pages, a generator of synthetic data). It may be asked for a batch
+  again (the flow's lazy outputs re-read it for the samples' metadata);
+* a *stream*: any other iterable that yields lists of samples (batches of any
+  size; the flow regroups them into batches of ``batch_size``). A stream is
+  read once; if it also has ``__len__``, its length is checked.
+
+A source may declare a ``version`` attribute (a str or int): the samples it
+yields that are lazily loaded and carry no ``data_version`` of their own get
+it, so that a new version recomputes them (see `samplepipe.DelayedSample`).
+
+The flow never holds more than the batches in flight: keys are checked for
+duplicates across batches through a compact table of 8-byte digests (16 bytes
+per sample with their positions), and a duplicate is an error before any
+sample of its batch is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .errors import SourceError as SourceError
+from .storage import check_key
+from .wrappers._sample import DelayedSample, Sample, SampleSet
+
+__all__ = [
+    "IndexedSource",
+    "SampleSource",
+    "SourceError",
+    "as_source",
+    "estimate_batch_size",
+]
+
+#: What the flows aim a batch at when ``batch_size`` is None: its input bytes.
+BATCH_BYTES = 64 * 2**20
+#: Samples per batch when the size of a sample is unknown (not an array).
+DEFAULT_BATCH = 1000
+MAX_AUTO_BATCH = 250_000
+
+
+@runtime_checkable
+class IndexedSource(Protocol):
+    """A data set read in slices: ``len(source)`` and ``source.batch(start, stop)``."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, start: int, stop: int) -> Sequence[Any]: ...
+
+
+class SampleSource:
+    """The flows' view of their samples: batches, keys checked, length checked.
+
+    Build it with `as_source`. Iterating `batches` yields ``(start, samples)``
+    in order. ``indexed`` says whether `batch` may be called again later.
+    """
+
+    def __init__(self, obj: Any, what: str = "samples") -> None:
+        self.what = what
+        self.obj = obj
+        self.version = getattr(obj, "version", None)
+        if isinstance(obj, list | tuple) or (
+            isinstance(obj, Sequence) and not isinstance(obj, str | bytes)
+        ):
+            self.kind = "list"
+            self.length: int | None = len(obj)
+        elif isinstance(obj, IndexedSource) and not isinstance(obj, str):
+            self.kind = "indexed"
+            self.length = _length(obj, what)
+        elif isinstance(obj, Iterable) and not isinstance(
+            obj, str | bytes | dict | np.ndarray | Sample | SampleSet
+        ):
+            self.kind = "stream"
+            self.length = _length(obj, what) if hasattr(obj, "__len__") else None
+        else:
+            msg = (
+                f"{what} must be a list of samples, an object with __len__ and "
+                "batch(start, stop), or an iterable of lists of samples; got "
+                f"{type(obj).__name__}. Build samples with "
+                "samplepipe.Sample(data, key=...)."
+            )
+            raise TypeError(msg)
+        if self.version is not None and not isinstance(self.version, str | int):
+            msg = (
+                f"{what}.version must be a str or an int, got "
+                f"{type(self.version).__name__} {self.version!r}."
+            )
+            raise TypeError(msg)
+        self._seen = _KeyTable()
+        self._read = False
+
+    @property
+    def indexed(self) -> bool:
+        return self.kind in ("list", "indexed")
+
+    def __len__(self) -> int:
+        if self.length is None:
+            msg = f"{self.what} is a stream: its length is known once it is read."
+            raise TypeError(msg)
+        return self.length
+
+    def batch(self, start: int, stop: int) -> list[Any]:
+        """The samples at ``[start:stop]`` (lists and indexed sources only)."""
+        if self.kind == "list":
+            return list(self.obj[start:stop])
+        if self.kind != "indexed":
+            msg = f"{self.what} is a stream: it cannot be read again."
+            raise TypeError(msg)
+        try:
+            got = self.obj.batch(start, stop)
+        except Exception as exc:
+            msg = (
+                f"{self.what}.batch({start}, {stop}) raised {type(exc).__name__}: {exc}"
+            )
+            raise SourceError(msg) from exc
+        try:
+            got = list(got)
+        except TypeError:
+            msg = (
+                f"{self.what}.batch({start}, {stop}) returned "
+                f"{type(got).__name__}; it must return a list of samples."
+            )
+            raise TypeError(msg) from None
+        if len(got) != stop - start:
+            msg = (
+                f"{self.what}.batch({start}, {stop}) returned {len(got)} samples "
+                f"for {stop - start} positions: a source must give exactly the "
+                f"samples of the positions asked for (its __len__ is "
+                f"{self.length})."
+            )
+            raise ValueError(msg)
+        return self._versioned(got)
+
+    def batches(self, batch_size: int | None) -> Iterator[tuple[int, list[Any]]]:
+        """``(start, samples)`` of each batch, checked, in order; once only.
+
+        A stream's items are regrouped into batches of ``batch_size``; with
+        None, each item it yields is a batch (empty ones skipped).
+        """
+        if self._read:
+            msg = f"{self.what} was read already (a source is read once per run)."
+            raise RuntimeError(msg)
+        self._read = True
+        if self.kind == "stream":
+            yield from self._stream_batches(batch_size)
+            return
+        n = len(self)
+        if batch_size is None:
+            batch_size = DEFAULT_BATCH
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            yield start, self.checked(start, self.batch(start, stop))
+
+    def _stream_batches(
+        self, batch_size: int | None
+    ) -> Iterator[tuple[int, list[Any]]]:
+        pending: list[Any] = []
+        start = 0
+        items = iter(self.obj)
+        number = 0
+        while True:
+            try:
+                part = next(items)
+            except StopIteration:
+                break
+            except Exception as exc:
+                msg = (
+                    f"{self.what} raised {type(exc).__name__}: {exc} while yielding "
+                    f"item {number} (the batch from position {start + len(pending)})"
+                )
+                raise SourceError(msg) from exc
+            if isinstance(part, Sample | SampleSet) or not isinstance(part, Iterable):
+                msg = (
+                    f"{self.what} yielded {type(part).__name__} (item {number}); a "
+                    "stream yields lists of samples (batches)."
+                )
+                raise TypeError(msg)
+            number += 1
+            pending.extend(part)
+            size = batch_size or len(pending)
+            while pending and len(pending) >= size:
+                batch, pending = pending[:size], pending[size:]
+                self._check_not_longer(start + len(batch))
+                yield start, self.checked(start, batch)
+                start += len(batch)
+        if pending:
+            self._check_not_longer(start + len(pending))
+            yield start, self.checked(start, pending)
+            start += len(pending)
+        if self.length is not None and start != self.length:
+            msg = (
+                f"{self.what} yielded {start} samples but its __len__ is "
+                f"{self.length}; a source must yield exactly __len__ samples."
+            )
+            raise ValueError(msg)
+        self.length = start
+
+    def _check_not_longer(self, stop: int) -> None:
+        if self.length is not None and stop > self.length:
+            msg = (
+                f"{self.what} yielded more than its __len__ ({self.length}) "
+                "samples; a source must yield exactly __len__ samples."
+            )
+            raise ValueError(msg)
+
+    def checked(self, start: int, samples: list[Any]) -> list[Any]:
+        """``samples`` (at ``start``) checked: types, keys, duplicates; versioned."""
+        keys: list[str] = []
+        for i, s in enumerate(samples, start):
+            if not isinstance(s, Sample):
+                kind = "a SampleSet" if isinstance(s, SampleSet) else type(s).__name__
+                msg = (
+                    f"{self.what}[{i}] is {kind}; the flows take Sample objects "
+                    "(build them with samplepipe.Sample(data, key=...))."
+                )
+                raise TypeError(msg)
+            keys.append(check_key(getattr(s, "key", None), i, owner=self.what))
+        self._seen.add(keys, start, self.what)
+        return self._versioned(samples)
+
+    def _versioned(self, samples: list[Any]) -> list[Any]:
+        """``samples``, the lazy ones without a ``data_version`` given ours."""
+        if self.version is not None:
+            for s in samples:
+                if isinstance(s, DelayedSample) and "data_version" not in vars(s):
+                    object.__setattr__(s, "data_version", self.version)
+        return samples
+
+    def to_list(self) -> list[Any]:
+        """Every sample, checked (a fit needs them all at once)."""
+        out: list[Any] = []
+        for _, batch in self.batches(max(len(self), 1) if self.indexed else 10_000):
+            out.extend(batch)
+        return out
+
+
+def _length(obj: Any, what: str) -> int:
+    n = len(obj)
+    if not isinstance(n, int) or n < 0:
+        msg = f"len({what}) must be an int >= 0, got {n!r}."
+        raise ValueError(msg)
+    return n
+
+
+def as_source(samples: Any, what: str = "samples") -> SampleSource:
+    """A `SampleSource` of a list, an indexed source or a stream of batches."""
+    if isinstance(samples, SampleSource):
+        return samples
+    return SampleSource(samples, what)
+
+
+class _KeyTable:
+    """Keys seen so far, as 8-byte digests with their positions: 16 B a key.
+
+    Sorted runs merged like a binary counter (a log-structured table): adding
+    a batch and looking its keys up cost O(b log N). A digest match is then
+    confirmed against the batch's own keys when both are in it; across
+    batches two keys with one 64-bit digest (about 1 in 10^7 at ten million
+    keys) are reported as duplicates, never written.
+    """
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @staticmethod
+    def digests(keys: list[str]) -> np.ndarray:
+        joined = [
+            hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            for k in keys
+        ]
+        return np.frombuffer(b"".join(joined), dtype="<u8").copy()
+
+    def add(self, keys: list[str], start: int, what: str) -> None:
+        if not keys:
+            return
+        digests = self.digests(keys)
+        order = np.argsort(digests, kind="stable")
+        sorted_ = digests[order]
+        same = np.flatnonzero(sorted_[1:] == sorted_[:-1])
+        for j in same:
+            a, b = sorted((int(order[j]), int(order[j + 1])))
+            if keys[a] == keys[b]:
+                msg = (
+                    f"{what} got key {keys[a]!r} for samples {start + a} and "
+                    f"{start + b}; keys must be unique (nothing of this batch "
+                    "was written)."
+                )
+                raise ValueError(msg)
+        for run, positions in self.runs:
+            at = np.searchsorted(run, digests)
+            at = np.minimum(at, len(run) - 1)
+            hit = np.flatnonzero(run[at] == digests)
+            if hit.size:
+                i = int(hit[0])
+                earlier = int(positions[at[i]])
+                msg = (
+                    f"{what} got key {keys[i]!r} for samples {earlier} and "
+                    f"{start + i}; keys must be unique (nothing of the batch "
+                    f"from sample {start} on was written)."
+                )
+                raise ValueError(msg)
+        self.runs.append((sorted_, (order + start).astype(np.int64)))
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
+            (older, at_older), (newer, at_newer) = self.runs[-2], self.runs[-1]
+            merged = np.concatenate([older, newer])
+            by = np.argsort(merged, kind="stable")
+            self.runs[-2:] = [(merged[by], np.concatenate([at_older, at_newer])[by])]
+
+
+def estimate_batch_size(sample: Any) -> int:
+    """Samples per batch for about `BATCH_BYTES` of input, from one sample.
+
+    A lazily loaded sample is loaded once to measure it. Data without
+    ``nbytes`` (not an array) gives `DEFAULT_BATCH`.
+    """
+    try:
+        data = sample.data
+    except Exception:  # noqa: BLE001 - the run reports it, with its key
+        return DEFAULT_BATCH
+    nbytes = getattr(data, "nbytes", None)
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        return DEFAULT_BATCH
+    return int(min(MAX_AUTO_BATCH, max(1, BATCH_BYTES // nbytes)))
