@@ -7,13 +7,18 @@ One command starts a local Prefect server on 127.0.0.1 (`samplepipe.server`,
 its own PREFECT_HOME, analytics off) and, for each size (``--small`` first,
 then ``--n``), runs a child process that
 
-1. builds the sample list: `DelayedSample` objects whose data (``--features``
-   float64) is generated from the sample's index by a seeded numpy generator
-   on each load, so the data set is never in memory at once;
+1. makes an indexed source (`GeneratedSource`, `samplepipe.sources`) of
+   `DelayedSample` objects whose data (``--features`` float64) is generated
+   from the sample's index by a seeded numpy generator on each load, so the
+   data set is never in memory at once (``--list``: a list of them, as
+   before sources existed);
 2. runs `run_pipeline` (``StandardScaler`` then ``PCA(n_components=16)``,
    ``layout="shards"``), fitted on the first ``--train`` samples and
-   transforming all of them in batches of ``--batch-size``: the first run;
-3. runs it again into the same folders: the cached run.
+   transforming all of them in batches of ``--batch-size`` (default: the
+   flows' own, about 64 MiB): the first run;
+3. runs it again into the same folders: the cached run;
+4. (a source) runs it once more with 1,000 samples added to the source: a
+   data set that grew.
 
 Each child reports its RSS after imports and after building the sample list
 (the metadata's fixed cost), its peak RSS over the first run
@@ -63,13 +68,32 @@ def generate(index, n_features):
     return np.random.default_rng(index).standard_normal(n_features)
 
 
-def lazy_samples(n, n_features):
+def lazy_samples(n, n_features, start=0):
     from samplepipe import DelayedSample
 
     return [
         DelayedSample(functools.partial(generate, i, n_features), key=f"s/{i:07d}")
-        for i in range(n)
+        for i in range(start, n)
     ]
+
+
+class GeneratedSource:
+    """An indexed source (`samplepipe.sources`): samples made when asked for.
+
+    ``version`` is the lazy samples' ``data_version``: their identity is the
+    loader and the version, the data is not read to know it.
+    """
+
+    version = "1"
+
+    def __init__(self, n, n_features):
+        self.n, self.n_features = n, n_features
+
+    def __len__(self):
+        return self.n
+
+    def batch(self, start, stop):
+        return lazy_samples(stop, self.n_features, start)
 
 
 def pipeline():
@@ -102,32 +126,43 @@ def disk_use(folder):
     return files, size, blocks
 
 
-def child(work, n, n_features, batch_size, train):
-    """In a new process: build the samples, run the flow twice, print JSON."""
+def child(work, n, n_features, batch_size, train, indexed):
+    """In a new process: build the samples, run the flow twice, print JSON.
+
+    With ``indexed`` the samples come from a `GeneratedSource` (never a list);
+    a third run then adds 1,000 samples to the source (a data set that grew).
+    """
     from samplepipe.flows import run_pipeline
 
     gc.collect()
     rss_start = status_kib("VmRSS")
     t0 = time.perf_counter()
-    samples = lazy_samples(n, n_features)
+    if indexed:
+        samples = GeneratedSource(n, n_features)
+        train_samples = samples.batch(0, train)
+    else:
+        samples = lazy_samples(n, n_features)
+        train_samples = samples[:train]
     build_seconds = time.perf_counter() - t0
     gc.collect()
     rss_samples = status_kib("VmRSS")
     kwargs = {
         "features_dir": os.path.join(work, "features"),
         "model_dir": os.path.join(work, "models"),
-        "batch_size": batch_size,
+        "batch_size": batch_size or None,
         "layout": "shards",
     }
     runs = {}
-    for phase in ("first", "cached"):
-        if phase == "cached":
+    for phase in ("first", "cached", "grown") if indexed else ("first", "cached"):
+        if phase != "first":
             gc.collect()
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak (VmHWM) to the current RSS
+        if phase == "grown":
+            samples = GeneratedSource(n + 1000, n_features)
         rss_before = status_kib("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
-        rows = run_pipeline(pipeline(), samples[:train], samples, **kwargs)
+        rows = run_pipeline(pipeline(), train_samples, samples, **kwargs)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         peak = (
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -146,6 +181,7 @@ def child(work, n, n_features, batch_size, train):
         json.dumps(
             {
                 "n": n,
+                "source": "indexed" if indexed else "list",
                 "build_seconds": build_seconds,
                 "rss_start_kib": rss_start,
                 "rss_samples_kib": rss_samples,
@@ -157,10 +193,10 @@ def child(work, n, n_features, batch_size, train):
     )
 
 
-def run_child(work, n, n_features, batch_size, train):
+def run_child(work, n, n_features, batch_size, train, indexed):
     out = subprocess.run(
         [sys.executable, str(HERE), "--child", work]
-        + [str(v) for v in (n, n_features, batch_size, train)],
+        + [str(v) for v in (n, n_features, batch_size, train, int(indexed))],
         capture_output=True,
         text=True,
         check=False,
@@ -205,15 +241,18 @@ def report(r, n_features, batch_size):
     samples_mib = (r["rss_samples_kib"] - r["rss_start_kib"]) / 1024
     say(
         f"\n  {n:,} x {n_features} float64 (data {data_mib:,.0f} MiB), "
-        f"batches of {batch_size:,}"
+        f"batches of {batch_size or 'about 64 MiB'}, samples from a {r['source']}"
     )
     say(f"    RSS after imports            {r['rss_start_kib'] / 1024:8.0f} MiB")
     say(
-        f"    RSS after the sample list    {r['rss_samples_kib'] / 1024:8.0f} MiB "
+        f"    RSS after the samples        {r['rss_samples_kib'] / 1024:8.0f} MiB "
         f"(+{samples_mib:.0f} MiB, {samples_mib * MIB / n:.0f} B per sample, "
         f"built in {r['build_seconds']:.1f} s)"
     )
-    for phase, run in (("first run", first), ("cached run", cached)):
+    phases = [("first run", first), ("cached run", cached)]
+    if "grown" in r["runs"]:
+        phases.append(("+1,000 run", r["runs"]["grown"]))
+    for phase, run in phases:
         say(
             f"    {phase:11s} wall {run['seconds']:8.1f} s, CPU {run['cpu']:7.1f} s "
             f"({1e6 * run['seconds'] / n:.0f} us per sample); peak RSS "
@@ -239,13 +278,20 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1_000_000, help="samples")
     parser.add_argument("--features", type=int, default=64, help="floats per sample")
-    parser.add_argument("--batch-size", type=int, default=10_000)
+    parser.add_argument(
+        "--batch-size", type=int, default=0, help="0: the flows' default (64 MiB)"
+    )
+    parser.add_argument(
+        "--list",
+        action="store_true",
+        help="a list of DelayedSample (as before sources) instead of an indexed source",
+    )
     parser.add_argument("--train", type=int, default=10_000, help="training samples")
     parser.add_argument(
         "--small", type=int, default=100_000, help="a smaller size, run first (0: none)"
     )
     parser.add_argument("--json", help="also write all figures to this file")
-    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         work, *numbers = args.child
@@ -271,7 +317,12 @@ def main():
                 )
                 folder = os.path.join(work, f"n{n}")
                 r = run_child(
-                    folder, n, args.features, args.batch_size, min(args.train, n)
+                    folder,
+                    n,
+                    args.features,
+                    args.batch_size,
+                    min(args.train, n),
+                    not args.list,
                 )
                 results["sizes"].append(r)
                 report(r, args.features, args.batch_size)

@@ -30,6 +30,11 @@ and what it reads), `samplepipe.storage.libraries` (library or user code,
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,9 +63,61 @@ def code_identity(obj: Any) -> str:
     >>> code_identity(lambda X: X + 1) == code_identity(lambda X: X + 100)
     False
     """
+    if type(obj) is functools.partial and isinstance(obj.func, types.FunctionType):
+        return _partial_identity(obj)
     hasher = _Hasher()
     hasher.code(obj)
     return hasher.hexdigest()
+
+
+# Within `functions_hashed_once`: id(function) -> (function, its code identity).
+_FUNCTIONS: contextvars.ContextVar[dict[int, tuple[Any, str]] | None] = (
+    contextvars.ContextVar("samplepipe_functions_hashed", default=None)
+)
+_SCALARS = (int, float, str, bytes, bool, type(None))
+
+
+@contextlib.contextmanager
+def functions_hashed_once() -> Iterator[None]:
+    """Within the block, a function's `code_identity` is computed once.
+
+    For a batch of lazy samples whose loaders are ``functools.partial`` of one
+    function (``partial(load, path)``): its code is hashed once per batch, not
+    once per sample. No code runs between those hashes that could change it.
+    """
+    token = _FUNCTIONS.set({})
+    try:
+        yield
+    finally:
+        _FUNCTIONS.reset(token)
+
+
+def _partial_identity(obj: functools.partial) -> str:
+    """``code_identity`` of a ``functools.partial`` of a plain function.
+
+    The function's code identity, then its arguments: scalars (the common
+    ``partial(load, path)``) by their ``repr``, anything else by
+    `state_digest`. The same formula in or out of `functions_hashed_once`.
+    """
+    memo = _FUNCTIONS.get()
+    func = obj.func
+    known = memo.get(id(func)) if memo is not None else None
+    if known is not None and known[0] is func:
+        func_identity = known[1]
+    else:
+        hasher = _Hasher()
+        hasher.code(func)
+        func_identity = hasher.hexdigest()
+        if memo is not None:
+            memo[id(func)] = (func, func_identity)
+    arguments = (obj.args, tuple(sorted(obj.keywords.items())))
+    if all(type(a) in _SCALARS for a in obj.args) and all(
+        type(v) in _SCALARS for v in obj.keywords.values()
+    ):
+        described = "r" + repr(arguments)
+    else:
+        described = "s" + state_digest(arguments)
+    return combine("partial", func_identity, described)
 
 
 def ingredients(estimator: Any) -> dict[str, dict[str, Any]]:
