@@ -9,6 +9,7 @@ one value.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -634,6 +635,26 @@ def state_digest(value: Any) -> str:
     Arrays are hashed by dtype, shape and bytes; objects by their class's code
     identity and their attributes; estimators also by their fitted attributes.
     """
+    memo = BATCH_MEMO.get()
+    if memo is not None and type(value) in _SCALARS:
+        key = ("value", type(value), value)
+        known = memo.get(key)
+        if known is None:
+            known = memo[key] = _state_digest(value)
+        return known
+    return _state_digest(value)
+
+
+def _state_digest(value: Any) -> str:
     hasher = _Hasher()
     hasher.value(value)
     return hasher.hexdigest()
+
+
+# What a batch's identities share, computed once within
+# `samplepipe.storage.identity.functions_hashed_once`: the code identity of a
+# function (by id, with the function) and the digest of a scalar (a version).
+BATCH_MEMO: contextvars.ContextVar[dict[Any, Any] | None] = contextvars.ContextVar(
+    "samplepipe_batch_memo", default=None
+)
+_SCALARS = frozenset({int, float, str, bytes, bool, type(None)})

@@ -31,7 +31,6 @@ and what it reads), `samplepipe.storage.libraries` (library or user code,
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import types
 from collections.abc import Iterator
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .bytecode import _blake
-from .hashing import _Hasher
+from .hashing import BATCH_MEMO, _Hasher
 from .hashing import state_digest as state_digest
 from .libraries import _is_estimator
 from .libraries import library_version as library_version
@@ -70,10 +69,6 @@ def code_identity(obj: Any) -> str:
     return hasher.hexdigest()
 
 
-# Within `functions_hashed_once`: id(function) -> (function, its code identity).
-_FUNCTIONS: contextvars.ContextVar[dict[int, tuple[Any, str]] | None] = (
-    contextvars.ContextVar("samplepipe_functions_hashed", default=None)
-)
 _SCALARS = (int, float, str, bytes, bool, type(None))
 
 
@@ -83,13 +78,15 @@ def functions_hashed_once() -> Iterator[None]:
 
     For a batch of lazy samples whose loaders are ``functools.partial`` of one
     function (``partial(load, path)``): its code is hashed once per batch, not
-    once per sample. No code runs between those hashes that could change it.
+    once per sample, and so is the digest of a scalar (their
+    ``data_version``). No code runs between those hashes that could change
+    them; the digests are those computed outside the block.
     """
-    token = _FUNCTIONS.set({})
+    token = BATCH_MEMO.set({})
     try:
         yield
     finally:
-        _FUNCTIONS.reset(token)
+        BATCH_MEMO.reset(token)
 
 
 def _partial_identity(obj: functools.partial) -> str:
@@ -99,7 +96,7 @@ def _partial_identity(obj: functools.partial) -> str:
     ``partial(load, path)``) by their ``repr``, anything else by
     `state_digest`. The same formula in or out of `functions_hashed_once`.
     """
-    memo = _FUNCTIONS.get()
+    memo = BATCH_MEMO.get()
     func = obj.func
     known = memo.get(id(func)) if memo is not None else None
     if known is not None and known[0] is func:
