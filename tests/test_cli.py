@@ -162,3 +162,70 @@ def test_run_fails_with_the_step_named(tmp_path, prefect_server):
     bad = cli("run", "no.such.module:pipe", cwd=tmp_path, env=env, check=False)
     assert bad.returncode == 1
     assert "cannot import module 'no.such.module'" in " ".join(bad.stderr.split())
+
+
+def test_factories_may_return_sample_sources(tmp_path, prefect_server):
+    # a factory returns a stream (read once, batch by batch) or an indexed
+    # source (fit reads it whole); the command line never builds the outputs
+    (tmp_path / "sources.py").write_text(
+        "import samplepipe\n"
+        "from samplepipe.testing import random_samples\n"
+        "from sklearn.decomposition import PCA\n"
+        "from sklearn.pipeline import Pipeline\n"
+        "from sklearn.preprocessing import StandardScaler\n\n"
+        "@samplepipe.factory\n"
+        "def make_pipeline():\n"
+        "    return Pipeline([('scale', StandardScaler()), ('pca', PCA(2))])\n\n"
+        "class Pages:\n"
+        "    def __len__(self):\n"
+        "        return 30\n"
+        "    def batch(self, start, stop):\n"
+        "        return random_samples(stop - start, prefix='train', start=start)\n\n"
+        "@samplepipe.factory\n"
+        "def train_samples():\n"
+        "    return Pages()\n\n"
+        "@samplepipe.factory\n"
+        "def test_samples():\n"
+        "    for start in range(0, 25, 7):\n"
+        "        yield random_samples(min(7, 25 - start), prefix='test', start=start)\n"
+    )
+    env = command_env(tmp_path, prefect_server["PREFECT_API_URL"])
+    out = cli(
+        "run",
+        "sources:make_pipeline",
+        "--train-samples",
+        "sources:train_samples",
+        "--samples",
+        "sources:test_samples",
+        "--features-dir",
+        "features",
+        "--model-dir",
+        "models",
+        "--batch-size",
+        "10",
+        cwd=tmp_path,
+        env=env,
+    ).stdout
+    test_keys = {f"test/{i:05d}.h5" for i in range(25)}
+    pca = tmp_path / "features" / "pca"
+    assert {str(p.relative_to(pca)) for p in pca.rglob("*.h5")} == test_keys
+    scale = tmp_path / "features" / "scale" / "train"
+    assert len(list(scale.glob("*.h5"))) == 30
+    assert "Computed" in out
+    again = cli(
+        "run",
+        "sources:make_pipeline",
+        "--train-samples",
+        "sources:train_samples",
+        "--samples",
+        "sources:test_samples",
+        "--features-dir",
+        "features",
+        "--model-dir",
+        "models",
+        "--batch-size",
+        "10",
+        cwd=tmp_path,
+        env=env,
+    ).stdout
+    assert "Nothing computed" in again
