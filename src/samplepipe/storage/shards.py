@@ -69,7 +69,9 @@ from .identity import FORMAT_VERSION, Identity
 SHARD_FORMAT = 1
 SHARD_ATTRIBUTE = "samplepipe-shard"
 INDEX_CHECKSUM_ATTRIBUTE = "index-checksum"
-DEFAULT_SHARD_SIZE = 1000
+DEFAULT_SHARD_SIZE = None  # no limit on the entries of a shard: its bytes decide
+DEFAULT_SHARD_BYTES = 64 * 2**20
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SHARD_NAME = re.compile(r"shard-\d{20}-[0-9a-f]{8}-\d+-[0-9a-f]{8}\.h5\Z")
 _READ_ATTEMPTS = 3
 
@@ -90,6 +92,64 @@ def is_shard_temporary(name: str) -> bool:
         return False
     inner = name[1 : -len(TMP_SUFFIX)].rsplit(".", 1)[0]
     return is_shard_name(inner)
+
+
+def shard_limits(shard_size: Any, shard_bytes: Any, who: str) -> tuple[int | None, int]:
+    """``(shard_size, shard_bytes)`` checked; ``shard_bytes`` as a number of bytes.
+
+    ``shard_size`` is None (no limit) or an int >= 1; ``shard_bytes`` an int
+    >= 1 or a str such as ``"64M"`` (K, M, G, T: powers of 1024, as joblib's
+    ``max_nbytes``). ``who`` names the caller in the error.
+    """
+    if shard_size is not None and (
+        not isinstance(shard_size, int | np.integer)
+        or isinstance(shard_size, bool)
+        or shard_size < 1
+    ):
+        msg = (
+            f"{who} got shard_size={shard_size!r}; it must be an int >= 1 (samples "
+            "per shard) or None (no limit: shard_bytes alone decides)."
+        )
+        raise ValueError(msg)
+    nbytes: int | None = None
+    if isinstance(shard_bytes, int | np.integer) and not isinstance(shard_bytes, bool):
+        nbytes = int(shard_bytes)
+    elif isinstance(shard_bytes, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", shard_bytes.upper())
+        if match is not None:
+            nbytes = int(match[1]) * _UNITS[match[2]]
+    if nbytes is None or nbytes < 1:
+        msg = (
+            f"{who} got shard_bytes={shard_bytes!r}; it must be a number of bytes "
+            "(an int >= 1) or a str such as '64M' or '1G', e.g. "
+            f"shard_bytes={DEFAULT_SHARD_BYTES} (64 MiB, the default)."
+        )
+        raise ValueError(msg)
+    return (None if shard_size is None else int(shard_size)), nbytes
+
+
+def split_points(
+    sizes: Sequence[int], shard_size: int | None, shard_bytes: int
+) -> list[int]:
+    """Where entries of these payload sizes are cut into shards (end indices).
+
+    A shard takes entries in order while it holds fewer than ``shard_size``
+    and its payload stays within ``shard_bytes``; it holds at least one.
+    """
+    ends: list[int] = []
+    count = total = 0
+    for i, size in enumerate(sizes):
+        if count and (
+            total + size > shard_bytes
+            or (shard_size is not None and count >= shard_size)
+        ):
+            ends.append(i)
+            count = total = 0
+        count += 1
+        total += size
+    if count:
+        ends.append(len(sizes))
+    return ends
 
 
 # ---------------------------------------------------------------------------
@@ -287,8 +347,9 @@ class ShardData:
 DATA = ShardData()
 
 # A local shard up to this size is read whole when one of its entries misses
-# `DATA` (one open instead of one per entry); a larger one, row by row.
-WHOLE_READ_BYTES = 16 << 20
+# `DATA` (one open instead of one per entry); a larger one, row by row. As
+# large as `DATA` keeps: shards of the default 64 MiB are read whole.
+WHOLE_READ_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -791,16 +852,21 @@ class ShardFolder:
         return True
 
     def compact(
-        self, shard_size: int = DEFAULT_SHARD_SIZE, step: str | None = None
+        self,
+        shard_size: int | None = DEFAULT_SHARD_SIZE,
+        step: str | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> dict[str, Any]:
         """Merge small shards into full ones; drop what no step can use.
 
         Dropped: corrupt entries and exact copies of a newer entry; with
         ``step``, also every entry that is not this step's valid entry of its
         key (stale and superseded ones). A shard is rewritten when it holds
-        fewer than ``shard_size`` kept entries or any dropped one. New shards
-        are written (each atomically) before the old ones are removed, so a
-        reader always finds every kept entry; entries keep their times.
+        any dropped entry, or when it is small: fewer than ``shard_size`` kept
+        entries (if given) and a file of less than half ``shard_bytes``. New
+        shards (split as the writer does, `split_points`) are written (each
+        atomically) before the old ones are removed, so a reader always finds
+        every kept entry; entries keep their times.
         """
         with self.lock:
             self.refresh()
@@ -830,9 +896,13 @@ class ShardFolder:
             kept_of[index.path] = kept
             if len(kept) < len(index.records):
                 dropping.add(index.path)
-        candidates = [
-            i for i in shards if i.path in dropping or len(kept_of[i.path]) < shard_size
-        ]
+
+        def full(index: ShardIndex) -> bool:
+            if shard_size is not None and len(kept_of[index.path]) >= shard_size:
+                return True
+            return index.size >= shard_bytes // 2
+
+        candidates = [i for i in shards if i.path in dropping or not full(i)]
         report: dict[str, Any] = {
             "shards": len(shards),
             "written": [],
@@ -846,16 +916,23 @@ class ShardFolder:
         pending: list[tuple[str, np.ndarray, int]] = []
         done: list[ShardIndex] = []
 
-        def flush(limit: int) -> None:
-            while len(pending) >= limit and pending:
-                chunk = pending[:shard_size]
-                del pending[:shard_size]
+        def flush(final: bool) -> None:
+            ends = split_points([p.nbytes for _, p, _ in pending], *limits)
+            if not final:
+                ends = ends[:-1]  # the last shard may take more entries
+            start = 0
+            for end in ends:
+                chunk = pending[start:end]
+                start = end
                 written = self.write(
                     [r for r, _, _ in chunk],
                     [p for _, p, _ in chunk],
                     [t for _, _, t in chunk],
                 )
                 report["written"].append(written.path)
+            del pending[:start]
+
+        limits = (shard_size, shard_bytes)
 
         for index in candidates:
             arrays = self._arrays(index) if kept_of[index.path] else {}
@@ -870,8 +947,8 @@ class ShardFolder:
                 pending.append((record, np.array(payload), t))
             else:
                 done.append(index)
-                flush(shard_size)
-        flush(1)
+                flush(final=False)
+        flush(final=True)
         for index in done:
             if self.remove(index.path, index.stamp):
                 report["removed"].append(index.path)
@@ -911,8 +988,9 @@ def compact(
     location: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
     *,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = DEFAULT_SHARD_SIZE,
     step: str | None = None,
+    shard_bytes: int | str = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any]:
     """Merge the small shards of a folder into fewer, full ones.
 
@@ -923,13 +1001,18 @@ def compact(
         or an fsspec URL).
     storage_options : dict, default=None
         fsspec options for a URL.
-    shard_size : int, default=1000
-        Entries per new shard; shards with fewer kept entries are merged.
+    shard_size : int, default=None
+        At most this many entries per new shard (None: no limit); a shard with
+        this many kept entries is full.
     step : str, default=None
         A step identity (`CheckpointWrapper.step_identity`): keep only that
         step's valid entries. Without it, every verified entry is kept (only
         corrupt entries and duplicates are dropped): use
         `CheckpointWrapper.compact_checkpoints` to drop stale entries too.
+    shard_bytes : int or str, default=64 * 2**20
+        At most this many payload bytes per new shard (at least one entry
+        each); an int, or a str such as ``"64M"``. A shard file of at least
+        half this size is full. Shards that are not full are merged.
 
     Returns
     -------
@@ -944,14 +1027,8 @@ def compact(
     entry, and a crash leaves duplicates at worst (dropped by the next
     compaction). Shards that changed since they were read are left alone.
     """
-    if (
-        not isinstance(shard_size, int)
-        or isinstance(shard_size, bool)
-        or shard_size < 1
-    ):
-        msg = f"compact got shard_size={shard_size!r}; it must be an int >= 1."
-        raise ValueError(msg)
-    return shard_folder(location, storage_options).compact(shard_size, step)
+    size, nbytes = shard_limits(shard_size, shard_bytes, "compact")
+    return shard_folder(location, storage_options).compact(size, step, nbytes)
 
 
 # ---------------------------------------------------------------------------

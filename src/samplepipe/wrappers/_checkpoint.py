@@ -52,6 +52,7 @@ from ..storage.models import (
     save_model,
     update_estimator,
 )
+from ..storage.shards import DEFAULT_SHARD_BYTES, shard_limits
 from . import _explain, _shards
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
@@ -241,14 +242,23 @@ class CheckpointWrapper(BaseWrapper):
         the lazy samples.
     layout : {"files", "shards"}, default="files"
         ``"files"``: one file per sample, ``<features_dir>/<key>.h5``.
-        ``"shards"``: one HDF5 file per batch of computed samples (at most
-        ``shard_size`` each), holding each sample's record and payload as the
-        file layout does; see `samplepipe.storage.shards`. Fewer, larger
-        files: far faster to write and read, one request per batch on object
-        stores. ``save_func``, ``load_func`` and ``hash_fn`` do not apply.
-    shard_size : int, default=1000
-        With ``layout="shards"``: samples per shard, and per call of the
-        wrapped estimator's ``transform`` (a crash loses at most one shard).
+        ``"shards"``: one HDF5 file per batch of computed samples (up to
+        ``shard_bytes`` of payload, and ``shard_size`` samples if given),
+        holding each sample's record and payload as the file layout does; see
+        `samplepipe.storage.shards`. Fewer, larger files: far faster to write
+        and read, one request per batch on object stores. ``save_func``,
+        ``load_func`` and ``hash_fn`` do not apply.
+    shard_size : int, default=None
+        With ``layout="shards"``: at most this many samples per shard, and per
+        call of the wrapped estimator's ``transform``. None: no limit, the
+        shard's bytes decide (``shard_bytes``). Up to 0.5.0 the default was
+        1000; an explicit value keeps its meaning.
+    shard_bytes : int or str, default=64 * 2**20
+        With ``layout="shards"``: a shard closes when its payload would pass
+        this many bytes (64 MiB; a str such as ``"256M"`` or ``"1G"`` works
+        too). It always holds at least one sample. The wrapped estimator's
+        ``transform`` is called on slices sized to fill one shard, estimated
+        from the outputs so far; a crash loses at most the shard being built.
     format : str or Format, default=None
         The file format of feature checkpoints: a name registered with
         `samplepipe.storage.register_format` (``"hdf5"``, ``"custom"``,
@@ -306,7 +316,8 @@ class CheckpointWrapper(BaseWrapper):
         *,
         storage_options: dict[str, Any] | None = None,
         layout: str = "files",
-        shard_size: int = 1000,
+        shard_size: int | None = None,
+        shard_bytes: int | str = DEFAULT_SHARD_BYTES,
         format: str | Format | None = None,  # noqa: A002 - the option's name
     ) -> None:
         self.estimator = estimator
@@ -322,6 +333,7 @@ class CheckpointWrapper(BaseWrapper):
         self.storage_options = storage_options
         self.layout = layout
         self.shard_size = shard_size
+        self.shard_bytes = shard_bytes
         self.format = format
 
     # -- configuration -----------------------------------------------------
@@ -378,10 +390,7 @@ class CheckpointWrapper(BaseWrapper):
                 "(one file per sample) or 'shards' (one file per batch)."
             )
             raise ValueError(msg)
-        size = self.shard_size
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            msg = f"CheckpointWrapper got shard_size={size!r}; it must be an int >= 1."
-            raise ValueError(msg)
+        shard_limits(self.shard_size, self.shard_bytes, "CheckpointWrapper")
         for name, value in (
             ("save_func", _resolve_option(self, "save_func")),
             ("load_func", _resolve_option(self, "load_func")),
@@ -1379,7 +1388,9 @@ class CheckpointWrapper(BaseWrapper):
                 ckpt.remove(path, save is not None, fs)
         return removed
 
-    def compact_checkpoints(self, shard_size: int | None = None) -> dict[str, Any]:
+    def compact_checkpoints(
+        self, shard_size: int | None = None, shard_bytes: int | str | None = None
+    ) -> dict[str, Any]:
         """Merge small shards into full ones (``layout="shards"`` only).
 
         Keeps each key's valid entry of this step (judged as
@@ -1391,7 +1402,12 @@ class CheckpointWrapper(BaseWrapper):
         Parameters
         ----------
         shard_size : int, default=None
-            Entries per new shard (default: this wrapper's ``shard_size``).
+            At most this many entries per new shard (default: this wrapper's
+            ``shard_size``).
+        shard_bytes : int or str, default=None
+            At most this many payload bytes per new shard (default: this
+            wrapper's ``shard_bytes``); shard files of less than half of it
+            are merged.
 
         Returns
         -------
@@ -1407,7 +1423,7 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise ValueError(msg)
         self._validate_params()
-        return _shards.compact(self, shard_size)
+        return _shards.compact(self, shard_size, shard_bytes)
 
     def _still(
         self,
