@@ -165,6 +165,13 @@ def stack_payloads(
     payloads: Sequence[np.ndarray],
 ) -> tuple[list[tuple[int, int]], dict[int, np.ndarray]]:
     """Stack payloads of one dtype and shape: ``([(group, row)], {group: array})``."""
+    if payloads:
+        first = payloads[0]
+        dtype, shape = first.dtype, first.shape
+        if all(p.dtype == dtype and p.shape == shape for p in payloads):
+            stacked = np.stack(payloads)  # one group: the common case
+            if stacked.dtype.str == dtype.str:
+                return [(0, row) for row in range(len(payloads))], {0: stacked}
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for i, payload in enumerate(payloads):
         groups.setdefault((payload.dtype.str, payload.shape), []).append(i)
@@ -243,6 +250,31 @@ class RowDigests:
         h = base.copy()
         h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
         return h.hexdigest()
+
+    def many(
+        self, where: Sequence[Sequence[int]], kinds: Sequence[str]
+    ) -> list[str | None]:
+        """The checksums of entries ``where[i] = (group, row)`` as ``kinds[i]``."""
+        digests: list[str | None] = []
+        append = digests.append
+        ready: dict[tuple[int, str], tuple[memoryview, int, int, Any]] = {}
+        for (group, row), kind in zip(where, kinds):
+            found = ready.get((group, kind))
+            if found is None:
+                if self(group, 0, kind) is None:  # no such group, or empty
+                    append(None)
+                    continue
+                buffer, row_bytes, _, rows = self._buffers[group]
+                base = self._bases[(group, kind)]
+                found = ready[(group, kind)] = (buffer, row_bytes, rows, base)
+            buffer, row_bytes, rows, base = found
+            if not 0 <= row < rows:
+                append(None)
+                continue
+            h = base.copy()
+            h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
+            append(h.hexdigest())
+        return digests
 
 
 def _read_index(f: Any) -> tuple[list[str], np.ndarray]:
@@ -375,9 +407,33 @@ class ShardIndex:
     keys: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.keys) != len(self.records):
-            self.keys = [r.split(":", 5)[-1] for r in self.records]
         self._locations: list[list[int]] | None = None
+        self._fields: tuple[list[str], list[str]] | None = None
+        if len(self.keys) != len(self.records):
+            keys: list[str] = []
+            checksums: list[str] = []
+            kinds: list[str] = []
+            for record in self.records:
+                parts = record.split(":", 5)
+                keys.append(parts[-1])
+                if len(parts) == 6:
+                    checksums.append(parts[3])
+                    kinds.append(parts[4])
+                else:
+                    checksums.append("")
+                    kinds.append("")
+            self.keys = keys
+            self._fields = checksums, kinds
+
+    def fields(self) -> tuple[list[str], list[str]]:
+        """``(checksums, kinds)`` of the entries' records ("" if malformed)."""
+        if self._fields is None:
+            parts = [r.split(":", 5) for r in self.records]
+            self._fields = (
+                [p[3] if len(p) == 6 else "" for p in parts],
+                [p[4] if len(p) == 6 else "" for p in parts],
+            )
+        return self._fields
 
     def locations(self) -> list[list[int]]:
         """``[group, row]`` of each entry (converted from ``entries`` once)."""
@@ -605,15 +661,12 @@ class ShardFolder:
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
         """Check every entry's payload against the checksum of its record."""
-        digest = RowDigests(arrays)
-        verified = index.verified
-        for position, ((g, row), record) in enumerate(
-            zip(index.locations(), index.records)
-        ):
-            parts = record.split(":", 5)
-            verified[position] = (
-                len(parts) == 6 and digest(g, row, parts[4]) == parts[3]
-            )
+        checksums, kinds = index.fields()
+        digests = RowDigests(arrays).many(index.locations(), kinds)
+        index.verified = [
+            bool(checksum) and digest == checksum
+            for digest, checksum in zip(digests, checksums)
+        ]
 
     def _arrays(self, index: ShardIndex) -> dict[int, np.ndarray] | None:
         """The payloads of a shard as of its index's stamp; None if it changed."""
@@ -679,20 +732,10 @@ class ShardFolder:
 
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
         by_key, shards = self.by_key, self.shards
-        prefixes = [_prefix(ident) for ident in wanted]
-        to_verify: dict[str, ShardIndex] = {}
-        for ident, prefix in zip(wanted, prefixes):
-            for _, path, position in by_key.get(ident.key, ()):
-                index = shards[path]
-                if index.records[position].startswith(prefix):
-                    if index.verified[position] is None:
-                        to_verify[path] = index
-                    break  # the newest candidate; older ones if it fails
         settled = True
-        for index in to_verify.values():
-            settled = self.verify(index) and settled
         results: list[Found | str] = []
-        for ident, prefix in zip(wanted, prefixes):
+        for ident in wanted:
+            prefix = _prefix(ident)
             refs = by_key.get(ident.key)
             if not refs:
                 results.append("missing")
@@ -761,10 +804,10 @@ class ShardFolder:
         `samplepipe.storage.hdf5.checksum`).
         """
         where, stacked = stack_payloads(payloads)
-        digest = RowDigests(stacked)
+        digests = RowDigests(stacked).many(where, kinds)
         records = [
-            ident.record(str(digest(g, row, kind)), kind)
-            for ident, (g, row), kind in zip(identities, where, kinds)
+            ident.record(str(digest), kind)
+            for ident, digest, kind in zip(identities, digests, kinds)
         ]
         return self._write(records, where, stacked, None)
 
@@ -1092,19 +1135,21 @@ class ShardLoader(CheckpointLoader):
 
     def _payload(self) -> np.ndarray:
         fs = self._fs()
-        key = f"{fs.token}|{self.path}"
-        record = self.identity.record(self.checksum, self.kind)
-        cached = DATA.get(key)
+        cached = DATA.get(f"{fs.token}|{self.path}")
         if cached is not None:
             try:
                 payload = np.array(_payload(cached[1], self.group, self.row))
             except (KeyError, ShardError):
                 payload = None
-            unchanged = cached[0] == self.stamp and (
-                not fs.local or LOCAL.stamp(self.path) == self.stamp
-            )
-            if payload is not None and (unchanged or _checksum_ok(payload, record)):
+            # Payloads kept under the stamp this entry was validated with are
+            # the bytes it was validated from (a file written since has another
+            # stamp), whatever became of the file since: no stat, no digest.
+            if payload is not None and (
+                cached[0] == self.stamp
+                or _checksum_ok(payload, self.identity.record(self.checksum, self.kind))
+            ):
                 return payload
+        record = self.identity.record(self.checksum, self.kind)
         payload = self._read_row(fs)
         if payload is not None:
             return payload

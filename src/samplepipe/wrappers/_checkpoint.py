@@ -44,6 +44,7 @@ from ..storage.identity import (
     fitted_digest,
     ingredients,
     value_digest,
+    value_digests,
 )
 from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
 from ..storage.models import (
@@ -788,9 +789,25 @@ class CheckpointWrapper(BaseWrapper):
     def input_identities(self, samples: Sequence[Any]) -> list[str]:
         """Each sample's input identity (see `attribute_identity`); keys unchecked."""
         attributes = self._read_attributes()
-        if attributes == ["data"]:
-            return [attribute_identity(s, "data") for s in samples]
-        return [input_identity(s, attributes) for s in samples]
+        if attributes != ["data"]:
+            return [input_identity(s, attributes) for s in samples]
+        # In-memory data of plain samples, hashed as a batch (`value_digests`):
+        # the same digest as `attribute_identity`, each sample its own.
+        identities: list[str | None] = []
+        arrays: list[Any] = []
+        where: list[int] = []
+        for i, s in enumerate(samples):
+            state = getattr(s, "__dict__", None)
+            value = state.get("data") if type(s) is Sample else None
+            if value is None or "data" in state.get("_delayed_attributes", ()):
+                identities.append(attribute_identity(s, "data"))
+            else:
+                identities.append(None)
+                arrays.append(value)
+                where.append(i)
+        for i, digest in zip(where, value_digests(arrays)):
+            identities[i] = "v" + digest
+        return identities  # type: ignore[return-value] - every None was filled
 
     # -- model -------------------------------------------------------------
     def _model_header(self) -> dict[str, Any]:

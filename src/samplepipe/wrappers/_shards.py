@@ -43,9 +43,9 @@ def folder_of(wrapper: CheckpointWrapper) -> ShardFolder:
 def entry_of(found: Found) -> tuple[int, int, str, str]:
     """``(group, row, checksum, kind)`` of a found entry (see `ShardLoader`)."""
     index, position = found
-    parts = index.records[position].split(":", 5)
+    checksums, kinds = index.fields()
     group, row = index.locations()[position]
-    return int(group), int(row), parts[3], parts[4]
+    return group, row, checksums[position], kinds[position]
 
 
 def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
