@@ -694,6 +694,37 @@ def test_compaction_merges_shards_up_to_the_byte_budget(tmp_path):
     assert count_rows(log, "transform") == 10
 
 
+def test_batched_input_identities_equal_each_sample_s_own(tmp_path):
+    """The batch path (`value_digests`) gives each sample the identity it had alone."""
+    from samplepipe.storage.identity import value_digest, value_digests
+    from samplepipe.wrappers._checkpoint import attribute_identity
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(6, 4))
+    data = [
+        *block,  # rows of one array
+        block[:, 0],  # not contiguous
+        np.arange(3, dtype=">i4"),  # another byte order
+        np.zeros((2, 2), dtype="f4"),
+        np.array(["a", "bc"]),  # not a number: hashed alone
+        np.zeros(2, dtype="M8[s]"),
+        np.array(5.0),  # 0-d
+        "text",
+        None,
+    ]
+    samples = [Sample(x, key=f"k{i}") for i, x in enumerate(data)]
+    samples.append(DelayedSample(lambda: block[0], key="lazy"))
+    w = sharded(Store("local", str(tmp_path)), tmp_path / "calls.log")
+    alone = [attribute_identity(s, "data") for s in samples]
+    assert w.input_identities(samples) == alone
+    assert value_digests(list(block)) == [value_digest(row) for row in block]
+    assert len(set(alone[:6])) == 6  # each row its own digest
+    changed = list(samples)
+    changed[2] = Sample(block[2] + 1, key="k2")
+    again = w.input_identities(changed)
+    assert [i for i, (a, b) in enumerate(zip(alone, again)) if a != b] == [2]
+
+
 # ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
