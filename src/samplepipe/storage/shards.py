@@ -804,12 +804,13 @@ class ShardFolder:
         `samplepipe.storage.hdf5.checksum`).
         """
         where, stacked = stack_payloads(payloads)
-        digests = RowDigests(stacked).many(where, kinds)
+        digests = [str(d) for d in RowDigests(stacked).many(where, kinds)]
         records = [
-            ident.record(str(digest), kind)
+            ident.record(digest, kind)
             for ident, digest, kind in zip(identities, digests, kinds)
         ]
-        return self._write(records, where, stacked, None)
+        keys = [ident.key for ident in identities]
+        return self._write(records, where, stacked, None, (keys, digests, list(kinds)))
 
     def _write(
         self,
@@ -817,7 +818,9 @@ class ShardFolder:
         where: list[tuple[int, int]],
         stacked: dict[int, np.ndarray],
         times: Sequence[int] | None,
+        fields: tuple[list[str], list[str], list[str]] | None = None,
     ) -> ShardIndex:
+        """Write a shard; ``fields``: ``(keys, checksums, kinds)`` if known."""
         now = self.next_time()
         entries = np.empty((len(records), 3), dtype="<i8")
         entries[:, :2] = np.array(where, dtype="<i8").reshape(len(records), 2)
@@ -826,9 +829,15 @@ class ShardFolder:
         path = join_location(self.root, shard_name(now))
         self.fs.makedirs(self.root)
         st = self.fs.write_bytes(path, blob)
-        index = ShardIndex(
-            path, st, len(blob), "ok", records, entries, [True] * len(records)
-        )
+        verified: list[bool | None] = [True] * len(records)
+        if fields is None:
+            index = ShardIndex(path, st, len(blob), "ok", records, entries, verified)
+        else:
+            keys, checksums, kinds = fields
+            index = ShardIndex(
+                path, st, len(blob), "ok", records, entries, verified, keys
+            )
+            index._fields = checksums, kinds
         with self.lock:
             self._drop(path)
             self._add(index)
