@@ -1132,7 +1132,7 @@ def value_digests(values: list[Any]) -> list[str]:
                     continue
                 base = bases[header] = _blake(f"{dtype.str}{value.shape}".encode())
             h = base.copy()
-            h.update(value)  # type: ignore[arg-type] - a C-contiguous buffer
+            h.update(value)  # a C-contiguous array is its bytes' buffer
             append(h.hexdigest())
         else:
             append(value_digest(value))

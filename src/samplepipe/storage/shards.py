@@ -169,9 +169,9 @@ def stack_payloads(
         first = payloads[0]
         dtype, shape = first.dtype, first.shape
         if all(p.dtype == dtype and p.shape == shape for p in payloads):
-            stacked = np.stack(payloads)  # one group: the common case
-            if stacked.dtype.str == dtype.str:
-                return [(0, row) for row in range(len(payloads))], {0: stacked}
+            one = np.stack(payloads)  # one group: the common case
+            if one.dtype.str == dtype.str:
+                return [(0, row) for row in range(len(payloads))], {0: one}
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for i, payload in enumerate(payloads):
         groups.setdefault((payload.dtype.str, payload.shape), []).append(i)

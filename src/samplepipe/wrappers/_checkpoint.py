@@ -793,21 +793,21 @@ class CheckpointWrapper(BaseWrapper):
             return [input_identity(s, attributes) for s in samples]
         # In-memory data of plain samples, hashed as a batch (`value_digests`):
         # the same digest as `attribute_identity`, each sample its own.
-        identities: list[str | None] = []
+        identities: list[str] = []
         arrays: list[Any] = []
         where: list[int] = []
         for i, s in enumerate(samples):
-            state = getattr(s, "__dict__", None)
-            value = state.get("data") if type(s) is Sample else None
+            state = s.__dict__ if type(s) is Sample else {}
+            value = state.get("data")
             if value is None or "data" in state.get("_delayed_attributes", ()):
                 identities.append(attribute_identity(s, "data"))
             else:
-                identities.append(None)
+                identities.append("")  # filled below
                 arrays.append(value)
                 where.append(i)
         for i, digest in zip(where, value_digests(arrays)):
             identities[i] = "v" + digest
-        return identities  # type: ignore[return-value] - every None was filled
+        return identities
 
     # -- model -------------------------------------------------------------
     def _model_header(self) -> dict[str, Any]:
