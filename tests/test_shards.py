@@ -672,6 +672,13 @@ def test_transform_is_called_on_slices_that_fill_a_shard(tmp_path):
     assert calls == [100, 50, 50, 50, 50]
     assert entry_counts(store) == [50] * 6
     np.testing.assert_array_equal(values(out), expected(samples))
+    # an estimate from few samples grows the slices 4x at most
+    big = Store("local", str(tmp_path / "big"))
+    more = random_samples(1000, n_features=100, prefix="m")
+    counting(big, log, layout="shards").transform(more)  # 64 MiB: one shard
+    calls = [rows for _, rows in read_calls(log, "transform")][5:]
+    assert calls == [100, 400, 500]
+    assert entry_counts(big) == [1000]
 
 
 def test_compaction_merges_shards_up_to_the_byte_budget(tmp_path):

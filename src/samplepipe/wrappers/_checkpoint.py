@@ -259,7 +259,9 @@ class CheckpointWrapper(BaseWrapper):
         this many bytes (64 MiB; a str such as ``"256M"`` or ``"1G"`` works
         too). It always holds at least one sample. The wrapped estimator's
         ``transform`` is called on slices sized to fill one shard, estimated
-        from the outputs so far; a crash loses at most the shard being built.
+        from the outputs so far (the first of 100 samples, each next one at
+        most 4x the samples computed before); a crash loses at most the shard
+        being built.
     format : str or Format, default=None
         The file format of feature checkpoints: a name registered with
         `samplepipe.storage.register_format` (``"hdf5"``, ``"custom"``,

@@ -215,6 +215,8 @@ class _Building:
             wanted = int((budget - sum(self.sizes)) // per_sample)
             if wanted < 1:
                 return 0 if count else 1
+            # an estimate from few (or failed) samples grows the slices 4x at most
+            wanted = min(wanted, max(FIRST_SLICE, 4 * self.samples))
         return max(1, min(wanted, size - count if size is not None else wanted))
 
     def add(self, chunk: Sequence[int], values: dict[int, Any]) -> None:
