@@ -732,6 +732,28 @@ def test_batched_input_identities_equal_each_sample_s_own(tmp_path):
     assert [i for i, (a, b) in enumerate(zip(alone, again)) if a != b] == [2]
 
 
+def test_the_garbage_collector_is_restored_after_a_transform(tmp_path):
+    """Paused around samplepipe's own bookkeeping only, and restored as it was."""
+    import gc
+
+    store = Store("local", str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    samples = random_samples(5)
+    assert gc.isenabled()
+    sharded(store, log).transform(samples)
+    assert gc.isenabled()
+    bad = [*samples, Sample(np.zeros(4), key="../evil")]
+    with pytest.raises(ValueError, match="evil"):
+        sharded(store, log).transform(bad)  # raised while paused
+    assert gc.isenabled()
+    gc.disable()  # the application's choice is kept
+    try:
+        sharded(store, log).transform(random_samples(3, prefix="t"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 # ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
