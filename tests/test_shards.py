@@ -622,6 +622,139 @@ def test_storage_level_compaction_keeps_every_step(tmp_path):
 
 
 # ---------------------------------------------------------------------------
+# shards sized by bytes
+# ---------------------------------------------------------------------------
+def entry_counts(store):
+    """Entries per shard file, oldest first (names sort by time)."""
+    counts = []
+    for name in sorted(shard_files(store)):
+        blob = store.read(os.path.join(store.url("f"), name))
+        with h5py.File(h5py.h5f.open_file_image(blob), "r") as f:
+            counts.append(len(f["entries"]))
+    return counts
+
+
+@pytest.mark.parametrize(
+    ("limits", "counts"),
+    [
+        ({"shard_bytes": 20_000}, [2, 2, 2, 1]),  # 8,000 B per sample
+        ({"shard_bytes": "20K"}, [2, 2, 2, 1]),  # 20,480 B
+        ({"shard_bytes": 24_000}, [3, 3, 1]),  # exactly full
+        ({"shard_bytes": 1}, [1] * 7),  # a sample larger than the budget: alone
+        ({"shard_bytes": 10**9, "shard_size": 3}, [3, 3, 1]),
+        ({"shard_bytes": 20_000, "shard_size": 1}, [1] * 7),
+        ({"shard_size": 3}, [3, 3, 1]),  # the old spelling, as before
+        ({}, [7]),  # the default: 64 MiB
+    ],
+)
+def test_a_shard_closes_at_its_byte_budget(tmp_path, limits, counts):
+    store = Store("local", str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    samples = random_samples(7, n_features=1000)
+    w = counting(store, log, layout="shards", **limits)
+    out = w.transform(samples)
+    assert entry_counts(store) == counts
+    np.testing.assert_array_equal(values(out), expected(samples))
+    new_process()
+    again = counting(store, log, layout="shards", **limits).transform(samples)
+    np.testing.assert_array_equal(values(again), expected(samples))
+    assert count_rows(log, "transform") == 7
+
+
+def test_transform_is_called_on_slices_that_fill_a_shard(tmp_path):
+    """The first slice measures the outputs; the next ones fill one shard each."""
+    store = Store("local", str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    samples = random_samples(300, n_features=100)  # 800 B per output
+    w = counting(store, log, layout="shards", shard_bytes=40_000)  # 50 per shard
+    out = w.transform(samples)
+    calls = [rows for _, rows in read_calls(log, "transform")]
+    assert calls == [100, 50, 50, 50, 50]
+    assert entry_counts(store) == [50] * 6
+    np.testing.assert_array_equal(values(out), expected(samples))
+    # an estimate from few samples grows the slices 4x at most
+    big = Store("local", str(tmp_path / "big"))
+    more = random_samples(1000, n_features=100, prefix="m")
+    counting(big, log, layout="shards").transform(more)  # 64 MiB: one shard
+    calls = [rows for _, rows in read_calls(log, "transform")][5:]
+    assert calls == [100, 400, 500]
+    assert entry_counts(big) == [1000]
+
+
+def test_compaction_merges_shards_up_to_the_byte_budget(tmp_path):
+    store = Store("local", str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    samples = random_samples(10, n_features=10_000)  # 80,000 B per sample
+    w = counting(store, log, layout="shards", shard_bytes=80_000)
+    w.transform(samples)
+    assert entry_counts(store) == [1] * 10
+    report = w.compact_checkpoints(shard_bytes="320K")  # 327,680 B: 4 samples
+    assert (report["kept"], report["dropped"]) == (10, 0)
+    assert entry_counts(store) == [4, 4, 2]
+    # a shard file of at least half the budget is full: nothing more to merge
+    assert w.compact_checkpoints(shard_bytes=600_000)["written"] == []
+    with pytest.raises(ValueError, match=re.escape("got shard_bytes='x'")):
+        w.compact_checkpoints(shard_bytes="x")
+    new_process()
+    out = counting(store, log, layout="shards").transform(samples)
+    np.testing.assert_array_equal(values(out), expected(samples))
+    assert count_rows(log, "transform") == 10
+
+
+def test_batched_input_identities_equal_each_sample_s_own(tmp_path):
+    """The batch path (`value_digests`) gives each sample the identity it had alone."""
+    from samplepipe.storage.identity import value_digest, value_digests
+    from samplepipe.wrappers._checkpoint import attribute_identity
+
+    rng = np.random.default_rng(0)
+    block = rng.normal(size=(6, 4))
+    data = [
+        *block,  # rows of one array
+        block[:, 0],  # not contiguous
+        np.arange(3, dtype=">i4"),  # another byte order
+        np.zeros((2, 2), dtype="f4"),
+        np.array(["a", "bc"]),  # not a number: hashed alone
+        np.zeros(2, dtype="M8[s]"),
+        np.array(5.0),  # 0-d
+        "text",
+        None,
+    ]
+    samples = [Sample(x, key=f"k{i}") for i, x in enumerate(data)]
+    samples.append(DelayedSample(lambda: block[0], key="lazy"))
+    w = sharded(Store("local", str(tmp_path)), tmp_path / "calls.log")
+    alone = [attribute_identity(s, "data") for s in samples]
+    assert w.input_identities(samples) == alone
+    assert value_digests(list(block)) == [value_digest(row) for row in block]
+    assert len(set(alone[:6])) == 6  # each row its own digest
+    changed = list(samples)
+    changed[2] = Sample(block[2] + 1, key="k2")
+    again = w.input_identities(changed)
+    assert [i for i, (a, b) in enumerate(zip(alone, again)) if a != b] == [2]
+
+
+def test_the_garbage_collector_is_restored_after_a_transform(tmp_path):
+    """Paused around samplepipe's own bookkeeping only, and restored as it was."""
+    import gc
+
+    store = Store("local", str(tmp_path / "store"))
+    log = tmp_path / "calls.log"
+    samples = random_samples(5)
+    assert gc.isenabled()
+    sharded(store, log).transform(samples)
+    assert gc.isenabled()
+    bad = [*samples, Sample(np.zeros(4), key="../evil")]
+    with pytest.raises(ValueError, match="evil"):
+        sharded(store, log).transform(bad)  # raised while paused
+    assert gc.isenabled()
+    gc.disable()  # the application's choice is kept
+    try:
+        sharded(store, log).transform(random_samples(3, prefix="t"))
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+# ---------------------------------------------------------------------------
 # configuration
 # ---------------------------------------------------------------------------
 def save_npy(data, path):
@@ -639,6 +772,17 @@ def save_npy(data, path):
         ({"load_func": np.load}, ValueError, "got load_func=<function load"),
         ({"hash_fn": hash_string}, ValueError, "got hash_fn=<function hash_string"),
         ({"shard_size": 0}, ValueError, "got shard_size=0; it must be an int >= 1"),
+        ({"shard_size": 2.5}, ValueError, "got shard_size=2.5; it must be an int"),
+        (
+            {"shard_bytes": 0},
+            ValueError,
+            "got shard_bytes=0; it must be a number of bytes (an int >= 1) or a str "
+            "such as '64M'",
+        ),
+        ({"shard_bytes": "lots"}, ValueError, "got shard_bytes='lots'; it must be"),
+        ({"shard_bytes": -5}, ValueError, "got shard_bytes=-5; it must be"),
+        ({"shard_bytes": True}, ValueError, "got shard_bytes=True; it must be"),
+        ({"shard_bytes": 1.5e6}, ValueError, "got shard_bytes=1500000.0; it must"),
         ({"layout": "rows"}, ValueError, "got layout='rows'; it must be 'files'"),
     ],
 )

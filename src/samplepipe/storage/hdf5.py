@@ -55,6 +55,8 @@ _READ_FAPL.set_libver_bounds(h5f.LIBVER_EARLIEST, h5f.LIBVER_LATEST)
 
 def encode(value: Any) -> tuple[np.ndarray, str]:
     """``(payload array, kind)`` for a value; `UnsupportedValueError` otherwise."""
+    if type(value) is np.ndarray and value.dtype.kind in _NATIVE:
+        return value, "a"  # the common case first
     if isinstance(value, np.generic):
         array = np.asarray(value)
         if array.dtype.kind in _NATIVE:

@@ -69,7 +69,9 @@ from .identity import FORMAT_VERSION, Identity
 SHARD_FORMAT = 1
 SHARD_ATTRIBUTE = "samplepipe-shard"
 INDEX_CHECKSUM_ATTRIBUTE = "index-checksum"
-DEFAULT_SHARD_SIZE = 1000
+DEFAULT_SHARD_SIZE = None  # no limit on the entries of a shard: its bytes decide
+DEFAULT_SHARD_BYTES = 64 * 2**20
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SHARD_NAME = re.compile(r"shard-\d{20}-[0-9a-f]{8}-\d+-[0-9a-f]{8}\.h5\Z")
 _READ_ATTEMPTS = 3
 
@@ -92,6 +94,64 @@ def is_shard_temporary(name: str) -> bool:
     return is_shard_name(inner)
 
 
+def shard_limits(shard_size: Any, shard_bytes: Any, who: str) -> tuple[int | None, int]:
+    """``(shard_size, shard_bytes)`` checked; ``shard_bytes`` as a number of bytes.
+
+    ``shard_size`` is None (no limit) or an int >= 1; ``shard_bytes`` an int
+    >= 1 or a str such as ``"64M"`` (K, M, G, T: powers of 1024, as joblib's
+    ``max_nbytes``). ``who`` names the caller in the error.
+    """
+    if shard_size is not None and (
+        not isinstance(shard_size, int | np.integer)
+        or isinstance(shard_size, bool)
+        or shard_size < 1
+    ):
+        msg = (
+            f"{who} got shard_size={shard_size!r}; it must be an int >= 1 (samples "
+            "per shard) or None (no limit: shard_bytes alone decides)."
+        )
+        raise ValueError(msg)
+    nbytes: int | None = None
+    if isinstance(shard_bytes, int | np.integer) and not isinstance(shard_bytes, bool):
+        nbytes = int(shard_bytes)
+    elif isinstance(shard_bytes, str):
+        match = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", shard_bytes.upper())
+        if match is not None:
+            nbytes = int(match[1]) * _UNITS[match[2]]
+    if nbytes is None or nbytes < 1:
+        msg = (
+            f"{who} got shard_bytes={shard_bytes!r}; it must be a number of bytes "
+            "(an int >= 1) or a str such as '64M' or '1G', e.g. "
+            f"shard_bytes={DEFAULT_SHARD_BYTES} (64 MiB, the default)."
+        )
+        raise ValueError(msg)
+    return (None if shard_size is None else int(shard_size)), nbytes
+
+
+def split_points(
+    sizes: Sequence[int], shard_size: int | None, shard_bytes: int
+) -> list[int]:
+    """Where entries of these payload sizes are cut into shards (end indices).
+
+    A shard takes entries in order while it holds fewer than ``shard_size``
+    and its payload stays within ``shard_bytes``; it holds at least one.
+    """
+    ends: list[int] = []
+    count = total = 0
+    for i, size in enumerate(sizes):
+        if count and (
+            total + size > shard_bytes
+            or (shard_size is not None and count >= shard_size)
+        ):
+            ends.append(i)
+            count = total = 0
+        count += 1
+        total += size
+    if count:
+        ends.append(len(sizes))
+    return ends
+
+
 # ---------------------------------------------------------------------------
 # the file format
 # ---------------------------------------------------------------------------
@@ -105,6 +165,13 @@ def stack_payloads(
     payloads: Sequence[np.ndarray],
 ) -> tuple[list[tuple[int, int]], dict[int, np.ndarray]]:
     """Stack payloads of one dtype and shape: ``([(group, row)], {group: array})``."""
+    if payloads:
+        first = payloads[0]
+        dtype, shape = first.dtype, first.shape
+        if all(p.dtype == dtype and p.shape == shape for p in payloads):
+            one = np.stack(payloads)  # one group: the common case
+            if one.dtype.str == dtype.str:
+                return [(0, row) for row in range(len(payloads))], {0: one}
     groups: dict[tuple[str, tuple[int, ...]], list[int]] = {}
     for i, payload in enumerate(payloads):
         groups.setdefault((payload.dtype.str, payload.shape), []).append(i)
@@ -183,6 +250,31 @@ class RowDigests:
         h = base.copy()
         h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
         return h.hexdigest()
+
+    def many(
+        self, where: Sequence[Sequence[int]], kinds: Sequence[str]
+    ) -> list[str | None]:
+        """The checksums of entries ``where[i] = (group, row)`` as ``kinds[i]``."""
+        digests: list[str | None] = []
+        append = digests.append
+        ready: dict[tuple[int, str], tuple[memoryview, int, int, Any]] = {}
+        for (group, row), kind in zip(where, kinds):
+            found = ready.get((group, kind))
+            if found is None:
+                if self(group, 0, kind) is None:  # no such group, or empty
+                    append(None)
+                    continue
+                buffer, row_bytes, _, rows = self._buffers[group]
+                base = self._bases[(group, kind)]
+                found = ready[(group, kind)] = (buffer, row_bytes, rows, base)
+            buffer, row_bytes, rows, base = found
+            if not 0 <= row < rows:
+                append(None)
+                continue
+            h = base.copy()
+            h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
+            append(h.hexdigest())
+        return digests
 
 
 def _read_index(f: Any) -> tuple[list[str], np.ndarray]:
@@ -287,8 +379,9 @@ class ShardData:
 DATA = ShardData()
 
 # A local shard up to this size is read whole when one of its entries misses
-# `DATA` (one open instead of one per entry); a larger one, row by row.
-WHOLE_READ_BYTES = 16 << 20
+# `DATA` (one open instead of one per entry); a larger one, row by row. As
+# large as `DATA` keeps: shards of the default 64 MiB are read whole.
+WHOLE_READ_BYTES = 256 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -314,9 +407,33 @@ class ShardIndex:
     keys: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if len(self.keys) != len(self.records):
-            self.keys = [r.split(":", 5)[-1] for r in self.records]
         self._locations: list[list[int]] | None = None
+        self._fields: tuple[list[str], list[str]] | None = None
+        if len(self.keys) != len(self.records):
+            keys: list[str] = []
+            checksums: list[str] = []
+            kinds: list[str] = []
+            for record in self.records:
+                parts = record.split(":", 5)
+                keys.append(parts[-1])
+                if len(parts) == 6:
+                    checksums.append(parts[3])
+                    kinds.append(parts[4])
+                else:
+                    checksums.append("")
+                    kinds.append("")
+            self.keys = keys
+            self._fields = checksums, kinds
+
+    def fields(self) -> tuple[list[str], list[str]]:
+        """``(checksums, kinds)`` of the entries' records ("" if malformed)."""
+        if self._fields is None:
+            parts = [r.split(":", 5) for r in self.records]
+            self._fields = (
+                [p[3] if len(p) == 6 else "" for p in parts],
+                [p[4] if len(p) == 6 else "" for p in parts],
+            )
+        return self._fields
 
     def locations(self) -> list[list[int]]:
         """``[group, row]`` of each entry (converted from ``entries`` once)."""
@@ -544,15 +661,12 @@ class ShardFolder:
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
         """Check every entry's payload against the checksum of its record."""
-        digest = RowDigests(arrays)
-        verified = index.verified
-        for position, ((g, row), record) in enumerate(
-            zip(index.locations(), index.records)
-        ):
-            parts = record.split(":", 5)
-            verified[position] = (
-                len(parts) == 6 and digest(g, row, parts[4]) == parts[3]
-            )
+        checksums, kinds = index.fields()
+        digests = RowDigests(arrays).many(index.locations(), kinds)
+        index.verified = [
+            bool(checksum) and digest == checksum
+            for digest, checksum in zip(digests, checksums)
+        ]
 
     def _arrays(self, index: ShardIndex) -> dict[int, np.ndarray] | None:
         """The payloads of a shard as of its index's stamp; None if it changed."""
@@ -618,20 +732,10 @@ class ShardFolder:
 
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
         by_key, shards = self.by_key, self.shards
-        prefixes = [_prefix(ident) for ident in wanted]
-        to_verify: dict[str, ShardIndex] = {}
-        for ident, prefix in zip(wanted, prefixes):
-            for _, path, position in by_key.get(ident.key, ()):
-                index = shards[path]
-                if index.records[position].startswith(prefix):
-                    if index.verified[position] is None:
-                        to_verify[path] = index
-                    break  # the newest candidate; older ones if it fails
         settled = True
-        for index in to_verify.values():
-            settled = self.verify(index) and settled
         results: list[Found | str] = []
-        for ident, prefix in zip(wanted, prefixes):
+        for ident in wanted:
+            prefix = _prefix(ident)
             refs = by_key.get(ident.key)
             if not refs:
                 results.append("missing")
@@ -700,12 +804,13 @@ class ShardFolder:
         `samplepipe.storage.hdf5.checksum`).
         """
         where, stacked = stack_payloads(payloads)
-        digest = RowDigests(stacked)
+        digests = [str(d) for d in RowDigests(stacked).many(where, kinds)]
         records = [
-            ident.record(str(digest(g, row, kind)), kind)
-            for ident, (g, row), kind in zip(identities, where, kinds)
+            ident.record(digest, kind)
+            for ident, digest, kind in zip(identities, digests, kinds)
         ]
-        return self._write(records, where, stacked, None)
+        keys = [ident.key for ident in identities]
+        return self._write(records, where, stacked, None, (keys, digests, list(kinds)))
 
     def _write(
         self,
@@ -713,7 +818,9 @@ class ShardFolder:
         where: list[tuple[int, int]],
         stacked: dict[int, np.ndarray],
         times: Sequence[int] | None,
+        fields: tuple[list[str], list[str], list[str]] | None = None,
     ) -> ShardIndex:
+        """Write a shard; ``fields``: ``(keys, checksums, kinds)`` if known."""
         now = self.next_time()
         entries = np.empty((len(records), 3), dtype="<i8")
         entries[:, :2] = np.array(where, dtype="<i8").reshape(len(records), 2)
@@ -722,9 +829,15 @@ class ShardFolder:
         path = join_location(self.root, shard_name(now))
         self.fs.makedirs(self.root)
         st = self.fs.write_bytes(path, blob)
-        index = ShardIndex(
-            path, st, len(blob), "ok", records, entries, [True] * len(records)
-        )
+        verified: list[bool | None] = [True] * len(records)
+        if fields is None:
+            index = ShardIndex(path, st, len(blob), "ok", records, entries, verified)
+        else:
+            keys, checksums, kinds = fields
+            index = ShardIndex(
+                path, st, len(blob), "ok", records, entries, verified, keys
+            )
+            index._fields = checksums, kinds
         with self.lock:
             self._drop(path)
             self._add(index)
@@ -791,16 +904,21 @@ class ShardFolder:
         return True
 
     def compact(
-        self, shard_size: int = DEFAULT_SHARD_SIZE, step: str | None = None
+        self,
+        shard_size: int | None = DEFAULT_SHARD_SIZE,
+        step: str | None = None,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
     ) -> dict[str, Any]:
         """Merge small shards into full ones; drop what no step can use.
 
         Dropped: corrupt entries and exact copies of a newer entry; with
         ``step``, also every entry that is not this step's valid entry of its
         key (stale and superseded ones). A shard is rewritten when it holds
-        fewer than ``shard_size`` kept entries or any dropped one. New shards
-        are written (each atomically) before the old ones are removed, so a
-        reader always finds every kept entry; entries keep their times.
+        any dropped entry, or when it is small: fewer than ``shard_size`` kept
+        entries (if given) and a file of less than half ``shard_bytes``. New
+        shards (split as the writer does, `split_points`) are written (each
+        atomically) before the old ones are removed, so a reader always finds
+        every kept entry; entries keep their times.
         """
         with self.lock:
             self.refresh()
@@ -830,9 +948,13 @@ class ShardFolder:
             kept_of[index.path] = kept
             if len(kept) < len(index.records):
                 dropping.add(index.path)
-        candidates = [
-            i for i in shards if i.path in dropping or len(kept_of[i.path]) < shard_size
-        ]
+
+        def full(index: ShardIndex) -> bool:
+            if shard_size is not None and len(kept_of[index.path]) >= shard_size:
+                return True
+            return index.size >= shard_bytes // 2
+
+        candidates = [i for i in shards if i.path in dropping or not full(i)]
         report: dict[str, Any] = {
             "shards": len(shards),
             "written": [],
@@ -846,16 +968,23 @@ class ShardFolder:
         pending: list[tuple[str, np.ndarray, int]] = []
         done: list[ShardIndex] = []
 
-        def flush(limit: int) -> None:
-            while len(pending) >= limit and pending:
-                chunk = pending[:shard_size]
-                del pending[:shard_size]
+        def flush(final: bool) -> None:
+            ends = split_points([p.nbytes for _, p, _ in pending], *limits)
+            if not final:
+                ends = ends[:-1]  # the last shard may take more entries
+            start = 0
+            for end in ends:
+                chunk = pending[start:end]
+                start = end
                 written = self.write(
                     [r for r, _, _ in chunk],
                     [p for _, p, _ in chunk],
                     [t for _, _, t in chunk],
                 )
                 report["written"].append(written.path)
+            del pending[:start]
+
+        limits = (shard_size, shard_bytes)
 
         for index in candidates:
             arrays = self._arrays(index) if kept_of[index.path] else {}
@@ -870,8 +999,8 @@ class ShardFolder:
                 pending.append((record, np.array(payload), t))
             else:
                 done.append(index)
-                flush(shard_size)
-        flush(1)
+                flush(final=False)
+        flush(final=True)
         for index in done:
             if self.remove(index.path, index.stamp):
                 report["removed"].append(index.path)
@@ -911,8 +1040,9 @@ def compact(
     location: str | os.PathLike[str],
     storage_options: Mapping[str, Any] | None = None,
     *,
-    shard_size: int = DEFAULT_SHARD_SIZE,
+    shard_size: int | None = DEFAULT_SHARD_SIZE,
     step: str | None = None,
+    shard_bytes: int | str = DEFAULT_SHARD_BYTES,
 ) -> dict[str, Any]:
     """Merge the small shards of a folder into fewer, full ones.
 
@@ -923,13 +1053,18 @@ def compact(
         or an fsspec URL).
     storage_options : dict, default=None
         fsspec options for a URL.
-    shard_size : int, default=1000
-        Entries per new shard; shards with fewer kept entries are merged.
+    shard_size : int, default=None
+        At most this many entries per new shard (None: no limit); a shard with
+        this many kept entries is full.
     step : str, default=None
         A step identity (`CheckpointWrapper.step_identity`): keep only that
         step's valid entries. Without it, every verified entry is kept (only
         corrupt entries and duplicates are dropped): use
         `CheckpointWrapper.compact_checkpoints` to drop stale entries too.
+    shard_bytes : int or str, default=64 * 2**20
+        At most this many payload bytes per new shard (at least one entry
+        each); an int, or a str such as ``"64M"``. A shard file of at least
+        half this size is full. Shards that are not full are merged.
 
     Returns
     -------
@@ -944,14 +1079,8 @@ def compact(
     entry, and a crash leaves duplicates at worst (dropped by the next
     compaction). Shards that changed since they were read are left alone.
     """
-    if (
-        not isinstance(shard_size, int)
-        or isinstance(shard_size, bool)
-        or shard_size < 1
-    ):
-        msg = f"compact got shard_size={shard_size!r}; it must be an int >= 1."
-        raise ValueError(msg)
-    return shard_folder(location, storage_options).compact(shard_size, step)
+    size, nbytes = shard_limits(shard_size, shard_bytes, "compact")
+    return shard_folder(location, storage_options).compact(size, step, nbytes)
 
 
 # ---------------------------------------------------------------------------
@@ -1015,19 +1144,21 @@ class ShardLoader(CheckpointLoader):
 
     def _payload(self) -> np.ndarray:
         fs = self._fs()
-        key = f"{fs.token}|{self.path}"
-        record = self.identity.record(self.checksum, self.kind)
-        cached = DATA.get(key)
+        cached = DATA.get(f"{fs.token}|{self.path}")
         if cached is not None:
             try:
                 payload = np.array(_payload(cached[1], self.group, self.row))
             except (KeyError, ShardError):
                 payload = None
-            unchanged = cached[0] == self.stamp and (
-                not fs.local or LOCAL.stamp(self.path) == self.stamp
-            )
-            if payload is not None and (unchanged or _checksum_ok(payload, record)):
+            # Payloads kept under the stamp this entry was validated with are
+            # the bytes it was validated from (a file written since has another
+            # stamp), whatever became of the file since: no stat, no digest.
+            if payload is not None and (
+                cached[0] == self.stamp
+                or _checksum_ok(payload, self.identity.record(self.checksum, self.kind))
+            ):
                 return payload
+        record = self.identity.record(self.checksum, self.kind)
         payload = self._read_row(fs)
         if payload is not None:
             return payload

@@ -44,6 +44,7 @@ from ..storage.identity import (
     fitted_digest,
     ingredients,
     value_digest,
+    value_digests,
 )
 from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
 from ..storage.models import (
@@ -52,6 +53,7 @@ from ..storage.models import (
     save_model,
     update_estimator,
 )
+from ..storage.shards import DEFAULT_SHARD_BYTES, shard_limits
 from . import _explain, _shards
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
@@ -243,14 +245,25 @@ class CheckpointWrapper(BaseWrapper):
         the lazy samples.
     layout : {"files", "shards"}, default="files"
         ``"files"``: one file per sample, ``<features_dir>/<key>.h5``.
-        ``"shards"``: one HDF5 file per batch of computed samples (at most
-        ``shard_size`` each), holding each sample's record and payload as the
-        file layout does; see `samplepipe.storage.shards`. Fewer, larger
-        files: far faster to write and read, one request per batch on object
-        stores. ``save_func``, ``load_func`` and ``hash_fn`` do not apply.
-    shard_size : int, default=1000
-        With ``layout="shards"``: samples per shard, and per call of the
-        wrapped estimator's ``transform`` (a crash loses at most one shard).
+        ``"shards"``: one HDF5 file per batch of computed samples (up to
+        ``shard_bytes`` of payload, and ``shard_size`` samples if given),
+        holding each sample's record and payload as the file layout does; see
+        `samplepipe.storage.shards`. Fewer, larger files: far faster to write
+        and read, one request per batch on object stores. ``save_func``,
+        ``load_func`` and ``hash_fn`` do not apply.
+    shard_size : int, default=None
+        With ``layout="shards"``: at most this many samples per shard, and per
+        call of the wrapped estimator's ``transform``. None: no limit, the
+        shard's bytes decide (``shard_bytes``). Up to 0.5.0 the default was
+        1000; an explicit value keeps its meaning.
+    shard_bytes : int or str, default=64 * 2**20
+        With ``layout="shards"``: a shard closes when its payload would pass
+        this many bytes (64 MiB; a str such as ``"256M"`` or ``"1G"`` works
+        too). It always holds at least one sample. The wrapped estimator's
+        ``transform`` is called on slices sized to fill one shard, estimated
+        from the outputs so far (the first of 100 samples, each next one at
+        most 4x the samples computed before); a crash loses at most the shard
+        being built.
     format : str or Format, default=None
         The file format of feature checkpoints: a name registered with
         `samplepipe.storage.register_format` (``"hdf5"``, ``"custom"``,
@@ -308,7 +321,8 @@ class CheckpointWrapper(BaseWrapper):
         *,
         storage_options: dict[str, Any] | None = None,
         layout: str = "files",
-        shard_size: int = 1000,
+        shard_size: int | None = None,
+        shard_bytes: int | str = DEFAULT_SHARD_BYTES,
         format: str | Format | None = None,  # noqa: A002 - the option's name
     ) -> None:
         self.estimator = estimator
@@ -324,6 +338,7 @@ class CheckpointWrapper(BaseWrapper):
         self.storage_options = storage_options
         self.layout = layout
         self.shard_size = shard_size
+        self.shard_bytes = shard_bytes
         self.format = format
 
     # -- configuration -----------------------------------------------------
@@ -380,10 +395,7 @@ class CheckpointWrapper(BaseWrapper):
                 "(one file per sample) or 'shards' (one file per batch)."
             )
             raise ValueError(msg)
-        size = self.shard_size
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            msg = f"CheckpointWrapper got shard_size={size!r}; it must be an int >= 1."
-            raise ValueError(msg)
+        shard_limits(self.shard_size, self.shard_bytes, "CheckpointWrapper")
         for name, value in (
             ("save_func", _resolve_option(self, "save_func")),
             ("load_func", _resolve_option(self, "load_func")),
@@ -781,9 +793,25 @@ class CheckpointWrapper(BaseWrapper):
     def input_identities(self, samples: Sequence[Any]) -> list[str]:
         """Each sample's input identity (see `attribute_identity`); keys unchecked."""
         attributes = self._read_attributes()
-        if attributes == ["data"]:
-            return [attribute_identity(s, "data") for s in samples]
-        return [input_identity(s, attributes) for s in samples]
+        if attributes != ["data"]:
+            return [input_identity(s, attributes) for s in samples]
+        # In-memory data of plain samples, hashed as a batch (`value_digests`):
+        # the same digest as `attribute_identity`, each sample its own.
+        identities: list[str] = []
+        arrays: list[Any] = []
+        where: list[int] = []
+        for i, s in enumerate(samples):
+            state = s.__dict__ if type(s) is Sample else {}
+            value = state.get("data")
+            if value is None or "data" in state.get("_delayed_attributes", ()):
+                identities.append(attribute_identity(s, "data"))
+            else:
+                identities.append("")  # filled below
+                arrays.append(value)
+                where.append(i)
+        for i, digest in zip(where, value_digests(arrays)):
+            identities[i] = "v" + digest
+        return identities
 
     # -- model -------------------------------------------------------------
     def _model_header(self) -> dict[str, Any]:
@@ -1381,7 +1409,9 @@ class CheckpointWrapper(BaseWrapper):
                 ckpt.remove(path, save is not None, fs)
         return removed
 
-    def compact_checkpoints(self, shard_size: int | None = None) -> dict[str, Any]:
+    def compact_checkpoints(
+        self, shard_size: int | None = None, shard_bytes: int | str | None = None
+    ) -> dict[str, Any]:
         """Merge small shards into full ones (``layout="shards"`` only).
 
         Keeps each key's valid entry of this step (judged as
@@ -1393,7 +1423,12 @@ class CheckpointWrapper(BaseWrapper):
         Parameters
         ----------
         shard_size : int, default=None
-            Entries per new shard (default: this wrapper's ``shard_size``).
+            At most this many entries per new shard (default: this wrapper's
+            ``shard_size``).
+        shard_bytes : int or str, default=None
+            At most this many payload bytes per new shard (default: this
+            wrapper's ``shard_bytes``); shard files of less than half of it
+            are merged.
 
         Returns
         -------
@@ -1409,7 +1444,7 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise ValueError(msg)
         self._validate_params()
-        return _shards.compact(self, shard_size)
+        return _shards.compact(self, shard_size, shard_bytes)
 
     def _still(
         self,

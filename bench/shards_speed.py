@@ -1,0 +1,232 @@
+"""Sharded `CheckpointWrapper` against Hugging Face `datasets` map, in one run.
+
+    python bench/shards_speed.py                  # 10,000 x 128 float64
+    python bench/shards_speed.py --n 1000000 --d 64 --rounds 1
+    python bench/shards_speed.py --profile first  # cProfile of one case
+
+Each case runs in its own process; imports, building the input samples and
+saving the HF input (``save_to_disk``) are not timed. One step doubles the
+data (a module function in a `FunctionTransformer`), samples in memory:
+
+* samplepipe first run: ``CheckpointWrapper(..., layout="shards")`` transform
+  into an empty folder (compute + write), then every output's ``.data`` read;
+* samplepipe re-run: the same in a new process over the same folder (find,
+  verify, load);
+* HF first run: ``Dataset.map(batched=True)`` of the saved input (its cache
+  file written), then the output column read as one float64 array (a tiny
+  map before, untimed, does the imports);
+* HF cached run: the same map in a new process (its fingerprint cache found
+  and reloaded), the column read.
+
+The re-run's first `step_identity` (once per process, whatever the layout) is
+timed apart and not included. Nothing here is a test: the figures depend on
+the machine and its load, printed with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def double(X):
+    return np.asarray(X) * 2.0
+
+
+def make_samples(n, d):
+    from samplepipe import Sample
+
+    data = np.random.default_rng(0).normal(size=(n, d))
+    return [Sample(data[i], key=f"s/{i:07d}") for i in range(n)]
+
+
+def step(features, shard_size, shard_bytes):
+    from sklearn.preprocessing import FunctionTransformer
+
+    from samplepipe import CheckpointWrapper, SampleWrapper
+
+    options = {}
+    if shard_size is not None:
+        options["shard_size"] = shard_size
+    if shard_bytes is not None:
+        options["shard_bytes"] = shard_bytes
+    return CheckpointWrapper(
+        SampleWrapper(FunctionTransformer(double)),
+        features_dir=features,
+        layout="shards",
+        **options,
+    )
+
+
+def samplepipe_case(args):
+    samples = make_samples(args.n, args.d)
+    wrapper = step(args.features, args.shard_size, args.shard_bytes)
+    t0 = time.perf_counter()
+    wrapper.step_identity()
+    startup = time.perf_counter() - t0
+    gc.collect()
+    profiler = None
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = wrapper.transform(samples)
+    total = 0.0
+    for s in out:
+        total += float(s.data[0])
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
+    return {"seconds": seconds, "cpu": cpu, "startup": startup, "total": total}
+
+
+def hf_prepare(args):
+    import datasets
+
+    datasets.disable_progress_bars()
+    data = np.random.default_rng(0).normal(size=(args.n, args.d))
+    ds = datasets.Dataset.from_dict({"x": data})
+    ds.save_to_disk(args.features)
+    return {}
+
+
+def hf_double(batch):
+    return {"y": batch["x"] * 2.0}
+
+
+def hf_case(args):
+    import datasets
+
+    datasets.disable_progress_bars()
+    numpy = {"dtype": np.float64}  # its numpy format makes float32 otherwise
+    ds = datasets.load_from_disk(args.features).with_format("numpy", **numpy)
+    warm = datasets.Dataset.from_dict({"x": np.zeros((4, 3))})
+    warm.with_format("numpy", **numpy).map(hf_double, batched=True)  # imports
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = ds.map(hf_double, batched=True, remove_columns=["x"])
+    y = out.with_format("numpy", **numpy)[:]["y"]
+    total = float(y[:, 0].sum())
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    assert y.shape == (args.n, args.d) and y.dtype == np.float64
+    return {"seconds": seconds, "cpu": cpu, "total": total}
+
+
+def child(case, args, folder):
+    command = [
+        sys.executable,
+        __file__,
+        "--child",
+        case,
+        "--features",
+        folder,
+        "--n",
+        str(args.n),
+        "--d",
+        str(args.d),
+    ]
+    if args.shard_size is not None:
+        command += ["--shard-size", str(args.shard_size)]
+    if args.shard_bytes is not None:
+        command += ["--shard-bytes", str(args.shard_bytes)]
+    if args.profile and case.startswith(args.profile):
+        command += ["--profile", args.profile]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"{case} failed")
+    if args.profile:
+        sys.stderr.write(done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=10_000)
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--shard-size", type=int, default=None)
+    parser.add_argument("--shard-bytes", type=int, default=None)
+    parser.add_argument("--no-hf", action="store_true")
+    parser.add_argument("--profile", choices=["samplepipe-first", "samplepipe-rerun"])
+    parser.add_argument("--child")
+    parser.add_argument("--features")
+    args = parser.parse_args()
+    if args.child:
+        run = {
+            "samplepipe-first": samplepipe_case,
+            "samplepipe-rerun": samplepipe_case,
+            "hf-prepare": hf_prepare,
+            "hf-first": hf_case,
+            "hf-cached": hf_case,
+        }[args.child]
+        print(json.dumps(run(args)))
+        return
+    load = os.getloadavg()[0]
+    print(
+        f"{args.n} x {args.d} float64, {args.rounds} round(s), load {load:.2f}, "
+        f"shard_size={args.shard_size}, shard_bytes={args.shard_bytes}"
+    )
+    cases = ["samplepipe-first", "samplepipe-rerun"]
+    if not args.no_hf:
+        cases += ["hf-first", "hf-cached"]
+    rows = {case: [] for case in cases}
+    cpu = {case: [] for case in cases}
+    for r in range(args.rounds):
+        work = tempfile.mkdtemp(prefix="samplepipe-bench-speed-")
+        try:
+            ours = os.path.join(work, "features")
+            got = {
+                "samplepipe-first": child("samplepipe-first", args, ours),
+                "samplepipe-rerun": child("samplepipe-rerun", args, ours),
+            }
+            first, again = got["samplepipe-first"], got["samplepipe-rerun"]
+            assert abs(first["total"] - again["total"]) < 1e-6 * abs(first["total"])
+            if not args.no_hf:
+                hf = os.path.join(work, "hf")
+                child("hf-prepare", args, hf)
+                got["hf-first"] = child("hf-first", args, hf)
+                got["hf-cached"] = child("hf-cached", args, hf)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for case, result in got.items():
+            rows[case].append(result["seconds"])
+            cpu[case].append(result["cpu"])
+        print(
+            f"  round {r + 1} (load {os.getloadavg()[0]:.2f}): "
+            + ", ".join(
+                f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f})" for k, v in rows.items()
+            )
+        )
+    best = {k: min(v) for k, v in rows.items()}
+    best_cpu = {k: min(v) for k, v in cpu.items()}
+    print(
+        "best:",
+        ", ".join(f"{k} {v:.3f} s (cpu {best_cpu[k]:.3f})" for k, v in best.items()),
+    )
+    if not args.no_hf:
+        for name, table in (("wall", best), ("cpu", best_cpu)):
+            print(
+                f"samplepipe / HF, {name}: first "
+                f"{table['samplepipe-first'] / table['hf-first']:.2f}x, re-run "
+                f"{table['samplepipe-rerun'] / table['hf-cached']:.2f}x"
+            )
+    print(f"load at the end {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
