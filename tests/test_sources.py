@@ -382,3 +382,38 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n"] == n and result["last"] == -(n - 1)
     assert result["held"] / n <= 200, result
+
+
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_outputs_arrays_read_a_batch_at_once_with_the_same_checks(tmp_path, layout):
+    from samplepipe.errors import CorruptCheckpointError
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.storage import shards
+
+    samples = make_samples(45, prefix="a")
+    out = transform_pipeline(
+        two_steps(tmp_path), samples, layout=layout, **dirs(tmp_path, batch_size=20)
+    )
+    arrays = list(out.arrays())
+    assert [len(a) for a in arrays] == [20, 20, 5]
+    np.testing.assert_array_equal(np.concatenate(arrays), values(out))
+    np.testing.assert_allclose(np.concatenate(arrays), values(samples) + 3.0)
+    # a checkpoint damaged on disk is noticed, as when a sample loads
+    shards.clear()  # nothing kept in memory from the run
+    folder = tmp_path / "features" / "second"
+    victim = sorted(p for p in folder.rglob("*") if p.is_file())[0]
+    victim.write_bytes(b"garbage" * 100)
+    with pytest.raises((CorruptCheckpointError, OSError)):
+        list(out.arrays())
+
+
+def test_outputs_arrays_refuse_failed_samples(tmp_path):
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(12, prefix="f")
+    samples[5] = samplepipe.Sample(np.full(4, -7.0), key=samples[5].key)
+    pipe = Pipeline([("only", CountingTransformer(stateless=True, fail_on=-7.0))])
+    out = transform_pipeline(pipe, samples, on_error="skip", **dirs(tmp_path))
+    assert out[5].data is None
+    with pytest.raises(ValueError, match=r"1 sample\(s\) failed .*'f/00005'"):
+        list(out.arrays())

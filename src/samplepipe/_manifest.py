@@ -44,8 +44,9 @@ from .storage import (
     stamp_of,
 )
 from .storage.bytecode import _blake
-from .storage.shards import ShardLoader
+from .storage.shards import DATA, ShardLoader
 from .wrappers._checkpoint import failed_output, lazy_output
+from .wrappers._shards import gc_paused
 
 if TYPE_CHECKING:
     from .wrappers import CheckpointWrapper
@@ -116,6 +117,33 @@ class BatchManifest:
         seconds: float,
     ) -> BatchManifest:
         """The manifest of a `CheckpointWrapper.transform_samples` report."""
+        with gc_paused():
+            return cls._from_report(
+                report,
+                keys,
+                step=step,
+                start=start,
+                root=root,
+                layout=layout,
+                attribute=attribute,
+                errors=errors,
+                seconds=seconds,
+            )
+
+    @classmethod
+    def _from_report(
+        cls,
+        report: Mapping[str, Any],
+        keys: Sequence[str],
+        *,
+        step: str,
+        start: int,
+        root: str,
+        layout: str,
+        attribute: str,
+        errors: list[Any],
+        seconds: float,
+    ) -> BatchManifest:
         files = report["files"]
         records = report.get("records") or [None] * len(files)
         names: dict[str, int] = {}
@@ -291,13 +319,36 @@ class BatchManifest:
         batch's checkpoints (keys in order, files inside the step's folder,
         of the step's layout) and, on an object store, they are unchanged.
         """
-        n = len(self)
         keys = [getattr(s, "key", None) for s in inputs]
+        attribute = step._sample_attribute()
+        out = []
+        with gc_paused():  # a few acyclic objects per sample
+            for s, loader in zip(inputs, self.loaders(keys, step)):
+                if loader is None:
+                    out.append(failed_output(s, attribute))
+                else:
+                    out.append(lazy_output(s, attribute, loader))
+        return out
+
+    def loaders(self, keys: Sequence[Any], step: CheckpointWrapper) -> list[Any]:
+        """A loader of each sample's checkpoint (None: the sample failed).
+
+        Checked first as `validate` does.
+        """
+        with gc_paused():
+            return self._loaders(keys, step)
+
+    def _loaders(self, keys: Sequence[Any], step: CheckpointWrapper) -> list[Any]:
+        make = self._loader_maker(keys, step)
+        return [make(i) for i in range(len(self))]
+
+    def _loader_maker(self, keys: Sequence[Any], step: CheckpointWrapper) -> Any:
+        """``make(i)``: the loader of sample ``i`` (None: it failed); checked."""
+        n = len(self)
         paths = self.validate(keys, step)
         stored = is_url(self.root)
         options = step.storage_options if stored else None
         _, load_func = step._funcs()
-        attribute = step._sample_attribute()
         inputs_ = _split(self.inputs, n)
         checksums = _split(self.checksums, n)
         kinds = _split(self.kinds, n)
@@ -305,29 +356,109 @@ class BatchManifest:
         name_of = self.name_of.tolist()
         rows = self.rows.tolist() if self.rows is not None else None
         sharded = self.layout == "shards"
-        out = []
-        for i, s in enumerate(inputs):
+        step_identity = self.identity or ""
+
+        def make(i: int) -> Any:
             at = name_of[i]
             if at < 0:
-                out.append(failed_output(s, attribute))
-                continue
-            identity = Identity(self.identity or "", inputs_[i], str(keys[i]))
-            loader: Any
+                return None
+            identity = Identity(step_identity, inputs_[i], str(keys[i]))
             if sharded:
                 assert rows is not None
                 group, row = rows[i]
                 where = (group, row, checksums[i], kinds[i])
-                loader = ShardLoader.make(
-                    paths[at], identity, stamps[at], options, where
-                )
-            else:
-                record = None
-                if checksums[i] and load_func is None:
-                    record = identity.record(checksums[i], kinds[i])
-                loader = CheckpointLoader(
-                    paths[at], identity, stamps[at], load_func, options, record, False
-                )
-            out.append(lazy_output(s, attribute, loader))
+                return ShardLoader.make(paths[at], identity, stamps[at], options, where)
+            record = None
+            if checksums[i] and load_func is None:
+                record = identity.record(checksums[i], kinds[i])
+            return CheckpointLoader(
+                paths[at], identity, stamps[at], load_func, options, record, False
+            )
+
+        make.paths = paths  # type: ignore[attr-defined]
+        make.stamps = stamps  # type: ignore[attr-defined]
+        make.kinds = kinds  # type: ignore[attr-defined]
+        return make
+
+    def stacked(self, keys: Sequence[Any], step: CheckpointWrapper) -> np.ndarray:
+        """Every sample's checkpointed array, stacked in one array.
+
+        Shards are read a shard at a time: the first entry of each shard is
+        loaded as a sample loads (read, verified, the shard kept in memory
+        under its stamp, see `ShardLoader`), the others are taken from the
+        kept payloads with one fancy-indexed copy per group, as their loaders
+        would (a payload kept under the stamp it was validated with); anything
+        else loads sample by sample. Raises ``ValueError`` naming the failed
+        samples if there are any (they have no value).
+        """
+        failed = np.flatnonzero(self.name_of < 0).tolist()
+        if failed:
+            shown = ", ".join(repr(keys[i]) for i in failed[:5])
+            msg = (
+                f"{len(failed)} sample(s) failed and have no value to stack: {shown}; "
+                "iterate the outputs instead (failed samples are None)."
+            )
+            raise ValueError(msg)
+        with gc_paused():
+            make = self._loader_maker(keys, step)
+        n = len(self)
+        if n == 0:
+            return np.empty((0,))
+        first = make(0)()
+        if self.layout != "shards" or not isinstance(first, np.ndarray):
+            return np.stack([first] + [make(i)() for i in range(1, n)])
+        out = np.empty((n, *first.shape), dtype=first.dtype)
+        out[0] = first
+        done = np.zeros(n, dtype=bool)
+        done[0] = True
+        assert self.rows is not None
+        groups, rows = self.rows[:, 0], self.rows[:, 1]
+        plain = np.array([k == "a" for k in make.kinds], dtype=bool)
+        for at in np.unique(self.name_of).tolist():
+            members = np.flatnonzero(self.name_of == at)
+            head = int(members[0])
+            loader = make(head)
+            if not done[head]:
+                value = loader()  # reads and verifies the shard if not kept
+                if not _fits(value, first):
+                    return np.stack([make(i)() for i in range(n)])
+                out[head] = value
+                done[head] = True
+            cached = DATA.get(f"{loader._fs().token}|{make.paths[at]}")
+            if cached is None or cached[0] != make.stamps[at]:
+                continue
+            for g in np.unique(groups[members]).tolist():
+                array = cached[1].get(g)
+                if array is None or not _fits(array[:0], first, rows_of=True):
+                    continue
+                mine = members[
+                    (groups[members] == g)
+                    & plain[members]
+                    & ~done[members]
+                    & (rows[members] >= 0)
+                    & (rows[members] < len(array))
+                ]
+                if len(mine) == 0:
+                    continue
+                picked = rows[mine]
+                i0, r0, k = int(mine[0]), int(picked[0]), len(mine)
+                if (
+                    int(mine[-1]) - i0 == k - 1
+                    and int(picked[-1]) - r0 == k - 1
+                    and (
+                        k < 3
+                        or (np.all(np.diff(mine) == 1) and np.all(np.diff(picked) == 1))
+                    )
+                ):
+                    out[i0 : i0 + k] = array[r0 : r0 + k]  # in order: one copy
+                else:
+                    out[mine] = array[picked]
+                done[mine] = True
+        for i in np.flatnonzero(~done).tolist():  # sample by sample
+            value = make(i)()
+            if not _fits(value, first):
+                return np.stack([make(j)() for j in range(n)])
+            out[i] = value
         return out
 
     def validate(self, keys: Sequence[Any], step: CheckpointWrapper) -> list[str]:
@@ -381,6 +512,13 @@ class BatchManifest:
                 msg = f"manifest names {paths[at]!r} for sample {keys[i]!r}"
                 raise StaleManifestError(msg)
         return paths
+
+
+def _fits(value: Any, first: np.ndarray, rows_of: bool = False) -> bool:
+    """Whether ``value`` (or the rows of ``value``) has ``first``'s shape and dtype."""
+    if not isinstance(value, np.ndarray) or value.dtype != first.dtype:
+        return False
+    return (value.shape[1:] if rows_of else value.shape) == first.shape
 
 
 def _is_relative_name(name: Any) -> bool:

@@ -875,7 +875,7 @@ _FLOW_PARAMETERS = """
         through the environment or fsspec's configuration, not here.
     layout : {"files", "shards"}, default="files"
         How the steps the flow wraps itself checkpoint: one ``<key>.h5`` per
-        sample, or shards of up to 1,000 samples (one file, one request on an
+        sample, or shards of up to 64 MiB (one file, one request on an
         object store; see `CheckpointWrapper`). Steps that are already
         `CheckpointWrapper` keep their own layout.
 """

@@ -49,7 +49,6 @@ from .storage import (
     normalize_location,
     stamp_of,
 )
-from .storage.identity import functions_hashed_once
 from .wrappers import CheckpointWrapper
 from .wrappers._checkpoint import attribute_identity
 
@@ -306,8 +305,7 @@ def batch_identity(
     for _, manifest in upstream:
         last[manifest.attribute] = manifest
     if not any(a in last for a in attributes):
-        with functions_hashed_once():
-            ids = step.input_identities(samples)
+        ids = step.input_identities(samples)
         return keys_digest(f"{s.key}={i}" for s, i in zip(samples, ids)), ids
     parts = ["chained"]
     for attribute in attributes:

@@ -1137,6 +1137,66 @@ class ShardLoader(CheckpointLoader):
     def __call__(self) -> Any:
         return hdf5.decode(self._payload(), self.kind)
 
+    @staticmethod
+    def stacked(loaders: Sequence[ShardLoader]) -> np.ndarray:
+        """The arrays of many entries in one array, read a shard at a time.
+
+        The checks are those of calling each loader: the first entry of each
+        shard is loaded as a call does (read, verified, its shard kept in
+        `DATA`); the others are served from the payloads kept under the stamp
+        they were validated with, one fancy-indexed copy per shard group.
+        Anything else (another stamp, another kind) loads entry by entry;
+        values of different shapes or dtypes give ``np.stack`` of them all.
+        """
+        if not loaders:
+            return np.empty((0,))
+        first = loaders[0]()
+        if not isinstance(first, np.ndarray):
+            return np.stack([first] + [loader() for loader in loaders[1:]])
+        out = np.empty((len(loaders), *first.shape), dtype=first.dtype)
+
+        def put(i: int, value: Any) -> bool:
+            if (
+                not isinstance(value, np.ndarray)
+                or value.shape != first.shape
+                or value.dtype != first.dtype
+            ):
+                return False
+            out[i] = value
+            return True
+
+        put(0, first)
+        by_shard: dict[tuple[str, Stamp], list[int]] = {}
+        for i, loader in enumerate(loaders[1:], 1):
+            by_shard.setdefault((loader.path, loader.stamp), []).append(i)
+        for (path, stamp), members in by_shard.items():
+            head = loaders[members[0]]
+            if not put(members[0], head()):  # reads and verifies the shard
+                return np.stack([loader() for loader in loaders])
+            cached = DATA.get(f"{head._fs().token}|{path}")
+            rest = members[1:]
+            kept = cached[1] if cached is not None and cached[0] == stamp else {}
+            index = np.array(rest, dtype=np.int64)
+            groups = np.array([loaders[i].group for i in rest], dtype=np.int64)
+            rows = np.array([loaders[i].row for i in rest], dtype=np.int64)
+            plain = np.array([loaders[i].kind == "a" for i in rest], dtype=bool)
+            served = np.zeros(len(rest), dtype=bool)
+            for g in np.unique(groups).tolist():
+                array = kept.get(g)
+                if (
+                    array is None
+                    or array.shape[1:] != first.shape
+                    or array.dtype != first.dtype
+                ):
+                    continue
+                mine = (groups == g) & plain & (rows >= 0) & (rows < len(array))
+                out[index[mine]] = array[rows[mine]]
+                served |= mine
+            for i in index[~served].tolist():  # entry by entry, as a call
+                if not put(i, loaders[i]()):
+                    return np.stack([loader() for loader in loaders])
+        return out
+
     def _fs(self) -> FileSystem:
         if "://" not in self.path:
             return LOCAL

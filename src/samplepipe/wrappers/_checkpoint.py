@@ -42,6 +42,7 @@ from ..storage.identity import (
     combine,
     estimator_identity,
     fitted_digest,
+    functions_hashed_once,
     ingredients,
     value_digest,
     value_digests,
@@ -58,7 +59,13 @@ from . import _explain, _shards
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
-from ._sample_wrapper import BaseWrapper, _estimator_has, _flatten, _unflatten
+from ._sample_wrapper import (
+    BaseWrapper,
+    SampleWrapper,
+    _estimator_has,
+    _flatten,
+    _unflatten,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -791,24 +798,29 @@ class CheckpointWrapper(BaseWrapper):
         ]
 
     def input_identities(self, samples: Sequence[Any]) -> list[str]:
-        """Each sample's input identity (see `attribute_identity`); keys unchecked."""
+        """Each sample's input identity (see `attribute_identity`); keys unchecked.
+
+        A batch's lazy samples share their loader's function and their
+        ``data_version``: each is hashed once (`functions_hashed_once`).
+        """
         attributes = self._read_attributes()
-        if attributes != ["data"]:
-            return [input_identity(s, attributes) for s in samples]
-        # In-memory data of plain samples, hashed as a batch (`value_digests`):
-        # the same digest as `attribute_identity`, each sample its own.
-        identities: list[str] = []
-        arrays: list[Any] = []
-        where: list[int] = []
-        for i, s in enumerate(samples):
-            state = s.__dict__ if type(s) is Sample else {}
-            value = state.get("data")
-            if value is None or "data" in state.get("_delayed_attributes", ()):
-                identities.append(attribute_identity(s, "data"))
-            else:
-                identities.append("")  # filled below
-                arrays.append(value)
-                where.append(i)
+        with functions_hashed_once():
+            if attributes != ["data"]:
+                return [input_identity(s, attributes) for s in samples]
+            # In-memory data of plain samples, hashed as a batch (`value_digests`):
+            # the same digest as `attribute_identity`, each sample its own.
+            identities: list[str] = []
+            arrays: list[Any] = []
+            where: list[int] = []
+            for i, s in enumerate(samples):
+                state = s.__dict__ if type(s) is Sample else {}
+                value = state.get("data")
+                if value is None or "data" in state.get("_delayed_attributes", ()):
+                    identities.append(attribute_identity(s, "data"))
+                else:
+                    identities.append("")  # filled below
+                    arrays.append(value)
+                    where.append(i)
         for i, digest in zip(where, value_digests(arrays)):
             identities[i] = "v" + digest
         return identities
@@ -1179,7 +1191,14 @@ class CheckpointWrapper(BaseWrapper):
         if not todo:
             return {}
         inputs = [samples[i] for i in todo]
-        outputs = self.estimator.transform(inputs)
+        est = self.estimator
+        if (
+            type(est) is SampleWrapper
+            and attribute == est._option("output_attribute")
+            and all(type(s) in (Sample, DelayedSample) for s in inputs)
+        ):  # the values alone: no output sample made and dropped
+            return dict(zip(todo, est._values("transform", inputs)))
+        outputs = est.transform(inputs)
         if len(outputs) != len(inputs):
             msg = (
                 f"{self._name()}.transform returned {len(outputs)} samples for "

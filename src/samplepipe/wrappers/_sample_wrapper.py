@@ -241,6 +241,18 @@ class SampleWrapper(BaseWrapper):
     def _call_flat(self, method: str, flat: Sequence[Sample]) -> list[Sample]:
         if not flat:
             return []
+        results = self._values(method, flat)
+        # A None result (an invalid input, or the estimator's None) keeps its
+        # place as a sample whose output attribute is None.
+        attribute = self._option("output_attribute")
+        return [_make_output(s, attribute, r) for s, r in zip(flat, results)]
+
+    def _values(self, method: str, flat: Sequence[Sample]) -> list[Any]:
+        """What each output sample of ``method`` would carry, without the samples.
+
+        The value `_call_flat` puts in each output's ``output_attribute``
+        (None for an invalid input); `CheckpointWrapper` keeps only these.
+        """
         X, valid = self._inputs(flat)
         results = [None] * len(flat)
         if valid:
@@ -256,10 +268,7 @@ class SampleWrapper(BaseWrapper):
                 raise RuntimeError(msg)
             for j, i in enumerate(valid):
                 results[i] = out[j]
-        # A None result (an invalid input, or the estimator's None) keeps its
-        # place as a sample whose output attribute is None.
-        attribute = self._option("output_attribute")
-        return [_make_output(s, attribute, r) for s, r in zip(flat, results)]
+        return results
 
     # -- scikit-learn API --------------------------------------------------
     def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
