@@ -896,6 +896,10 @@ def check_new_data_under_the_same_keys_recomputes(tmp_path):
             (checkpoint_module, "value_digest"),
             lambda value: f"shape{np.shape(value)}",
         ),
+        batch_digest=(
+            (checkpoint_module, "value_digests"),
+            lambda values: [f"shape{np.shape(value)}" for value in values],
+        ),
     )
 )
 def test_new_data_under_the_same_keys_recomputes(tmp_path, claim):
