@@ -139,7 +139,8 @@ def child(work, n, n_features, batch_size, train, indexed):
     t0 = time.perf_counter()
     if indexed:
         samples = GeneratedSource(n, n_features)
-        train_samples = samples.batch(0, train)
+        # the first samples of the same source: the same identities (its version)
+        train_samples = GeneratedSource(train, n_features)
     else:
         samples = lazy_samples(n, n_features)
         train_samples = samples[:train]

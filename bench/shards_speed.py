@@ -1,8 +1,8 @@
-"""Sharded `CheckpointWrapper` against Hugging Face `datasets` map, in one run.
+"""Sharded `CheckpointWrapper` and flow against Hugging Face `datasets` map.
 
     python bench/shards_speed.py                  # 10,000 x 128 float64
-    python bench/shards_speed.py --n 1000000 --d 64 --rounds 1
-    python bench/shards_speed.py --profile first  # cProfile of one case
+    python bench/shards_speed.py --n 1000000 --d 64 --rounds 1 --flow
+    python bench/shards_speed.py --profile samplepipe-first  # cProfile of one case
 
 Each case runs in its own process; imports, building the input samples and
 saving the HF input (``save_to_disk``) are not timed. One step doubles the
@@ -12,13 +12,20 @@ data (a module function in a `FunctionTransformer`), samples in memory:
   into an empty folder (compute + write), then every output's ``.data`` read;
 * samplepipe re-run: the same in a new process over the same folder (find,
   verify, load);
+* flow first run (``--flow``): ``transform_pipeline`` of a one-step
+  ``Pipeline`` (``layout="shards"``, the flows' default batch size of about
+  64 MiB) into an empty folder, through a local Prefect server started by the
+  parent (untimed), then every output read with ``PipelineOutputs.arrays()``;
+* flow cached run: the same in a new process (every batch's Prefect cache hit,
+  its checkpoints verified and read);
 * HF first run: ``Dataset.map(batched=True)`` of the saved input (its cache
   file written), then the output column read as one float64 array (a tiny
   map before, untimed, does the imports);
 * HF cached run: the same map in a new process (its fingerprint cache found
   and reloaded), the column read.
 
-The re-run's first `step_identity` (once per process, whatever the layout) is
+Each child also reports its peak RSS (``ru_maxrss``). The re-run's first
+`step_identity` (once per process, whatever the layout) is
 timed apart and not included. Nothing here is a test: the figures depend on
 the machine and its load, printed with them.
 """
@@ -26,6 +33,7 @@ the machine and its load, printed with them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -36,6 +44,12 @@ import tempfile
 import time
 
 import numpy as np
+
+
+def peak_mib():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def double(X):
@@ -91,7 +105,44 @@ def samplepipe_case(args):
 
         profiler.disable()
         pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
-    return {"seconds": seconds, "cpu": cpu, "startup": startup, "total": total}
+    return {
+        "seconds": seconds,
+        "cpu": cpu,
+        "startup": startup,
+        "total": total,
+        "peak_mib": peak_mib(),
+    }
+
+
+def flow_case(args):
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    from samplepipe.flows import transform_pipeline
+
+    samples = make_samples(args.n, args.d)
+    pipeline = Pipeline([("double", FunctionTransformer(double))])
+    options = {
+        "features_dir": os.path.join(args.features, "features"),
+        "model_dir": os.path.join(args.features, "models"),
+        "layout": "shards",
+    }
+    warm = os.path.join(args.features, "warm")  # imports, the flow's first call
+    transform_pipeline(
+        pipeline,
+        make_samples(4, 3),
+        features_dir=os.path.join(warm, "f"),
+        model_dir=os.path.join(warm, "m"),
+        layout="shards",
+    )
+    gc.collect()
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = transform_pipeline(pipeline, samples, **options)
+    total = 0.0
+    for block in out.arrays():
+        total += float(block[:, 0].sum())
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"seconds": seconds, "cpu": cpu, "total": total, "peak_mib": peak_mib()}
 
 
 def hf_prepare(args):
@@ -123,10 +174,10 @@ def hf_case(args):
     total = float(y[:, 0].sum())
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert y.shape == (args.n, args.d) and y.dtype == np.float64
-    return {"seconds": seconds, "cpu": cpu, "total": total}
+    return {"seconds": seconds, "cpu": cpu, "total": total, "peak_mib": peak_mib()}
 
 
-def child(case, args, folder):
+def child(case, args, folder, env=None):
     command = [
         sys.executable,
         __file__,
@@ -145,13 +196,58 @@ def child(case, args, folder):
         command += ["--shard-bytes", str(args.shard_bytes)]
     if args.profile and case.startswith(args.profile):
         command += ["--profile", args.profile]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode:
         sys.stderr.write(done.stderr)
         raise SystemExit(f"{case} failed")
     if args.profile:
         sys.stderr.write(done.stderr)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_rounds(args, env):
+    cases = ["samplepipe-first", "samplepipe-rerun"]
+    if args.flow:
+        cases += ["flow-first", "flow-cached"]
+    if not args.no_hf:
+        cases += ["hf-first", "hf-cached"]
+    seconds = {case: [] for case in cases}
+    cpu = {case: [] for case in cases}
+    peak = {case: [] for case in cases}
+    for r in range(args.rounds):
+        work = tempfile.mkdtemp(prefix="samplepipe-bench-speed-")
+        try:
+            ours = os.path.join(work, "features")
+            got = {
+                "samplepipe-first": child("samplepipe-first", args, ours),
+                "samplepipe-rerun": child("samplepipe-rerun", args, ours),
+            }
+            if args.flow:
+                flow = os.path.join(work, "flow")
+                got["flow-first"] = child("flow-first", args, flow, env)
+                got["flow-cached"] = child("flow-cached", args, flow, env)
+            expected = got["samplepipe-first"]["total"]
+            for case, result in got.items():  # every case read the same outputs
+                assert abs(result["total"] - expected) < 1e-6 * abs(expected), case
+            if not args.no_hf:
+                hf = os.path.join(work, "hf")
+                child("hf-prepare", args, hf)
+                got["hf-first"] = child("hf-first", args, hf)
+                got["hf-cached"] = child("hf-cached", args, hf)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for case, result in got.items():
+            seconds[case].append(result["seconds"])
+            cpu[case].append(result["cpu"])
+            peak[case].append(result["peak_mib"])
+        print(
+            f"  round {r + 1} (load {os.getloadavg()[0]:.2f}): "
+            + ", ".join(
+                f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f})" for k, v in seconds.items()
+            ),
+            flush=True,
+        )
+    return seconds, cpu, peak
 
 
 def main():
@@ -162,7 +258,11 @@ def main():
     parser.add_argument("--shard-size", type=int, default=None)
     parser.add_argument("--shard-bytes", type=int, default=None)
     parser.add_argument("--no-hf", action="store_true")
-    parser.add_argument("--profile", choices=["samplepipe-first", "samplepipe-rerun"])
+    parser.add_argument("--flow", action="store_true", help="also transform_pipeline")
+    parser.add_argument(
+        "--profile",
+        choices=["samplepipe-first", "samplepipe-rerun", "flow-first", "flow-cached"],
+    )
     parser.add_argument("--child")
     parser.add_argument("--features")
     args = parser.parse_args()
@@ -170,6 +270,8 @@ def main():
         run = {
             "samplepipe-first": samplepipe_case,
             "samplepipe-rerun": samplepipe_case,
+            "flow-first": flow_case,
+            "flow-cached": flow_case,
             "hf-prepare": hf_prepare,
             "hf-first": hf_case,
             "hf-cached": hf_case,
@@ -179,52 +281,45 @@ def main():
     load = os.getloadavg()[0]
     print(
         f"{args.n} x {args.d} float64, {args.rounds} round(s), load {load:.2f}, "
-        f"shard_size={args.shard_size}, shard_bytes={args.shard_bytes}"
+        f"shard_size={args.shard_size}, shard_bytes={args.shard_bytes}, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        flush=True,
     )
-    cases = ["samplepipe-first", "samplepipe-rerun"]
-    if not args.no_hf:
-        cases += ["hf-first", "hf-cached"]
-    rows = {case: [] for case in cases}
-    cpu = {case: [] for case in cases}
-    for r in range(args.rounds):
-        work = tempfile.mkdtemp(prefix="samplepipe-bench-speed-")
-        try:
-            ours = os.path.join(work, "features")
-            got = {
-                "samplepipe-first": child("samplepipe-first", args, ours),
-                "samplepipe-rerun": child("samplepipe-rerun", args, ours),
-            }
-            first, again = got["samplepipe-first"], got["samplepipe-rerun"]
-            assert abs(first["total"] - again["total"]) < 1e-6 * abs(first["total"])
-            if not args.no_hf:
-                hf = os.path.join(work, "hf")
-                child("hf-prepare", args, hf)
-                got["hf-first"] = child("hf-first", args, hf)
-                got["hf-cached"] = child("hf-cached", args, hf)
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        for case, result in got.items():
-            rows[case].append(result["seconds"])
-            cpu[case].append(result["cpu"])
-        print(
-            f"  round {r + 1} (load {os.getloadavg()[0]:.2f}): "
-            + ", ".join(
-                f"{k} {v[-1]:.3f} s (cpu {cpu[k][-1]:.3f})" for k, v in rows.items()
+    with contextlib.ExitStack() as stack:
+        env = None
+        if args.flow:  # one local Prefect server for the flow cases, untimed
+            os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+            home = stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="samplepipe-bench-prefect-")
             )
-        )
-    best = {k: min(v) for k, v in rows.items()}
+            os.environ.setdefault("PREFECT_HOME", home)
+            from samplepipe.server import prefect_api
+
+            url = stack.enter_context(prefect_api())
+            env = {
+                **os.environ,
+                "PREFECT_API_URL": url,
+                "PREFECT_LOGGING_LEVEL": "ERROR",
+            }
+        seconds, cpu, peak = run_rounds(args, env)
+    best = {k: min(v) for k, v in seconds.items()}
     best_cpu = {k: min(v) for k, v in cpu.items()}
     print(
         "best:",
         ", ".join(f"{k} {v:.3f} s (cpu {best_cpu[k]:.3f})" for k, v in best.items()),
     )
+    print("peak RSS:", ", ".join(f"{k} {max(v):,.0f} MiB" for k, v in peak.items()))
     if not args.no_hf:
+        ours = [("wrapper", "samplepipe-first", "samplepipe-rerun")]
+        if args.flow:
+            ours.append(("flow", "flow-first", "flow-cached"))
         for name, table in (("wall", best), ("cpu", best_cpu)):
-            print(
-                f"samplepipe / HF, {name}: first "
-                f"{table['samplepipe-first'] / table['hf-first']:.2f}x, re-run "
-                f"{table['samplepipe-rerun'] / table['hf-cached']:.2f}x"
-            )
+            for label, first, again in ours:
+                print(
+                    f"samplepipe {label} / HF, {name}: first "
+                    f"{table[first] / table['hf-first']:.2f}x, re-run "
+                    f"{table[again] / table['hf-cached']:.2f}x"
+                )
     print(f"load at the end {os.getloadavg()[0]:.2f}")
 
 
