@@ -1,7 +1,8 @@
 """Sharded `CheckpointWrapper` and flow against Hugging Face `datasets` map.
 
+    pip install -e ".[bench]"                     # HF datasets, py-spy, psutil
     python bench/shards_speed.py                  # 10,000 x 128 float64
-    python bench/shards_speed.py --n 1000000 --d 64 --rounds 1 --flow
+    python bench/shards_speed.py --n 1000000 --d 64 --rounds 1 --flow --prefect-share
     python bench/shards_speed.py --profile samplepipe-first  # cProfile of one case
 
 Each case runs in its own process; imports, building the input samples and
@@ -18,6 +19,10 @@ data (a module function in a `FunctionTransformer`), samples in memory:
   parent (untimed), then every output read with ``PipelineOutputs.arrays()``;
 * flow cached run: the same in a new process (every batch's Prefect cache hit,
   its checkpoints verified and read);
+* ``--prefect-share``: the flow cases' timed part sampled with py-spy (200
+  Hz, busy threads only): the share of samples whose innermost library frame
+  is Prefect's (or the HTTP and validation libraries it calls) against
+  samplepipe's, scikit-learn's, numpy's and h5py's (the work itself);
 * HF first run: ``Dataset.map(batched=True)`` of the saved input (its cache
   file written), then the output column read as one float64 array (a tiny
   map before, untimed, does the imports);
@@ -38,6 +43,7 @@ import gc
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -136,13 +142,68 @@ def flow_case(args):
         layout="shards",
     )
     gc.collect()
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = transform_pipeline(pipeline, samples, **options)
-    total = 0.0
-    for block in out.arrays():
-        total += float(block[:, 0].sum())
-    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"seconds": seconds, "cpu": cpu, "total": total, "peak_mib": peak_mib()}
+    stacks = os.path.join(args.features, "stacks.txt")
+    with sampled(stacks, args.prefect_share):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = transform_pipeline(pipeline, samples, **options)
+        total = 0.0
+        for block in out.arrays():
+            total += float(block[:, 0].sum())
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    result = {"seconds": seconds, "cpu": cpu, "total": total, "peak_mib": peak_mib()}
+    if args.prefect_share:
+        result["shares"] = shares(stacks)
+    return result
+
+
+@contextlib.contextmanager
+def sampled(path, on):
+    """Sample this process's busy threads with py-spy (``--prefect-share``)."""
+    if not on:
+        yield
+        return
+    spy = shutil.which("py-spy") or os.path.join(
+        os.path.dirname(sys.executable), "py-spy"
+    )
+    command = [spy, "record", "--pid", str(os.getpid()), "--rate", "200"]
+    command += ["--format", "raw", "--output", path, "--nonblocking"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # attached
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        if not os.path.exists(path):
+            raise RuntimeError(f"py-spy wrote nothing: {err.decode()[-500:]}")
+
+
+OURS = ("samplepipe/", "shards_speed.py", "sklearn/", "numpy/", "h5py/")
+PREFECT = ("prefect/", "pydantic", "httpx/", "httpcore/", "anyio/", "websockets/")
+
+
+def shares(path):
+    """Busy-thread samples by whose code ran: the innermost frame of a library.
+
+    A stack counts for samplepipe (with scikit-learn, numpy, h5py: the work
+    itself) or for Prefect (with the clients it calls) by its innermost frame
+    in one of them; stacks in neither (the interpreter's own threading,
+    selectors) are "other".
+    """
+    counts = {"samplepipe": 0, "prefect": 0, "other": 0}
+    with open(path) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            owner = "other"
+            for frame in reversed(stack.split(";")):
+                if any(part in frame for part in OURS):
+                    owner = "samplepipe"
+                    break
+                if any(part in frame for part in PREFECT):
+                    owner = "prefect"
+                    break
+            counts[owner] += int(n)
+    return counts
 
 
 def hf_prepare(args):
@@ -194,6 +255,8 @@ def child(case, args, folder, env=None):
         command += ["--shard-size", str(args.shard_size)]
     if args.shard_bytes is not None:
         command += ["--shard-bytes", str(args.shard_bytes)]
+    if args.prefect_share and case.startswith("flow"):
+        command += ["--prefect-share"]
     if args.profile and case.startswith(args.profile):
         command += ["--profile", args.profile]
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
@@ -240,6 +303,14 @@ def run_rounds(args, env):
             seconds[case].append(result["seconds"])
             cpu[case].append(result["cpu"])
             peak[case].append(result["peak_mib"])
+            if "shares" in result:
+                n = result["shares"]
+                busy = sum(n.values()) or 1
+                print(
+                    f"  {case}: busy-thread samples {busy}: "
+                    + ", ".join(f"{k} {100 * v / busy:.1f}%" for k, v in n.items()),
+                    flush=True,
+                )
         print(
             f"  round {r + 1} (load {os.getloadavg()[0]:.2f}): "
             + ", ".join(
@@ -259,6 +330,11 @@ def main():
     parser.add_argument("--shard-bytes", type=int, default=None)
     parser.add_argument("--no-hf", action="store_true")
     parser.add_argument("--flow", action="store_true", help="also transform_pipeline")
+    parser.add_argument(
+        "--prefect-share",
+        action="store_true",
+        help="sample the flow cases with py-spy: the share of Prefect's code",
+    )
     parser.add_argument(
         "--profile",
         choices=["samplepipe-first", "samplepipe-rerun", "flow-first", "flow-cached"],
