@@ -80,7 +80,7 @@ class RunOptions:
     method: str = "transform"
     on_error: str = "raise"
     locks: str | LockManager | None = None
-    storage_options: dict[str, Any] | None = None
+    storage_options: dict | None = None
     layout: str = "files"
 
     def check(self) -> RunOptions:
