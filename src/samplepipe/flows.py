@@ -25,8 +25,7 @@ from ._options import RunOptions as RunOptions
 from ._prefect import SampleFlow as SampleFlow
 from ._prefect import returned, sample_flow
 from ._prefect import summarize_parameter as summarize_parameter
-from ._schedule import PlannedStep as PlannedStep
-from ._schedule import Progress, fit_one_step, n_batches, run_steps
+from ._schedule import PlannedStep, Progress, fit_one_step, n_batches, run_steps
 from ._schedule import progress_callbacks as progress_callbacks
 from ._summary import RunRecord, summarized
 from .errors import PipelineRunError as PipelineRunError
