@@ -308,14 +308,14 @@ class Meter:
         self.undo.append((owner, attribute, original))
 
     def __enter__(self):
-        from samplepipe import CheckpointWrapper, flows, tasks
+        from samplepipe import CheckpointWrapper, _schedule, _summary, flows, tasks
 
         lock_cls = type(tasks.STEP_CACHE.lock_manager)
         # per flow run
         self.wrap(flows, "_prepare", "flow: check inputs, wrap steps (_prepare)")
         self.wrap(flows, "_load_models", "flow: load models (_load_models)")
-        self.wrap(flows._Progress, "__init__", "flow: progress artifact created")
-        self.wrap(flows, "_summary", "flow: summary artifact and log")
+        self.wrap(_schedule.Progress, "__init__", "flow: progress artifact created")
+        self.wrap(_summary, "_summary", "flow: summary artifact and log")
         # per task run / per batch
         self.wrap(tasks.StepCachePolicy, "compute_key", "task: cache key")
         self.wrap(tasks.ManifestSerializer, "loads", "task: manifest read and checked")
@@ -323,7 +323,7 @@ class Meter:
         self.wrap(tasks.BatchManifest, "validate", "flow: manifest validated")
         self.wrap(tasks.BatchManifest, "samples", "outputs built from manifests")
         self.wrap(tasks, "batch_identity", "flow: batch identity (cache key input)")
-        self.wrap(flows._Progress, "advance", "flow: progress update")
+        self.wrap(_schedule.Progress, "advance", "flow: progress update")
         self.wrap(tasks, "_transform_isolating", "task: transform (the work)")
         self.wrap(lock_cls, "acquire_lock", "task: lock acquired")
         self.wrap(lock_cls, "release_lock", "task: lock released")

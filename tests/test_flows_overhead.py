@@ -188,19 +188,19 @@ def test_the_progress_artifact_is_one_request_for_a_short_run(
     tmp_path, monkeypatch, interval, updates
 ):
     # created at the first update (``interval`` s into the run, or at its end)
-    from samplepipe import flows
+    from samplepipe import _schedule, flows
 
     from ._prefect_helpers import artifacts, run
 
     sent = []
-    real = flows.update_progress_artifact
+    real = _schedule.update_progress_artifact
 
     def counting(*args, **kwargs):
         sent.append(kwargs.get("progress"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(flows, "update_progress_artifact", counting)
-    monkeypatch.setattr(flows._Progress, "interval", interval)
+    monkeypatch.setattr(_schedule, "update_progress_artifact", counting)
+    monkeypatch.setattr(_schedule.Progress, "interval", interval)
     _, flow_run_id = run(flows.transform_pipeline, **_parameters(tmp_path))
     found = [a for a in artifacts(flow_run_id) if a.type == "progress"]
     assert len(found) == 1 and found[0].data == 100.0

@@ -21,6 +21,7 @@ cache key is built from it without looking at one sample.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import zlib
@@ -37,13 +38,14 @@ from .storage import (
     Identity,
     Stamp,
     check_key,
+    filesystem,
     is_url,
     join_location,
+    location_root,
     normalize_location,
     relative_location,
     stamp_of,
 )
-from .storage.bytecode import _blake
 from .storage.shards import DATA, ShardLoader
 from .wrappers._checkpoint import failed_output, lazy_output
 from .wrappers._shards import gc_paused
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 
 MANIFEST_FORMAT = 4  # 4: columns, chained digest; 3: files entries with checksums
 _MAGIC = b"samplepipe-manifest-4\n"
+_DIGEST_SIZE = 16  # bytes of a chain digest (BLAKE2b), as the storage's digests
 
 
 def _joined(values: Sequence[str | None]) -> str:
@@ -205,7 +208,7 @@ class BatchManifest:
         function of the format, the step's identity, the input identity and
         the key), in the same order.
         """
-        h = _blake()
+        h = hashlib.blake2b(digest_size=_DIGEST_SIZE)
         for part in (
             f"{MANIFEST_FORMAT}:{FORMAT_VERSION}",
             self.identity or "",
@@ -424,7 +427,8 @@ class BatchManifest:
                     return np.stack([make(i)() for i in range(n)])
                 out[head] = value
                 done[head] = True
-            cached = DATA.get(f"{loader._fs().token}|{make.paths[at]}")
+            fs = filesystem(make.paths[at], step.storage_options)
+            cached = DATA.get(f"{fs.token}|{make.paths[at]}")
             if cached is None or cached[0] != make.stamps[at]:
                 continue
             for g in np.unique(groups[members]).tolist():
@@ -499,7 +503,9 @@ class BatchManifest:
                     raise StaleManifestError(msg)
             return paths
         expected = step.checkpoint_names(keys)
-        features_root = step._features_root()
+        if step.features_dir is None:
+            raise StaleManifestError("the step has no features_dir")
+        features_root = location_root(step.features_dir)
         for i, at in enumerate(self.name_of.tolist()):
             if at < 0:
                 continue

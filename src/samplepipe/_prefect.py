@@ -29,7 +29,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from .locks import CrashSafeFileLocks, RedisLocks
-from .wrappers._sample import Sample, SampleSet
+from .wrappers import Sample, SampleSet
 
 __all__ = ["SampleFlow", "returned", "sample_flow", "summarize_parameter", "unvisited"]
 

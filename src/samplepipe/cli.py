@@ -125,8 +125,11 @@ def run(
     layout: str = "files",
     batch_size: int = 200,
     retries: int = 2,
+    retry_delay_seconds: float = 1.0,
+    max_batches_in_flight: int = 2,
     method: str = "transform",
     on_error: str = "raise",
+    locks: str | None = None,
 ) -> int:
     """Fit PIPELINE on the training samples and transform the samples, via Prefect.
 
@@ -166,12 +169,19 @@ def run(
         Samples per Prefect task run.
     retries
         Retries of a task run that failed with an I/O error.
+    retry_delay_seconds
+        Seconds between those retries.
+    max_batches_in_flight
+        Task runs of one step in flight at once.
     method
         What the last step computes: transform, predict, predict_proba,
         predict_log_proba, decision_function or score_samples.
     on_error
         raise (failed samples fail the run, after every other sample is
         checkpointed) or skip (they stay in line as None).
+    locks
+        Lock URL of the per-batch locks, e.g. redis://host:6379/0 across hosts
+        (default: SAMPLEPIPE_LOCKS, else file locks on this host).
 
     Without PREFECT_API_URL, a temporary local Prefect server runs for the
     command (SAMPLEPIPE_SERVER_TIMEOUT seconds to start, default 120) and stops
@@ -186,14 +196,25 @@ def run(
     from . import flows
     from .server import ServerError, prefect_api
 
-    kwargs = {
+    options = flows.RunOptions(
+        features_dir=features_dir,
+        model_dir=model_dir,
+        batch_size=batch_size,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        max_batches_in_flight=max_batches_in_flight,
+        method=method,
+        on_error=on_error,
+        locks=locks,
+        storage_options=_json(storage_options, "--storage-options") or None,
+        layout=layout,
+    )
+    inputs = {
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
         "samples_kwargs": _samples_kwargs(samples_kwargs, samples, "test"),
         "train_samples_kwargs": _samples_kwargs(
             train_samples_kwargs, train_samples, "train"
         ),
-        "storage_options": _json(storage_options, "--storage-options") or None,
-        "layout": layout,
     }
     t0 = time.perf_counter()
     with Progress(
@@ -218,14 +239,9 @@ def run(
                     pipeline,
                     train_samples,
                     samples,
-                    features_dir,
-                    model_dir,
-                    batch_size=batch_size,
-                    retries=retries,
-                    method=method,
-                    on_error=on_error,
                     return_state=True,
-                    **kwargs,
+                    **inputs,
+                    **options.parameters(),
                 )
         except ServerError as exc:
             raise CommandError(f"samplepipe run: {exc}", code=1) from exc
@@ -286,6 +302,11 @@ def serve(
     layout: str = "files",
     batch_size: int = 200,
     retries: int = 2,
+    retry_delay_seconds: float = 1.0,
+    max_batches_in_flight: int = 2,
+    method: str = "transform",
+    on_error: str = "raise",
+    locks: str | None = None,
     cron: str | None = None,
     interval: float | None = None,
 ) -> int:
@@ -328,6 +349,20 @@ def serve(
         Samples per Prefect task run.
     retries
         Retries of a task run that failed with an I/O error.
+    retry_delay_seconds
+        Seconds between those retries.
+    max_batches_in_flight
+        Task runs of one step in flight at once.
+    method
+        What the last step of NAME-transform and NAME-run computes: transform,
+        predict, predict_proba, predict_log_proba, decision_function or
+        score_samples.
+    on_error
+        raise (failed samples fail the run, after every other sample is
+        checkpointed) or skip (they stay in line as None).
+    locks
+        Lock URL of the per-batch locks, e.g. redis://host:6379/0 across hosts
+        (default: SAMPLEPIPE_LOCKS where the deployment runs, else file locks).
     cron
         Cron schedule of NAME-run, e.g. "0 2 * * *".
     interval
@@ -336,18 +371,25 @@ def serve(
     from prefect import serve as prefect_serve
     from prefect.deployments.runner import EntrypointType
 
-    from .flows import fit_pipeline, run_pipeline, transform_pipeline
+    from .flows import RunOptions, fit_pipeline, run_pipeline, transform_pipeline
     from .storage import normalize_location
 
+    run_options = RunOptions(
+        features_dir=normalize_location(features_dir),
+        model_dir=normalize_location(model_dir),
+        batch_size=batch_size,
+        retries=retries,
+        retry_delay_seconds=retry_delay_seconds,
+        max_batches_in_flight=max_batches_in_flight,
+        method=method,
+        on_error=on_error,
+        locks=locks,
+        storage_options=_json(storage_options, "--storage-options") or None,
+        layout=layout,
+    )
     common = {
         "pipeline": pipeline,
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
-        "features_dir": normalize_location(features_dir),
-        "model_dir": normalize_location(model_dir),
-        "storage_options": _json(storage_options, "--storage-options") or None,
-        "layout": layout,
-        "batch_size": batch_size,
-        "retries": retries,
     }
     train = {
         "samples": train_samples,
@@ -365,15 +407,20 @@ def serve(
     options: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
     deployments: list[Any] = [
         fit_pipeline.to_deployment(
-            f"{name}-fit", parameters={**common, **train}, **options
+            f"{name}-fit",
+            parameters={**common, **run_options.parameters(fit=True), **train},
+            **options,
         ),
         transform_pipeline.to_deployment(
-            f"{name}-transform", parameters={**common, **test}, **options
+            f"{name}-transform",
+            parameters={**common, **run_options.parameters(), **test},
+            **options,
         ),
         run_pipeline.to_deployment(
             f"{name}-run",
             parameters={
                 **common,
+                **run_options.parameters(),
                 "train_samples": train_samples,
                 "train_samples_kwargs": train["samples_kwargs"],
                 **test,

@@ -23,7 +23,7 @@ from typing import Any, overload
 import numpy as np
 
 from .sources import SampleSource
-from .wrappers._sample import Sample
+from .wrappers import Sample
 
 __all__ = ["PipelineOutputs"]
 
