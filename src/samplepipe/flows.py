@@ -383,7 +383,8 @@ _FLOW_PARAMETERS = """
         Task runs of one step in flight at once. On the thread runner one of
         them at a time computes and writes; the others meanwhile do Prefect's
         state changes and cache lookups. The data in memory stays about two
-        batches (a step's input and output) whatever the data set's size; on
+        batches (a step's input and output) whatever the data set's size (with
+        ``layout="shards"`` the index of each step's folder grows with it); on
         Dask workers, each task holds its own batch.
     method : str, default="transform"
         What the last step computes for each sample: ``"transform"``,
