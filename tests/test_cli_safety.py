@@ -437,3 +437,25 @@ def test_run_imports_a_module_from_the_current_folder(user_dir, prefect_server):
         "scale.pkl",
         "scores.pkl",
     ]
+
+
+# -- bad run options: refused before any server, folder or deployment ---------
+@pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.parametrize(
+    ("option", "value", "named"),
+    [
+        ("--method", "bogus", "method='bogus'"),
+        ("--on-error", "nope", "on_error='nope'"),
+        ("--max-batches-in-flight", "0", "max_batches_in_flight"),
+    ],
+)
+def test_bad_run_options_fail_the_command_before_it_starts(
+    tmp_path, monkeypatch, capsys, command, option, value, named
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    folders = DIRS if command == "serve" else []  # run: the demo's own folders
+    code, out, err = cli([command, *folders, option, value], capsys)
+    assert code == 2
+    assert f"samplepipe {command}:" in err and named in err
+    assert sorted(os.listdir(tmp_path)) == []  # no folder made, no server state

@@ -133,7 +133,8 @@ class RunOptions:
     def parameters(self, *, fit: bool = False) -> dict[str, Any]:
         """These options as keyword arguments of a flow (or a deployment's parameters).
 
-        ``fit=True``: for `fit_pipeline`, which has no ``method``.
+        ``fit=True``: for `fit_pipeline`, which has no ``method``. A deployment
+        stores its parameters as JSON: there ``locks`` must be a URL or None.
         """
         return {
             f.name: getattr(self, f.name)

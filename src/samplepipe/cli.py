@@ -89,6 +89,14 @@ def _warn(msg):
     err.print(f"warning: {escape(msg)}", soft_wrap=True)
 
 
+def _checked(options, command):
+    """Bad options fail the command before anything starts (exit status 2)."""
+    try:
+        options.check()
+    except (TypeError, ValueError) as exc:
+        raise CommandError(f"samplepipe {command}: {exc}", code=2) from exc
+
+
 def _table(rows, title):
     columns = (
         "step",
@@ -209,6 +217,7 @@ def run(
         storage_options=_json(storage_options, "--storage-options") or None,
         layout=layout,
     )
+    _checked(options, "run")
     inputs = {
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
         "samples_kwargs": _samples_kwargs(samples_kwargs, samples, "test"),
@@ -387,6 +396,7 @@ def serve(
         storage_options=_json(storage_options, "--storage-options") or None,
         layout=layout,
     )
+    _checked(run_options, "serve")
     common = {
         "pipeline": pipeline,
         "pipeline_kwargs": _json(pipeline_kwargs, "--pipeline-kwargs"),
