@@ -190,6 +190,7 @@ import samplepipe.storage.files as files
 import samplepipe.storage.hdf5 as hdf5_module
 import samplepipe.storage.identity as identity_module
 import samplepipe.storage.keys as keys_module
+import samplepipe.storage.layouts.files as files_layout
 import samplepipe.storage.models as models
 import samplepipe.wrappers._checkpoint as checkpoint_module
 from samplepipe import (
@@ -204,6 +205,7 @@ from samplepipe.locks import CrashSafeFileLocks, UnsafeLockFolderError
 from samplepipe.storage import (
     VALIDATED,
     CorruptCheckpointError,
+    FilesLayout,
     Identity,
     ModelWarning,
     UnknownFileError,
@@ -214,7 +216,6 @@ from samplepipe.storage import (
     read_model_header,
 )
 from samplepipe.storage.files import HOST_TAG
-from samplepipe.storage.fs import LOCAL
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
 from .conftest import counting_checkpoint as counting
@@ -600,21 +601,21 @@ def sample_keys_without_duplicates_check(samples, owner="CheckpointWrapper"):
     return [keys_module.check_key(s.key, i, owner) for i, s in enumerate(samples)]
 
 
-_real_encode = CheckpointWrapper._encode
-_real_save_one = CheckpointWrapper._save_one
+_real_encode = FilesLayout.encode
+_real_save_one = FilesLayout.save_one
 
 
-def encode_later(self, value, identity, check=False):
+def encode_later(self, context, value, identity, check=False):
     """Broken on purpose (with `save_encoding_first`): no check before writing."""
     return None
 
 
-def save_encoding_first(self, path, encoded, identity, value, fs=LOCAL):
-    encoded = _real_encode(self, value, identity)
-    return _real_save_one(self, path, encoded, identity, value, fs)
+def save_encoding_first(self, context, path, encoded, identity, value):
+    encoded = _real_encode(self, context, value, identity)
+    return _real_save_one(self, context, path, encoded, identity, value)
 
 
-def prepare_folder_following_links(self, folder, seen, fs=LOCAL):
+def prepare_folder_following_links(self, context, folder, seen):
     """Broken on purpose: writes into wherever the folder's links lead."""
     os.makedirs(folder, exist_ok=True)
     files.remove_stale_temporaries(folder)
@@ -1177,7 +1178,7 @@ def check_a_link_out_of_features_dir_is_refused(tmp_path):
         "follows-links",
         "DID NOT RAISE",
         prepare=(
-            (CheckpointWrapper, "_prepare_folder"),
+            (FilesLayout, "prepare_folder"),
             prepare_folder_following_links,
         ),
     )
@@ -1232,7 +1233,7 @@ def check_remove_checkpoints_removes_only_what_it_may(tmp_path):
     broken(
         "live-writers-count-as-dead",
         "removed what it must keep.*00008",
-        alive=((checkpoint_module, "temporary_owner_alive"), lambda name: False),
+        alive=((files_layout, "temporary_owner_alive"), lambda name: False),
     ),
 )
 def test_remove_checkpoints_removes_only_what_it_may(tmp_path, claim):
@@ -1390,8 +1391,8 @@ def check_an_unsupported_output_writes_nothing(tmp_path):
     broken(
         "writes-as-it-encodes",
         "files of the failed batch were written",
-        encode=((CheckpointWrapper, "_encode"), encode_later),
-        save=((CheckpointWrapper, "_save_one"), save_encoding_first),
+        encode=((FilesLayout, "encode"), encode_later),
+        save=((FilesLayout, "save_one"), save_encoding_first),
     )
 )
 def test_an_unsupported_output_writes_nothing(tmp_path, claim):
@@ -1434,12 +1435,12 @@ def check_only_transient_io_errors_are_retried(tmp_path):
     broken(
         "retries-every-error",
         "full disk was tried 3 times",
-        rule=((checkpoint_module, "is_permanent"), lambda exc: False),
+        rule=((files_layout, "is_permanent"), lambda exc: False),
     ),
     broken(
         "retries-nothing",
         "transient error was not retried",
-        rule=((checkpoint_module, "is_permanent"), lambda exc: True),
+        rule=((files_layout, "is_permanent"), lambda exc: True),
     ),
 )
 def test_only_transient_io_errors_are_retried(tmp_path, claim):

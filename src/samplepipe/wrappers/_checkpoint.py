@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import posixpath
-import time
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -14,25 +10,15 @@ import numpy as np
 from sklearn.utils.metaestimators import available_if
 
 from ..errors import CheckpointWarning as CheckpointWarning
-from ..storage import checkpoints as ckpt
-from ..storage.checkpoints import CheckpointLoader, UnknownFileError
-from ..storage.files import (
-    MAX_EXTENSION,
-    Stamp,
-    is_permanent,
-    is_temporary_file,
-    remove_stale_temporaries,
-)
-from ..storage.files import _owner_alive as temporary_owner_alive
-from ..storage.formats import CustomFormat, Format, HDF5Format, get_format
+from ..storage.checkpoints import CheckpointLoader
+from ..storage.files import MAX_EXTENSION
+from ..storage.formats import Format, resolve_format
 from ..storage.fs import (
     LOCAL,
     FileSystem,
     check_location,
     filesystem,
-    join_location,
     location_root,
-    relative_location,
 )
 from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.identity import (
@@ -47,15 +33,17 @@ from ..storage.identity import (
     value_digest,
     value_digests,
 )
-from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
+from ..storage.keys import check_key, hash_string, keys_digest, sample_keys
+from ..storage.layouts import Layout, LayoutContext, gc_paused, get_layout
+from ..storage.layouts.base import format_funcs
 from ..storage.models import (
     load_model,
     read_model_header,
     save_model,
     update_estimator,
 )
-from ..storage.shards import DEFAULT_SHARD_BYTES, shard_limits
-from . import _explain, _shards
+from ..storage.shards import DEFAULT_SHARD_BYTES
+from . import _explain
 from ._base import estimator_options, estimator_requires_fit, inner_estimators
 from ._base import resolve_option as _resolve_option
 from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
@@ -82,12 +70,6 @@ __all__ = [
     "load_hdf5",
     "save_hdf5",
 ]
-
-
-_HDF5 = HDF5Format()
-
-# a stamp no file has: a loader holding it checks its file before loading
-NO_STAMP = Stamp(-1, -1, -1, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -191,21 +173,6 @@ def failed_output(sample: Any, attribute: str) -> Any:
     if isinstance(sample, DelayedSample):
         return DelayedSample(sample._load, parent=sample, **{attribute: None})
     return Sample(getattr(sample, "data", None), parent=sample, **{attribute: None})
-
-
-def _key_from_relative(rel: str, hash_fn: Callable[[str], Any] | None) -> str | None:
-    """The key of a file at ``rel`` (without extension); None if it is not one."""
-    if hash_fn is None:
-        return rel
-    parts = rel.split("/")
-    for i in range(1, len(parts)):
-        key = "/".join(parts[i:])
-        try:
-            if str(hash_fn(key)) == "/".join(parts[:i]):
-                return key
-        except Exception:  # noqa: BLE001 - a hash_fn that rejects the name
-            continue
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -380,9 +347,10 @@ class CheckpointWrapper(BaseWrapper):
                 f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
             )
             raise TypeError(msg)
-        if self.layout != "files":
-            self._validate_shards()
-        self._format()  # a bad format: ValueError or TypeError
+        layout = self._layout()
+        parameters = self._layout_parameters()
+        layout.check_parameters(parameters)
+        layout.check_format(self._format(), parameters)  # a bad format raises
         extension = self._extension()
         if (
             not isinstance(extension, str)
@@ -392,34 +360,6 @@ class CheckpointWrapper(BaseWrapper):
             msg = (
                 f"CheckpointWrapper got extension={extension!r}; it must be a str "
                 f"such as '.h5' without '/', at most {MAX_EXTENSION} bytes."
-            )
-            raise ValueError(msg)
-
-    def _validate_shards(self) -> None:
-        if self.layout != "shards":
-            msg = (
-                f"CheckpointWrapper got layout={self.layout!r}; it must be 'files' "
-                "(one file per sample) or 'shards' (one file per batch)."
-            )
-            raise ValueError(msg)
-        shard_limits(self.shard_size, self.shard_bytes, "CheckpointWrapper")
-        for name, value in (
-            ("save_func", _resolve_option(self, "save_func")),
-            ("load_func", _resolve_option(self, "load_func")),
-            ("hash_fn", self.hash_fn),
-        ):
-            if value is not None:
-                msg = (
-                    f"CheckpointWrapper got {name}={value!r} with layout='shards'; "
-                    "shards store every sample in the default HDF5 format, one "
-                    f"file per batch: remove {name} or use layout='files'."
-                )
-                raise ValueError(msg)
-        if self._format().sidecar:
-            msg = (
-                f"CheckpointWrapper got format={self.format!r} with "
-                "layout='shards'; shards store every sample in the HDF5 format: "
-                "remove format or use layout='files'."
             )
             raise ValueError(msg)
 
@@ -445,58 +385,61 @@ class CheckpointWrapper(BaseWrapper):
         return attributes
 
     def _funcs(self) -> tuple[Any, Any]:
-        """``(save, load)`` of a format with a sidecar record; (None, None) for
-        HDF5 (whose record is inside the file)."""
-        fmt = self._format()
-        if isinstance(fmt, CustomFormat):
-            return fmt.save_func, fmt.load_func
-        if fmt.sidecar:
-            return fmt.save, fmt.load
-        return None, None
+        """``(save, load)`` of a sidecar format; (None, None) for HDF5."""
+        return format_funcs(self._format())
 
     def _format(self) -> Format:
         """The `Format` of feature checkpoints (see the ``format`` parameter)."""
-        save = _resolve_option(self, "save_func")
-        load = _resolve_option(self, "load_func")
-        if (save is None) != (load is None):
-            msg = (
-                "CheckpointWrapper got only one of save_func and load_func; give "
-                "both or neither."
-            )
-            raise ValueError(msg)
-        fmt = self.format
-        if fmt is None:
-            return _HDF5 if save is None else CustomFormat(save, load)
-        if isinstance(fmt, str):
-            try:
-                cls = get_format(fmt)
-            except ValueError as exc:
-                msg = f"CheckpointWrapper got format={fmt!r}: {exc}"
-                raise ValueError(msg) from None
-            if issubclass(cls, CustomFormat):
-                if save is None:
-                    msg = (
-                        f"CheckpointWrapper got format={fmt!r} without save_func "
-                        "and load_func; give both."
-                    )
-                    raise ValueError(msg)
-                return cls(save, load)
-            fmt = _HDF5 if cls is HDF5Format else cls()
-        elif not isinstance(fmt, Format):
-            msg = (
-                f"CheckpointWrapper got format={fmt!r}; it must be the name of a "
-                "registered format (see samplepipe.storage.registered_formats()) "
-                "or a samplepipe.storage.Format instance."
-            )
-            raise TypeError(msg)
-        if save is not None and not isinstance(fmt, CustomFormat):
-            msg = (
-                f"CheckpointWrapper got save_func and load_func with format="
-                f"{self.format!r}; they are the 'custom' format: remove them or "
-                "format."
-            )
-            raise ValueError(msg)
-        return fmt
+        return resolve_format(
+            self.format,
+            _resolve_option(self, "save_func"),
+            _resolve_option(self, "load_func"),
+        )
+
+    def _layout(self) -> Layout:
+        """The `Layout` of feature checkpoints (see the ``layout`` parameter)."""
+        return get_layout(self.layout, "CheckpointWrapper")
+
+    def _layout_parameters(self) -> dict[str, Any]:
+        return {
+            "layout": self.layout,
+            "features_dir": self.features_dir,
+            "format": self.format,
+            "save_func": _resolve_option(self, "save_func"),
+            "load_func": _resolve_option(self, "load_func"),
+            "hash_fn": self.hash_fn,
+            "shard_size": self.shard_size,
+            "shard_bytes": self.shard_bytes,
+        }
+
+    def _context(self, located: bool = True) -> LayoutContext:
+        """What the layout works on (`LayoutContext`); ``located=False``
+        allows ``features_dir=None`` (for `checkpoint_names`)."""
+        if located or self.features_dir is not None:
+            root = self._features_root()
+            fs = filesystem(root, self.storage_options)
+        else:
+            root, fs = "", LOCAL
+        return LayoutContext(
+            root=root,
+            fs=fs,
+            storage_options=self.storage_options,
+            format=self._format(),
+            extension=self._extension(),
+            name=f"CheckpointWrapper({self._name()})",
+            hash_fn=self.hash_fn,
+            attempts=self.attempts,
+            force=self.force,
+            shard_size=self.shard_size,
+            shard_bytes=self.shard_bytes,
+            step=self._judging_step,
+            describe=self._describe,
+            parameters=self._layout_parameters(),
+        )
+
+    def _judging_step(self) -> str | None:
+        """The identity that judges files; None while the fitted state is unknown."""
+        return self.step_identity() if self._has_model_state() else None
 
     def _extension(self) -> str:
         """The file extension: given, declared by the estimator, or the format's."""
@@ -520,27 +463,16 @@ class CheckpointWrapper(BaseWrapper):
 
     def checkpoint_paths(self, keys: Iterable[str]) -> list[str]:
         """`checkpoint_path` of each key; the options are resolved once."""
-        root = self._features_root()
-        join = join_location if "://" in root and is_url(root) else os.path.join
-        return [join(root, name) for name in self.checkpoint_names(keys)]
+        return self._layout().paths(self._context(), keys)
 
     def checkpoint_names(self, keys: Iterable[str]) -> list[str]:
         """Each key's checkpoint path inside ``features_dir``, ``/``-separated.
 
         ``<key><extension>``, under the bucket that ``hash_fn`` gives the key
-        if it is set. Each key (and bucket) is checked first (see `check_key`).
+        if it is set (the layout decides; see `samplepipe.storage.Layout.
+        names`). Each key (and bucket) is checked first (see `check_key`).
         """
-        extension = self._extension()
-        names = []
-        for key in keys:
-            check_key(key)
-            if self.hash_fn is None:
-                names.append(key + extension)
-                continue
-            bucket = str(self.hash_fn(key))
-            check_key(bucket, owner="CheckpointWrapper's hash_fn")
-            names.append(f"{bucket}/{key}{extension}")
-        return names
+        return self._layout().names(self._context(located=False), keys)
 
     def _features_root(self) -> str:
         """``features_dir`` as a local path or a URL (see `location_root`)."""
@@ -693,30 +625,9 @@ class CheckpointWrapper(BaseWrapper):
         loaders: bool = True,
         paths: Sequence[str] | None = None,
     ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
-        """``(status, record, loader)`` of each checkpoint, for `explain`.
-
-        Read-only: a record the journal holds for the file's present stamp is
-        taken as it is, whatever it says (`ckpt.check` with ``any_record``).
-        ``loader`` loads a valid checkpoint (None for the others); ``paths``
-        are the checkpoints' paths when the caller has them already.
-        """
-        fs = self._features_fs()
-        options = None if fs.local else self.storage_options
-        if self.layout == "shards":
-            return _shards.judge_all(self, wanted, options)
-        load = self._funcs()[1]
-        if paths is None:
-            paths = self.checkpoint_paths(i.key for i in wanted)
-        judged: list[tuple[str, str | None, Callable[[], Any] | None]] = []
-        for path, ident in zip(paths, wanted):
-            state, st, record = ckpt.check(
-                path, ident, load is not None, fs=fs, any_record=True
-            )
-            loader = None
-            if loaders and state == "valid" and st is not None:
-                loader = CheckpointLoader(path, ident, st, load, options, record)
-            judged.append((state, record, loader))
-        return judged
+        """``(status, record, loader)`` of each checkpoint, read-only (see
+        `samplepipe.storage.Layout.judge_all`), for `explain` and `verify`."""
+        return self._layout().judge_all(self._context(), wanted, loaders, paths)
 
     def planned_outputs(self, samples: Sequence[Any]) -> list[Any]:
         """The samples `transform` would return, without computing or reading.
@@ -726,18 +637,9 @@ class CheckpointWrapper(BaseWrapper):
         of a pipeline can be explained (`explain`) before anything runs.
         """
         wanted = self.identities(samples)
-        paths = self.checkpoint_paths(i.key for i in wanted)
-        load = self._funcs()[1]
-        options = None if self._features_fs().local else self.storage_options
         attribute = self._sample_attribute()
-        outputs = []
-        for s, p, i, (_, _, loader) in zip(
-            samples, paths, wanted, self._judge_all(wanted, paths=paths)
-        ):
-            if loader is None:  # loads once transform has written it
-                loader = CheckpointLoader(p, i, NO_STAMP, load, options)
-            outputs.append(lazy_output(s, attribute, loader))
-        return outputs
+        loaders = self._layout().planned(self._context(), wanted)
+        return [lazy_output(s, attribute, lo) for s, lo in zip(samples, loaders)]
 
     def verify(
         self,
@@ -939,81 +841,6 @@ class CheckpointWrapper(BaseWrapper):
         return self
 
     # -- features ----------------------------------------------------------
-    def _save_one(
-        self,
-        path: str,
-        encoded: Any,
-        identity: Identity,
-        value: Any,
-        fs: FileSystem = LOCAL,
-    ) -> Any:
-        """Write one checkpoint (``encoded``: `ckpt.Encoded`, None for a
-        ``save_func``) and return its stamp; transient errors are retried."""
-        folder = os.path.dirname(path)
-        fmt = None if encoded is not None else self._format()
-        last: OSError | None = None
-        for attempt in range(self.attempts):
-            try:
-                if not fs.local:
-                    return self._save_stored(path, encoded, identity, value, fs)
-                if os.path.isdir(path):
-                    msg = (
-                        f"CheckpointWrapper cannot write checkpoint {path!r}: a "
-                        "folder of that name exists; remove it or change the key."
-                    )
-                    raise IsADirectoryError(errno.EISDIR, msg)
-                if attempt:  # made by _prepare_folder; removed since?
-                    os.makedirs(folder, exist_ok=True)
-                if fmt is None:
-                    record = encoded.record
-                    ckpt.write_default(path, encoded.blob)
-                else:
-                    record = fmt.write(path, value, identity)
-                st = ckpt.stamp(path)
-                assert st is not None
-                ckpt.remember(path, fmt is not None, st, record)
-                return st
-            except OSError as exc:
-                last = exc
-                if is_permanent(exc) or attempt + 1 == self.attempts:
-                    break
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-        msg = f"CheckpointWrapper could not write checkpoint {path!r}: {last}"
-        raise OSError(getattr(last, "errno", None), msg) from last
-
-    def _save_stored(
-        self, path: str, encoded: Any, identity: Identity, value: Any, fs: FileSystem
-    ) -> Any:
-        """`_save_one` on a store: one atomic write (a PUT on object stores)."""
-        if encoded is not None:
-            record = encoded.record
-            st = fs.write_bytes(path, encoded.blob)
-        else:
-            record, st = self._format().write_stored(path, value, identity, fs)
-        ckpt.remember(path, encoded is None, st, record, fs)
-        return st
-
-    def _prepare_folder(
-        self, folder: str, seen: set[str], fs: FileSystem = LOCAL
-    ) -> None:
-        if folder in seen:
-            return
-        seen.add(folder)
-        if not fs.local:
-            fs.makedirs(folder)
-            fs.remove_stale_temporaries(folder)
-            return
-        root = os.path.realpath(self._features_root())
-        real = os.path.realpath(folder)
-        if real != root and not real.startswith(root + os.sep):
-            msg = (
-                f"CheckpointWrapper refuses to write into {folder!r}: it resolves to "
-                f"{real!r}, outside features_dir {root!r} (a symbolic link?)."
-            )
-            raise ValueError(msg)
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder)
-
     @available_if(_estimator_has("transform"))
     def transform(self, X: Any) -> Any:
         """Transform samples, loading valid checkpoints and computing the rest.
@@ -1060,129 +887,34 @@ class CheckpointWrapper(BaseWrapper):
         None computes them here and checks the keys.
         """
         self._validate_params()
-        if self.layout == "shards":
-            return _shards.transform_samples(self, samples, report)
-        if identities is None:
-            wanted = self.identities(samples)
-        else:
-            step, inputs = identities
-            wanted = [
-                Identity(step, i, s.key) for s, i in zip(samples, inputs, strict=True)
-            ]
-        paths = self.checkpoint_paths(i.key for i in wanted)
-        save, load = self._funcs()
-        custom = save is not None
-        fs = self._features_fs()
-        options = None if fs.local else self.storage_options
         attribute = self._sample_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
-        stamps: list[Any] = [None] * len(samples)
-        records: list[str | None] = [None] * len(samples)  # verified, for loaders
-        todo: list[int] = []
-        bad: dict[str, int] = {}
-        unknown: list[str] = []
-        for i, (s, path, ident) in enumerate(zip(samples, paths, wanted)):
-            if _is_failed(s, input_attribute):
-                continue
-            state, st, record = (
-                ("missing", None, None)
-                if self.force
-                else ckpt.check(path, ident, custom, fs=fs)
-            )
-            if state == "valid":
-                stamps[i] = st
-                records[i] = record
-            elif state == "unknown":
-                if fs.isdir(path):
-                    msg = (
-                        f"CheckpointWrapper cannot write checkpoint {path!r}: a "
-                        "folder of that name exists; remove it or change the key."
-                    )
-                    raise IsADirectoryError(errno.EISDIR, msg)
-                unknown.append(path)
+        with gc_paused():
+            if identities is None:
+                wanted = self.identities(samples)
             else:
-                todo.append(i)
-                if state != "missing":
-                    bad[state] = bad.get(state, 0) + 1
-        if unknown:
-            msg = (
-                f"CheckpointWrapper({self._name()}) will not overwrite "
-                f"{len(unknown)} file(s) that samplepipe did not write, e.g. "
-                f"{unknown[0]!r}: move them away or choose another features_dir."
-            )
-            raise UnknownFileError(errno.EEXIST, msg)
-        if bad:
-            self._warn_recomputed(
-                bad,
-                "corrupt: unreadable or failing its checksum; foreign: holds "
-                "another key",
-            )
-        outputs = self._compute(samples, todo, attribute)
-        computed = 0
-        if outputs:
-            self._describe(wanted[0].step)
-        fmt = self._format()
-        for i, value in outputs.items():  # an unsupported value writes nothing
-            if value is not None:
-                self._encode(value, wanted[i], check=fmt)
-        folders: set[str] = set()
-        written: list[tuple[str, Any, str]] = []  # for the journal (local HDF5)
-        payloads: dict[int, Any] = {}  # where this process wrote each payload
-        for i, value in outputs.items():
-            if value is None:
-                continue
-            # one file image at a time: memory stays that of the outputs
-            encoded = None if save is not None else self._encode(value, wanted[i])
-            self._prepare_folder(fs.dirname(paths[i]), folders, fs)
-            stamps[i] = self._save_one(paths[i], encoded, wanted[i], value, fs)
-            if encoded is not None:
-                records[i] = encoded.record
-                if fs.local:
-                    written.append((paths[i], stamps[i], encoded.record))
-                    payloads[i] = encoded.payload_at
-            computed += 1
-        ckpt.journal_written(written)
-        results = []
-        for i, (s, path, ident, st, record) in enumerate(
-            zip(samples, paths, wanted, stamps, records)
-        ):
-            if st is None:
-                results.append(failed_output(s, attribute))
-            else:
-                loader = CheckpointLoader(
-                    path, ident, st, load, options, record, True, payloads.get(i)
-                )
-                results.append(lazy_output(s, attribute, loader))
-        if report is not None:
-            report["computed"] = computed
-            report["loaded"] = sum(st is not None for st in stamps) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = sum(st is None for st in stamps)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            report["files"] = [
-                (p, st) if st is not None else None for p, st in zip(paths, stamps)
+                step, inputs = identities
+                wanted = [
+                    Identity(step, i, s.key)
+                    for s, i in zip(samples, inputs, strict=True)
+                ]
+            live = [
+                i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)
             ]
-            report["records"] = records
-        return results
-
-    def _warn_recomputed(
-        self, bad: Mapping[str, int], more: str, stacklevel: int = 3
-    ) -> None:
-        """One `CheckpointWarning` for the checkpoints of a call judged ``bad``.
-
-        ``bad`` counts them by status; ``more`` explains the statuses other
-        than stale; ``stacklevel`` is that of `warnings.warn`, from here.
-        """
-        detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
-        warnings.warn(
-            f"CheckpointWrapper({self._name()}) recomputes {sum(bad.values())} "
-            f"checkpoint(s) in {self._features_root()!r}: {detail} "
-            "(stale: made by other code, parameters, fitted model or input; "
-            f"{more}).",
-            CheckpointWarning,
-            stacklevel=stacklevel,
+        loaders = self._layout().transform(
+            self._context(),
+            wanted,
+            live,
+            lambda todo: self._compute(samples, todo, attribute),
+            report,
         )
+        with gc_paused():
+            return [
+                failed_output(s, attribute)
+                if loader is None
+                else lazy_output(s, attribute, loader)
+                for s, loader in zip(samples, loaders)
+            ]
 
     def _compute(
         self, samples: Sequence[Sample], todo: Sequence[int], attribute: str
@@ -1219,27 +951,6 @@ class CheckpointWrapper(BaseWrapper):
                 raise TypeError(msg)
             values[i] = getattr(out, attribute, None)
         return values
-
-    def _encode(
-        self, value: Any, identity: Identity, check: Format | None = None
-    ) -> ckpt.Encoded | None:
-        """The HDF5 image and record of ``value``; with ``check`` (a format),
-        only check that the format can store it.
-
-        ``TypeError`` naming the sample for a value the format cannot store.
-        """
-        try:
-            if check is not None:
-                check.check_value(value)  # HDF5: copies nothing
-                return None
-            return ckpt.encode_default(value, identity)
-        except TypeError as exc:
-            msg = (
-                f"CheckpointWrapper({self._name()}) cannot checkpoint the output "
-                f"of sample {identity.key!r}: {exc} Nothing of this batch was "
-                "written."
-            )
-            raise TypeError(msg) from exc
 
     @available_if(_estimator_has("transform"))
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
@@ -1317,85 +1028,7 @@ class CheckpointWrapper(BaseWrapper):
     def _walk(self) -> Iterator[tuple[str, str, int, Any]]:
         if self.features_dir is None:
             return
-        if self.layout == "shards":
-            yield from _shards.walk(self)
-            return
-        extension = self._extension()
-        step = self.step_identity() if self._has_model_state() else None
-        root = location_root(self.features_dir)
-        fs = self._features_fs()
-        if not fs.local:
-            for path, rel, size, listed in fs.walk_files(root):
-                name = posixpath.basename(rel)
-                if not is_temporary_file(name) and (
-                    not name.endswith(extension) or name.endswith(".meta.json")
-                ):
-                    continue
-                judged = self._judge(path, step, extension, fs, size, listed)
-                if judged is not None:
-                    yield (path, *judged)
-            return
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                if not is_temporary_file(name) and (
-                    not name.endswith(extension) or name.endswith(".meta.json")
-                ):
-                    continue
-                judged = self._judge(path, step, extension)
-                if judged is not None:
-                    yield (path, *judged)
-
-    def _judge(
-        self,
-        path: str,
-        step: str | None,
-        extension: str,
-        fs: FileSystem = LOCAL,
-        size: int | None = None,
-        listed: Any = None,
-    ) -> tuple[str, int, Any] | None:
-        """``(status, size, stamp)`` of one file; None if it vanished.
-
-        ``size`` and ``listed`` (a stamp) are what a store's listing gave:
-        they save requests.
-        """
-        if fs.local:
-            try:
-                size = os.lstat(path).st_size
-            except FileNotFoundError:
-                return None
-            name = os.path.basename(path)
-        else:
-            if size is None:
-                found = fs.stamp(path)
-                if found is None:
-                    return None
-                size = found.size
-            name = posixpath.basename(path)
-        if is_temporary_file(name):
-            alive = temporary_owner_alive(name)
-            return ("writing" if alive else "temporary"), size, None
-        if step is None:
-            return "unknown", size, None
-        save, _ = self._funcs()
-        rel = relative_location(path, self._features_root())
-        rel = rel[: -len(extension)]
-        key = _key_from_relative(rel, self.hash_fn)
-        state, stamp_, _ = ckpt.check(
-            path,
-            Identity(step, "", key or ""),
-            save is not None,
-            True,
-            fs=fs,
-            known=listed,
-        )
-        if key is None and state in ("valid", "stale", "foreign"):
-            state = "foreign"
-        if state == "missing":
-            return None  # removed since it was listed
-        return state, size, stamp_
+        yield from self._layout().walk(self._context())
 
     def remove_checkpoints(
         self,
@@ -1412,21 +1045,9 @@ class CheckpointWrapper(BaseWrapper):
         if never:
             msg = f"remove_checkpoints never removes {sorted(never)} files."
             raise ValueError(msg)
-        if self.layout == "shards" and self.features_dir is not None:
-            return _shards.remove(self, statuses, dry_run)
-        save, _ = self._funcs()
-        step = self.step_identity() if self._has_model_state() else None
-        fs = self._features_fs() if self.features_dir is not None else LOCAL
-        removed = []
-        for path, state, size, stamp_ in list(self._walk()):
-            if state not in statuses:
-                continue
-            if not dry_run and not self._still(path, state, stamp_, step, fs):
-                continue
-            removed.append((path, state, size))
-            if not dry_run:
-                ckpt.remove(path, save is not None, fs)
-        return removed
+        if self.features_dir is None:
+            return []
+        return self._layout().remove(self._context(), statuses, dry_run)
 
     def compact_checkpoints(
         self, shard_size: int | None = None, shard_bytes: int | str | None = None
@@ -1455,7 +1076,7 @@ class CheckpointWrapper(BaseWrapper):
             ``shards`` (before), ``written``, ``removed`` (paths), ``kept``,
             ``dropped`` (entries).
         """
-        if self.layout != "shards" or self.features_dir is None:
+        if self.features_dir is None:
             msg = (
                 f"CheckpointWrapper.compact_checkpoints needs layout='shards' and a "
                 f"features_dir; got layout={self.layout!r}, "
@@ -1463,23 +1084,7 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise ValueError(msg)
         self._validate_params()
-        return _shards.compact(self, shard_size, shard_bytes)
-
-    def _still(
-        self,
-        path: str,
-        state: str,
-        stamp_: Any,
-        step: str | None,
-        fs: FileSystem = LOCAL,
-    ) -> bool:
-        """Whether ``path`` is unchanged and judged ``state`` again."""
-        if stamp_ is not None and fs.stamp(path) != stamp_:
-            return False
-        save, _ = self._funcs()
-        ckpt.forget(path, save is not None, fs)  # judge from the file, not the cache
-        again = self._judge(path, step, self._extension(), fs)
-        return again is not None and again[0] == state and again[2] == stamp_
+        return self._layout().compact(self._context(), shard_size, shard_bytes)
 
 
 _DEFAULTS = {
