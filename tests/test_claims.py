@@ -193,6 +193,8 @@ import samplepipe.storage.keys as keys_module
 import samplepipe.storage.layouts.files as files_layout
 import samplepipe.storage.models as models
 import samplepipe.wrappers._checkpoint as checkpoint_module
+import samplepipe.wrappers._inputs as inputs_module
+import samplepipe.wrappers._model as model_module
 from samplepipe import (
     CheckpointWarning,
     CheckpointWrapper,
@@ -846,6 +848,10 @@ IDENTITY_WITHOUT_PARAMETERS = broken(
         (checkpoint_module, "estimator_identity"),
         lambda est: code_identity(type(est)),
     ),
+    model_identity=(
+        (model_module, "estimator_identity"),
+        lambda est: code_identity(type(est)),
+    ),
 )
 
 
@@ -875,7 +881,7 @@ def check_a_refit_on_other_data_recomputes(tmp_path):
     broken(
         "constant-fitted-digest",
         "out-of-date checkpoint was reused",
-        digest=((checkpoint_module, "fitted_digest"), lambda est: "fitted"),
+        digest=((model_module, "fitted_digest"), lambda est: "fitted"),
     )
 )
 def test_a_refit_on_other_data_recomputes(tmp_path, claim):
@@ -894,7 +900,7 @@ def check_new_data_under_the_same_keys_recomputes(tmp_path):
         "digest-of-shape-only",
         "out-of-date checkpoint was reused",
         digest=(
-            (checkpoint_module, "value_digest"),
+            (inputs_module, "value_digest"),
             lambda value: f"shape{np.shape(value)}",
         ),
         batch_digest=(
@@ -972,19 +978,20 @@ def read_calls_lines(path):
 
 def identity_by_loading(sample, attribute):
     """Broken on purpose: hashes a lazy input by loading it."""
-    return "v" + checkpoint_module.value_digest(getattr(sample, attribute))
+    return "v" + identity_module.value_digest(getattr(sample, attribute))
 
 
 @variants(
     broken(
         "hashes-by-loading",
         "lazy inputs were read (more than once|again)",
-        attribute=((checkpoint_module, "attribute_identity"), identity_by_loading),
+        attribute=((inputs_module, "attribute_identity"), identity_by_loading),
+        batch=((checkpoint_module, "attribute_identity"), identity_by_loading),
     ),
     broken(
         "ignores-data_version",
         "out-of-date checkpoint was reused",
-        version=((checkpoint_module, "DATA_VERSION_ATTRIBUTE"), "no_such_attribute"),
+        version=((inputs_module, "DATA_VERSION_ATTRIBUTE"), "no_such_attribute"),
     ),
 )
 def test_lazy_inputs_are_not_read_to_be_hashed_and_declare_a_version(tmp_path, claim):
@@ -1291,7 +1298,7 @@ def check_listing_checkpoints_never_unpickles_the_model(tmp_path):
     broken(
         "loads-the-model",
         "unpickled the model file",
-        header=((checkpoint_module, "read_model_header"), header_by_loading),
+        header=((model_module, "read_model_header"), header_by_loading),
     )
 )
 def test_listing_checkpoints_never_unpickles_the_model(tmp_path, claim):
@@ -1482,7 +1489,7 @@ def check_a_model_is_reused_only_for_the_same_step_and_training_samples(tmp_path
         "training-digest-of-keys-only",
         "fitted on other data",
         digest=(
-            (checkpoint_module, "training_digest"),
+            (model_module, "training_digest"),
             lambda samples, attributes: keys_digest(str(s.key) for s in samples),
         ),
     ),
@@ -1511,7 +1518,7 @@ def check_a_damaged_model_payload_is_refitted(tmp_path):
     broken(
         "skips-size-and-sha256",
         "failing its SHA-256 was loaded",
-        load=((checkpoint_module, "load_model"), load_model_skipping_digest),
+        load=((model_module, "load_model"), load_model_skipping_digest),
     )
 )
 def test_a_damaged_model_payload_is_refitted(tmp_path, claim):
@@ -1542,7 +1549,7 @@ def check_a_model_that_cannot_be_unpickled_is_refitted(tmp_path):
     broken(
         "lets-unpickling-errors-through",
         "instead of refitting",
-        load=((checkpoint_module, "load_model"), load_model_letting_errors_through),
+        load=((model_module, "load_model"), load_model_letting_errors_through),
     )
 )
 def test_a_model_that_cannot_be_unpickled_is_refitted(tmp_path, claim):
