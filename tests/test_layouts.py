@@ -9,7 +9,6 @@ and import-direction rules of issue 23 are checked here too.
 from __future__ import annotations
 
 import ast
-import hashlib
 import inspect
 import os
 import pickle
@@ -31,34 +30,11 @@ from samplepipe.storage import (
     register_layout,
     registered_layouts,
 )
-from samplepipe.testing import CountingTransformer, count_rows
+from samplepipe.testing import CountingTransformer, NestedFilesLayout, count_rows
 
 from .conftest import make_samples
 
 SRC = Path(samplepipe.__file__).parent
-
-
-class NestedFilesLayout(FilesLayout):
-    """A user's layout: ``<root>/<d>/<d>/<key>.h5``, ``d`` digits of a digest."""
-
-    @staticmethod
-    def bucket(key):
-        digest = hashlib.sha1(key.encode()).hexdigest()
-        return f"{digest[0]}/{digest[1]}"
-
-    def names(self, context, keys):
-        keys = list(keys)
-        flat = super().names(context, keys)
-        return [f"{self.bucket(k)}/{name}" for k, name in zip(keys, flat)]
-
-    def key_of(self, context, rel):
-        parts = rel.split("/", 2)
-        if len(parts) < 3:
-            return None
-        key = super().key_of(context, parts[2])
-        if key is None or self.bucket(key) != "/".join(parts[:2]):
-            return None
-        return key
 
 
 register_layout("test-nested", NestedFilesLayout)
