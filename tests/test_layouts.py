@@ -133,6 +133,20 @@ def test_the_layout_parameter_survives_get_params_set_params_clone_and_pickle(
     assert clone(wrapper).get_params()["layout"] == "shards"
 
 
+@pytest.mark.parametrize("layout", ["files", "shards", "test-nested"])
+def test_every_layout_gets_checked_keys_also_with_identities_given(tmp_path, layout):
+    wrapper, log = nested_step(tmp_path, layout=layout)
+    samples = make_samples(3)
+    samples[2].key = samples[0].key
+    ids = (wrapper.step_identity(), wrapper.input_identities(samples))
+    with pytest.raises(ValueError, match="for samples 0 and 2; keys must be unique"):
+        wrapper.transform_samples(samples, identities=ids)
+    samples[2].key = "../evil"
+    with pytest.raises(ValueError, match=re.escape("got key '../evil' for sample 2")):
+        wrapper.transform_samples(samples, identities=ids)
+    assert not os.path.exists(log)
+
+
 # ---------------------------------------------------------------------------
 # the registry
 # ---------------------------------------------------------------------------

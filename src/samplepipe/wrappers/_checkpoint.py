@@ -310,9 +310,9 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
                 wanted = self.identities(samples)
             else:
                 step, inputs = identities
+                keys = sample_keys(samples)  # every layout gets checked keys
                 wanted = [
-                    Identity(step, i, s.key)
-                    for s, i in zip(samples, inputs, strict=True)
+                    Identity(step, i, k) for k, i in zip(keys, inputs, strict=True)
                 ]
             live = [
                 i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)
