@@ -1,8 +1,9 @@
 """The per-sample promises, written once, for every layout and format, local and S3.
 
 Every test runs for ``layout`` in ("files", "shards", "npy": the files layout
-in the npy format, its record in a sidecar) and a store in ("local", "s3"):
-the S3 API server (moto on 127.0.0.1) and the stores are those of
+in the npy format, its record in a sidecar; "nested": a user's own layout,
+`samplepipe.testing.NestedFilesLayout`, registered by name) and a store in
+("local", "s3"): the S3 API server (moto on 127.0.0.1) and the stores are those of
 test_storage_fs and test_shards. Behaviour is observed through the public API
 only: values, `CheckpointWarning`, the counting transformer's log, the paths
 ``transform_samples`` reports for each sample, `iter_checkpoints` and
@@ -34,10 +35,19 @@ from samplepipe import (
     Sample,
     SampleWrapper,
 )
-from samplepipe.storage import CorruptCheckpointError, is_temporary_file
+from samplepipe.storage import (
+    CorruptCheckpointError,
+    is_temporary_file,
+    register_layout,
+)
 from samplepipe.storage.files import HOST_TAG
 from samplepipe.storage.journal import JOURNAL
-from samplepipe.testing import CountingTransformer, count_rows, random_samples
+from samplepipe.testing import (
+    CountingTransformer,
+    NestedFilesLayout,
+    count_rows,
+    random_samples,
+)
 
 from . import test_shards
 from .test_shards import new_process as forget_shards_and_validations
@@ -45,7 +55,8 @@ from .test_storage_fs import counting, expected, s3_server, values  # noqa: F401
 
 store = test_shards.store  # the fixture: "local" and "s3" (the server above)
 
-LAYOUTS = ["files", "shards", "npy"]  # "npy": files in format="npy"
+LAYOUTS = ["files", "shards", "npy", "nested"]  # "npy": files in format="npy"
+register_layout("test-nested", NestedFilesLayout)  # "nested": a user's layout
 
 
 @pytest.fixture(params=LAYOUTS)
@@ -73,6 +84,8 @@ def step(layout, store, log, offset=1.0, stateless=True, **kwargs):
         kwargs["layout"] = "shards"
     elif layout == "npy":
         kwargs["format"] = "npy"
+    elif layout == "nested":
+        kwargs["layout"] = "test-nested"
     return counting(store, log, offset=offset, stateless=stateless, **kwargs)
 
 
@@ -385,7 +398,9 @@ def test_remove_checkpoints_removes_only_stale_corrupt_and_temporary_items(
 KILL_CHILD = """
 import json, sys
 from samplepipe import CheckpointWrapper, SampleWrapper
-from samplepipe.testing import CountingTransformer, random_samples
+from samplepipe.storage import register_layout
+from samplepipe.testing import CountingTransformer, NestedFilesLayout, random_samples
+register_layout("test-nested", NestedFilesLayout)
 spec = json.loads(sys.argv[1])
 samples = random_samples(spec["n"], n_features=16, seed=7)
 w = CheckpointWrapper(
@@ -470,7 +485,9 @@ def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
         "wrapper": {
             "features_dir": store.url("f"),
             "storage_options": store.options,
-            "layout": "shards" if layout == "shards" else "files",
+            "layout": {"shards": "shards", "nested": "test-nested"}.get(
+                layout, "files"
+            ),
             "shard_size": shard_size,
             **({"format": "npy"} if layout == "npy" else {}),
         },

@@ -190,8 +190,11 @@ import samplepipe.storage.files as files
 import samplepipe.storage.hdf5 as hdf5_module
 import samplepipe.storage.identity as identity_module
 import samplepipe.storage.keys as keys_module
+import samplepipe.storage.layouts.files as files_layout
 import samplepipe.storage.models as models
 import samplepipe.wrappers._checkpoint as checkpoint_module
+import samplepipe.wrappers._inputs as inputs_module
+import samplepipe.wrappers._model as model_module
 from samplepipe import (
     CheckpointWarning,
     CheckpointWrapper,
@@ -204,6 +207,7 @@ from samplepipe.locks import CrashSafeFileLocks, UnsafeLockFolderError
 from samplepipe.storage import (
     VALIDATED,
     CorruptCheckpointError,
+    FilesLayout,
     Identity,
     ModelWarning,
     UnknownFileError,
@@ -214,7 +218,6 @@ from samplepipe.storage import (
     read_model_header,
 )
 from samplepipe.storage.files import HOST_TAG
-from samplepipe.storage.fs import LOCAL
 from samplepipe.testing import CountingTransformer, count_rows, read_calls
 
 from .conftest import counting_checkpoint as counting
@@ -600,21 +603,21 @@ def sample_keys_without_duplicates_check(samples, owner="CheckpointWrapper"):
     return [keys_module.check_key(s.key, i, owner) for i, s in enumerate(samples)]
 
 
-_real_encode = CheckpointWrapper._encode
-_real_save_one = CheckpointWrapper._save_one
+_real_encode = FilesLayout.encode
+_real_save_one = FilesLayout.save_one
 
 
-def encode_later(self, value, identity, check=False):
+def encode_later(self, context, value, identity, check=False):
     """Broken on purpose (with `save_encoding_first`): no check before writing."""
     return None
 
 
-def save_encoding_first(self, path, encoded, identity, value, fs=LOCAL):
-    encoded = _real_encode(self, value, identity)
-    return _real_save_one(self, path, encoded, identity, value, fs)
+def save_encoding_first(self, context, path, encoded, identity, value):
+    encoded = _real_encode(self, context, value, identity)
+    return _real_save_one(self, context, path, encoded, identity, value)
 
 
-def prepare_folder_following_links(self, folder, seen, fs=LOCAL):
+def prepare_folder_following_links(self, context, folder, seen):
     """Broken on purpose: writes into wherever the folder's links lead."""
     os.makedirs(folder, exist_ok=True)
     files.remove_stale_temporaries(folder)
@@ -845,6 +848,10 @@ IDENTITY_WITHOUT_PARAMETERS = broken(
         (checkpoint_module, "estimator_identity"),
         lambda est: code_identity(type(est)),
     ),
+    model_identity=(
+        (model_module, "estimator_identity"),
+        lambda est: code_identity(type(est)),
+    ),
 )
 
 
@@ -874,7 +881,7 @@ def check_a_refit_on_other_data_recomputes(tmp_path):
     broken(
         "constant-fitted-digest",
         "out-of-date checkpoint was reused",
-        digest=((checkpoint_module, "fitted_digest"), lambda est: "fitted"),
+        digest=((model_module, "fitted_digest"), lambda est: "fitted"),
     )
 )
 def test_a_refit_on_other_data_recomputes(tmp_path, claim):
@@ -893,7 +900,7 @@ def check_new_data_under_the_same_keys_recomputes(tmp_path):
         "digest-of-shape-only",
         "out-of-date checkpoint was reused",
         digest=(
-            (checkpoint_module, "value_digest"),
+            (inputs_module, "value_digest"),
             lambda value: f"shape{np.shape(value)}",
         ),
         batch_digest=(
@@ -971,19 +978,20 @@ def read_calls_lines(path):
 
 def identity_by_loading(sample, attribute):
     """Broken on purpose: hashes a lazy input by loading it."""
-    return "v" + checkpoint_module.value_digest(getattr(sample, attribute))
+    return "v" + identity_module.value_digest(getattr(sample, attribute))
 
 
 @variants(
     broken(
         "hashes-by-loading",
         "lazy inputs were read (more than once|again)",
-        attribute=((checkpoint_module, "attribute_identity"), identity_by_loading),
+        attribute=((inputs_module, "attribute_identity"), identity_by_loading),
+        batch=((checkpoint_module, "attribute_identity"), identity_by_loading),
     ),
     broken(
         "ignores-data_version",
         "out-of-date checkpoint was reused",
-        version=((checkpoint_module, "DATA_VERSION_ATTRIBUTE"), "no_such_attribute"),
+        version=((inputs_module, "DATA_VERSION_ATTRIBUTE"), "no_such_attribute"),
     ),
 )
 def test_lazy_inputs_are_not_read_to_be_hashed_and_declare_a_version(tmp_path, claim):
@@ -1177,7 +1185,7 @@ def check_a_link_out_of_features_dir_is_refused(tmp_path):
         "follows-links",
         "DID NOT RAISE",
         prepare=(
-            (CheckpointWrapper, "_prepare_folder"),
+            (FilesLayout, "prepare_folder"),
             prepare_folder_following_links,
         ),
     )
@@ -1232,7 +1240,7 @@ def check_remove_checkpoints_removes_only_what_it_may(tmp_path):
     broken(
         "live-writers-count-as-dead",
         "removed what it must keep.*00008",
-        alive=((checkpoint_module, "temporary_owner_alive"), lambda name: False),
+        alive=((files_layout, "temporary_owner_alive"), lambda name: False),
     ),
 )
 def test_remove_checkpoints_removes_only_what_it_may(tmp_path, claim):
@@ -1290,7 +1298,7 @@ def check_listing_checkpoints_never_unpickles_the_model(tmp_path):
     broken(
         "loads-the-model",
         "unpickled the model file",
-        header=((checkpoint_module, "read_model_header"), header_by_loading),
+        header=((model_module, "read_model_header"), header_by_loading),
     )
 )
 def test_listing_checkpoints_never_unpickles_the_model(tmp_path, claim):
@@ -1390,8 +1398,8 @@ def check_an_unsupported_output_writes_nothing(tmp_path):
     broken(
         "writes-as-it-encodes",
         "files of the failed batch were written",
-        encode=((CheckpointWrapper, "_encode"), encode_later),
-        save=((CheckpointWrapper, "_save_one"), save_encoding_first),
+        encode=((FilesLayout, "encode"), encode_later),
+        save=((FilesLayout, "save_one"), save_encoding_first),
     )
 )
 def test_an_unsupported_output_writes_nothing(tmp_path, claim):
@@ -1434,12 +1442,12 @@ def check_only_transient_io_errors_are_retried(tmp_path):
     broken(
         "retries-every-error",
         "full disk was tried 3 times",
-        rule=((checkpoint_module, "is_permanent"), lambda exc: False),
+        rule=((files_layout, "is_permanent"), lambda exc: False),
     ),
     broken(
         "retries-nothing",
         "transient error was not retried",
-        rule=((checkpoint_module, "is_permanent"), lambda exc: True),
+        rule=((files_layout, "is_permanent"), lambda exc: True),
     ),
 )
 def test_only_transient_io_errors_are_retried(tmp_path, claim):
@@ -1481,7 +1489,7 @@ def check_a_model_is_reused_only_for_the_same_step_and_training_samples(tmp_path
         "training-digest-of-keys-only",
         "fitted on other data",
         digest=(
-            (checkpoint_module, "training_digest"),
+            (model_module, "training_digest"),
             lambda samples, attributes: keys_digest(str(s.key) for s in samples),
         ),
     ),
@@ -1510,7 +1518,7 @@ def check_a_damaged_model_payload_is_refitted(tmp_path):
     broken(
         "skips-size-and-sha256",
         "failing its SHA-256 was loaded",
-        load=((checkpoint_module, "load_model"), load_model_skipping_digest),
+        load=((model_module, "load_model"), load_model_skipping_digest),
     )
 )
 def test_a_damaged_model_payload_is_refitted(tmp_path, claim):
@@ -1541,7 +1549,7 @@ def check_a_model_that_cannot_be_unpickled_is_refitted(tmp_path):
     broken(
         "lets-unpickling-errors-through",
         "instead of refitting",
-        load=((checkpoint_module, "load_model"), load_model_letting_errors_through),
+        load=((model_module, "load_model"), load_model_letting_errors_through),
     )
 )
 def test_a_model_that_cannot_be_unpickled_is_refitted(tmp_path, claim):

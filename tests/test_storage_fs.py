@@ -36,6 +36,7 @@ from samplepipe import (
 from samplepipe.storage import (
     VALIDATED,
     CorruptCheckpointError,
+    FilesLayout,
     UnknownFileError,
     filesystem,
     is_temporary_file,
@@ -457,7 +458,8 @@ def test_remove_keeps_an_object_rewritten_since_it_was_listed(store, tmp_path):
     with pytest.warns(CheckpointWarning):
         w.transform(samples)  # a running job recomputes it in between
     step = w.step_identity()
-    assert not w._still(path, "corrupt", listed[path][1], step, w._features_fs())
+    context = w._context()
+    assert not FilesLayout().still(context, path, "corrupt", listed[path][1], step)
     assert w.remove_checkpoints() == []
     assert store.exists(path)
 

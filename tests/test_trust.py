@@ -35,6 +35,7 @@ from samplepipe import (
 )
 from samplepipe.storage import (
     VALIDATED,
+    FilesLayout,
     Identity,
     ModelWarning,
     UnknownFileError,
@@ -405,17 +406,18 @@ def test_remove_judges_each_file_again_right_before_removing_it(tmp_path):
     old = checkpointed(FunctionTransformer(lambda X: X + 2), tmp_path)
     old.transform(samples)
 
-    class ListedThenRecomputed(CheckpointWrapper):
+    class ListedThenRecomputed(FilesLayout):
         """Lists the stale files, then a running job recomputes them."""
 
-        def _walk(self):
-            listed = list(super()._walk())
+        def walk(self, context):
+            listed = list(super().walk(context))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", CheckpointWarning)
                 fresh.transform(samples)  # the job, with the current step
             return iter(listed)
 
-    cleaner = ListedThenRecomputed(**fresh.get_params(deep=False))
+    params = fresh.get_params(deep=False)
+    cleaner = CheckpointWrapper(**{**params, "layout": ListedThenRecomputed()})
     listed = [
         s
         for _, s, _ in checkpointed(
@@ -430,11 +432,11 @@ def test_remove_judges_each_file_again_right_before_removing_it(tmp_path):
     class NoRecheck(ListedThenRecomputed):
         """The broken variant: deletes what it listed without judging again."""
 
-        def _still(self, *args):
+        def still(self, *args):
             return True
 
     old.set_params(force=True).transform(samples)  # stale again
-    broken = NoRecheck(**fresh.get_params(deep=False))
+    broken = CheckpointWrapper(**{**params, "layout": NoRecheck()})
     assert len(broken.remove_checkpoints()) == 5  # the check above can fail
 
 

@@ -7,14 +7,17 @@ calls are counted across threads, processes and Dask workers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
+from collections.abc import Iterable
 
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 
 from ._factory import factory
+from .storage.layouts import FilesLayout, LayoutContext
 
 
 def _log(path, method, n):
@@ -205,3 +208,33 @@ def dask_command(role: str, *args: str) -> list[str]:
         "--dashboard-address",
         "127.0.0.1:0",
     ]
+
+
+class NestedFilesLayout(FilesLayout):
+    """A layout of one's own, for tests: ``<root>/<d>/<d>/<key><extension>``.
+
+    One file per sample as `samplepipe.storage.FilesLayout` writes it, two
+    folders deep by the first two hexadecimal digits of the SHA-1 of the key
+    (after ``hash_fn``'s bucket, if any). Register it to use it by name:
+    ``register_layout("nested", NestedFilesLayout)``.
+    """
+
+    @staticmethod
+    def bucket(key: str) -> str:
+        """The two folders of ``key``, e.g. ``"3/f"``."""
+        digest = hashlib.sha1(key.encode()).hexdigest()
+        return f"{digest[0]}/{digest[1]}"
+
+    def names(self, context: LayoutContext, keys: Iterable[str]) -> list[str]:  # noqa: D102
+        keys = list(keys)
+        flat = super().names(context, keys)
+        return [f"{self.bucket(k)}/{name}" for k, name in zip(keys, flat)]
+
+    def key_of(self, context: LayoutContext, rel: str) -> str | None:  # noqa: D102
+        parts = rel.split("/", 2)
+        if len(parts) < 3:
+            return None
+        key = super().key_of(context, parts[2])
+        if key is None or self.bucket(key) != "/".join(parts[:2]):
+            return None
+        return key

@@ -10,6 +10,12 @@ modules behind it hold one concern each:
 ``formats``
     checkpoint file formats registered by name (`Format`, `register_format`):
     ``"hdf5"``, ``"custom"`` and ``"npy"``.
+``layouts``
+    where a step's checkpoints live, registered by name (`Layout`,
+    `register_layout`): ``"files"`` (`FilesLayout`) and ``"shards"``
+    (`ShardsLayout`).
+``shards``
+    the shard files of the ``"shards"`` layout, their index and loaders.
 ``hdf5``
     the default file format (`save_hdf5`, `load_hdf5`).
 ``npy``
@@ -84,6 +90,15 @@ from .keys import (
     keys_digest,
     sample_keys,
 )
+from .layouts import (
+    FilesLayout,
+    Layout,
+    LayoutContext,
+    ShardsLayout,
+    get_layout,
+    register_layout,
+    registered_layouts,
+)
 from .models import ModelWarning, load_model, read_model_header, save_model
 from .npy import NpyFormat
 
@@ -94,12 +109,16 @@ __all__ = [
     "CorruptCheckpointError",
     "CustomFormat",
     "FileSystem",
+    "FilesLayout",
     "Format",
     "HDF5Format",
     "Identity",
+    "Layout",
+    "LayoutContext",
     "MissingStoreError",
     "ModelWarning",
     "NpyFormat",
+    "ShardsLayout",
     "Stamp",
     "UnknownFileError",
     "check_key",
@@ -111,6 +130,7 @@ __all__ = [
     "estimator_identity",
     "filesystem",
     "fitted_digest",
+    "get_layout",
     "hash_string",
     "is_local",
     "is_permanent",
@@ -125,7 +145,9 @@ __all__ = [
     "read_model_header",
     "read_record",
     "register_format",
+    "register_layout",
     "registered_formats",
+    "registered_layouts",
     "relative_location",
     "remove_checkpoint_file",
     "sample_keys",

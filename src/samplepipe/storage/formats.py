@@ -64,6 +64,7 @@ __all__ = [
     "get_format",
     "register_format",
     "registered_formats",
+    "resolve_format",
 ]
 
 
@@ -319,3 +320,65 @@ def get_format(name: str) -> type[Format]:
 
 register_format("hdf5", HDF5Format)
 register_format("custom", CustomFormat)
+
+
+_HDF5 = HDF5Format()
+
+
+def resolve_format(
+    fmt: str | Format | None,
+    save_func: Callable[[Any, str], Any] | None = None,
+    load_func: Callable[[str], Any] | None = None,
+    who: str = "CheckpointWrapper",
+) -> Format:
+    """The `Format` of a wrapper's ``format``, ``save_func`` and ``load_func``.
+
+    None means ``"hdf5"``, or ``"custom"`` when ``save_func`` and
+    ``load_func`` are given; a str is a registered name; a `Format` instance
+    is used as it is. ``who`` names the caller in messages.
+
+    Raises
+    ------
+    ValueError
+        For an unknown name, only one of ``save_func`` and ``load_func``, or
+        both with a format other than ``"custom"``.
+    TypeError
+        For anything but None, a str or a `Format` instance.
+    """
+    save, load = save_func, load_func
+    if (save is None) != (load is None):
+        msg = f"{who} got only one of save_func and load_func; give both or neither."
+        raise ValueError(msg)
+    original = fmt
+    if fmt is None:
+        return _HDF5 if save is None else CustomFormat(save, load)  # type: ignore[arg-type]
+    if isinstance(fmt, str):
+        try:
+            cls = get_format(fmt)
+        except ValueError as exc:
+            msg = f"{who} got format={fmt!r}: {exc}"
+            raise ValueError(msg) from None
+        if issubclass(cls, CustomFormat):
+            if save is None:
+                msg = (
+                    f"{who} got format={fmt!r} without save_func "
+                    "and load_func; give both."
+                )
+                raise ValueError(msg)
+            return cls(save, load)  # type: ignore[arg-type]
+        fmt = _HDF5 if cls is HDF5Format else cls()
+    elif not isinstance(fmt, Format):
+        msg = (
+            f"{who} got format={fmt!r}; it must be the name of a "
+            "registered format (see samplepipe.storage.registered_formats()) "
+            "or a samplepipe.storage.Format instance."
+        )
+        raise TypeError(msg)
+    if save is not None and not isinstance(fmt, CustomFormat):
+        msg = (
+            f"{who} got save_func and load_func with format="
+            f"{original!r}; they are the 'custom' format: remove them or "
+            "format."
+        )
+        raise ValueError(msg)
+    return fmt

@@ -2,63 +2,42 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import posixpath
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
-import numpy as np
 from sklearn.utils.metaestimators import available_if
 
 from ..errors import CheckpointWarning as CheckpointWarning
-from ..storage import checkpoints as ckpt
-from ..storage.checkpoints import CheckpointLoader, UnknownFileError
-from ..storage.files import (
-    MAX_EXTENSION,
-    Stamp,
-    is_permanent,
-    is_temporary_file,
-    remove_stale_temporaries,
-)
-from ..storage.files import _owner_alive as temporary_owner_alive
-from ..storage.formats import CustomFormat, Format, HDF5Format, get_format
-from ..storage.fs import (
-    LOCAL,
-    FileSystem,
-    check_location,
-    filesystem,
-    join_location,
-    location_root,
-    relative_location,
-)
+from ..storage.checkpoints import CheckpointLoader
+from ..storage.formats import Format
 from ..storage.hdf5 import load_hdf5, save_hdf5
 from ..storage.identity import (
     FORMAT_VERSION,
     Identity,
-    code_identity,
     combine,
     estimator_identity,
-    fitted_digest,
     functions_hashed_once,
-    ingredients,
-    value_digest,
     value_digests,
 )
-from ..storage.keys import check_key, hash_string, is_url, keys_digest, sample_keys
-from ..storage.models import (
-    load_model,
-    read_model_header,
-    save_model,
-    update_estimator,
+from ..storage.keys import check_key, hash_string, sample_keys
+from ..storage.layouts import Layout, gc_paused
+from ..storage.models import update_estimator
+from ..storage.shards import DEFAULT_SHARD_BYTES
+from ._explain import Explaining
+from ._inputs import DATA_VERSION_ATTRIBUTE as DATA_VERSION_ATTRIBUTE
+from ._inputs import _is_failed, attribute_identity, input_identity
+from ._inputs import training_digest as training_digest
+from ._model import ModelCheckpoints
+from ._options import CheckpointOptions
+from ._sample import (
+    DelayedSample,
+    Sample,
+    SampleSet,
+    failed_output,
+    is_sample_list,
+    lazy_output,
 )
-from ..storage.shards import DEFAULT_SHARD_BYTES, shard_limits
-from . import _explain, _shards
-from ._base import estimator_options, estimator_requires_fit, inner_estimators
-from ._base import resolve_option as _resolve_option
-from ._sample import DelayedSample, Sample, SampleSet, is_sample_list
 from ._sample_wrapper import (
     BaseWrapper,
     SampleWrapper,
@@ -67,10 +46,6 @@ from ._sample_wrapper import (
     _unflatten,
 )
 
-if TYPE_CHECKING:
-    from typing_extensions import Self
-
-DATA_VERSION_ATTRIBUTE = "data_version"
 _update_estimator = update_estimator  # the name _dask.py imports
 
 __all__ = [
@@ -84,134 +59,10 @@ __all__ = [
 ]
 
 
-_HDF5 = HDF5Format()
-
-# a stamp no file has: a loader holding it checks its file before loading
-NO_STAMP = Stamp(-1, -1, -1, -1)
-
-
-# ---------------------------------------------------------------------------
-# input identity
-# ---------------------------------------------------------------------------
-def _loader_of(sample: Any, attribute: str) -> Callable[[], Any] | None:
-    if attribute == "data" and isinstance(sample, DelayedSample):
-        if "data" not in vars(sample):
-            return sample._load
-    delayed = getattr(sample, "_delayed_attributes", None) or {}
-    return delayed.get(attribute)
-
-
-def attribute_identity(sample: Any, attribute: str) -> str:
-    """Digest of one attribute of a sample, without loading lazy values.
-
-    * loaded from a samplepipe checkpoint: that checkpoint's identity;
-    * loaded by another loader: the loader's code and arguments (e.g. the path
-      of a ``functools.partial``) plus the sample's ``data_version`` attribute,
-      if any: set it to change the identity when the file behind a loader
-      changes;
-    * in memory: a digest of its content.
-    """
-    state = sample.__dict__
-    if attribute == "data" and "data" not in state:
-        loader = state.get("_load")
-        if type(loader) is CheckpointLoader:  # the common case, kept fast
-            cached = loader.__dict__.get("_lineage")
-            return "c" + (cached if cached is not None else loader.lineage())
-    loader = _loader_of(sample, attribute)
-    if isinstance(loader, CheckpointLoader):
-        return "c" + loader.lineage()
-    if loader is not None:
-        version = vars(sample).get(DATA_VERSION_ATTRIBUTE)
-        return "l" + combine(code_identity(loader), value_digest(version))
-    try:
-        value = getattr(sample, attribute)
-    except AttributeError:
-        return "-"
-    if value is None:
-        return "none"
-    return "v" + value_digest(value)
-
-
-def input_identity(sample: Any, attributes: Sequence[str]) -> str:
-    """Digest of the attributes a step reads from one sample."""
-    if len(attributes) == 1:
-        return attribute_identity(sample, attributes[0])
-    return combine(*(attribute_identity(sample, a) for a in attributes))
-
-
-def _is_failed(sample: Any, attribute: str) -> bool:
-    """An eager sample whose input is None (failed upstream): passed through."""
-    if _loader_of(sample, attribute) is not None:
-        return False
-    return vars(sample).get(attribute, 0) is None
-
-
-def training_digest(samples: Sequence[Any], attributes: Sequence[str]) -> str:
-    """Digest of training samples: keys, input identities and fit metadata."""
-    parts = []
-    for s in samples:
-        key = getattr(s, "key", None)
-        parts.append(f"{key!r}={input_identity(s, attributes)}")
-    return keys_digest(parts)
-
-
-def _array_digest(X: Any, y: Any) -> str | None:
-    """Digest of plain training arrays, None for lazy (Dask) collections."""
-    if hasattr(X, "__dask_graph__") or hasattr(y, "__dask_graph__"):
-        return None
-    try:
-        parts = [value_digest(np.asarray(X))]
-        if y is not None:
-            parts.append(value_digest(np.asarray(y)))
-    except (TypeError, ValueError):
-        return None
-    return "arrays:" + combine(*parts)
-
-
-def lazy_output(sample: Any, attribute: str, loader: Callable[[], Any]) -> Any:
-    """A copy of ``sample`` whose ``attribute`` loads lazily through ``loader``."""
-    if attribute == "data":
-        if type(sample) in (Sample, DelayedSample):
-            return DelayedSample._child(loader, sample)
-        return DelayedSample(loader, parent=sample)
-    if isinstance(sample, DelayedSample):
-        new = DelayedSample(sample._load, parent=sample)
-    else:
-        new = DelayedSample.from_sample(sample)
-    if attribute in vars(new):
-        object.__delattr__(new, attribute)
-    new._delayed_attributes[attribute] = loader
-    return new
-
-
-def failed_output(sample: Any, attribute: str) -> Any:
-    """A copy of ``sample`` with ``attribute`` None: a failed sample kept in line."""
-    if attribute == "data":
-        return Sample(None, parent=sample)
-    if isinstance(sample, DelayedSample):
-        return DelayedSample(sample._load, parent=sample, **{attribute: None})
-    return Sample(getattr(sample, "data", None), parent=sample, **{attribute: None})
-
-
-def _key_from_relative(rel: str, hash_fn: Callable[[str], Any] | None) -> str | None:
-    """The key of a file at ``rel`` (without extension); None if it is not one."""
-    if hash_fn is None:
-        return rel
-    parts = rel.split("/")
-    for i in range(1, len(parts)):
-        key = "/".join(parts[i:])
-        try:
-            if str(hash_fn(key)) == "/".join(parts[:i]):
-                return key
-        except Exception:  # noqa: BLE001 - a hash_fn that rejects the name
-            continue
-    return None
-
-
 # ---------------------------------------------------------------------------
 # the wrapper
 # ---------------------------------------------------------------------------
-class CheckpointWrapper(BaseWrapper):
+class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWrapper):
     """Save transformed samples and the fitted estimator; load instead of redoing.
 
     Parameters
@@ -250,7 +101,10 @@ class CheckpointWrapper(BaseWrapper):
         left to the backend's usual environment variables: these options are
         kept in the wrapper's parameters (shown by ``repr``) and travel with
         the lazy samples.
-    layout : {"files", "shards"}, default="files"
+    layout : str or Layout, default="files"
+        Where and how feature checkpoints are stored: a name registered with
+        `samplepipe.storage.register_layout` or a `samplepipe.storage.Layout`
+        instance (see `samplepipe.storage.layouts`).
         ``"files"``: one file per sample, ``<features_dir>/<key>.h5``.
         ``"shards"``: one HDF5 file per batch of computed samples (up to
         ``shard_bytes`` of payload, and ``shard_size`` samples if given),
@@ -327,7 +181,7 @@ class CheckpointWrapper(BaseWrapper):
         force: bool = False,
         *,
         storage_options: dict[str, Any] | None = None,
-        layout: str = "files",
+        layout: str | Layout = "files",
         shard_size: int | None = None,
         shard_bytes: int | str = DEFAULT_SHARD_BYTES,
         format: str | Format | None = None,  # noqa: A002 - the option's name
@@ -348,247 +202,7 @@ class CheckpointWrapper(BaseWrapper):
         self.shard_bytes = shard_bytes
         self.format = format
 
-    # -- configuration -----------------------------------------------------
-    def _validate_params(self) -> None:
-        for name in ("features_dir", "model_path"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str | os.PathLike):
-                msg = (
-                    f"CheckpointWrapper got {name}={value!r}; it must be a path "
-                    "(str or os.PathLike) or None."
-                )
-                raise TypeError(msg)
-            if value is not None:
-                check_location(value, name)
-        options = self.storage_options
-        if options is not None and not (
-            isinstance(options, Mapping) and all(isinstance(k, str) for k in options)
-        ):
-            msg = (
-                f"CheckpointWrapper got storage_options={options!r}; it must be a "
-                "dict of fsspec options with str keys, or None."
-            )
-            raise TypeError(msg)
-        if not isinstance(self.attempts, int) or self.attempts < 1:
-            msg = (
-                f"CheckpointWrapper got attempts={self.attempts!r}; it must be an "
-                "int >= 1."
-            )
-            raise ValueError(msg)
-        if self.hash_fn is not None and not callable(self.hash_fn):
-            msg = (
-                f"CheckpointWrapper got hash_fn={self.hash_fn!r}; it must be callable."
-            )
-            raise TypeError(msg)
-        if self.layout != "files":
-            self._validate_shards()
-        self._format()  # a bad format: ValueError or TypeError
-        extension = self._extension()
-        if (
-            not isinstance(extension, str)
-            or "/" in extension
-            or len(extension.encode("utf-8")) > MAX_EXTENSION
-        ):
-            msg = (
-                f"CheckpointWrapper got extension={extension!r}; it must be a str "
-                f"such as '.h5' without '/', at most {MAX_EXTENSION} bytes."
-            )
-            raise ValueError(msg)
-
-    def _validate_shards(self) -> None:
-        if self.layout != "shards":
-            msg = (
-                f"CheckpointWrapper got layout={self.layout!r}; it must be 'files' "
-                "(one file per sample) or 'shards' (one file per batch)."
-            )
-            raise ValueError(msg)
-        shard_limits(self.shard_size, self.shard_bytes, "CheckpointWrapper")
-        for name, value in (
-            ("save_func", _resolve_option(self, "save_func")),
-            ("load_func", _resolve_option(self, "load_func")),
-            ("hash_fn", self.hash_fn),
-        ):
-            if value is not None:
-                msg = (
-                    f"CheckpointWrapper got {name}={value!r} with layout='shards'; "
-                    "shards store every sample in the default HDF5 format, one "
-                    f"file per batch: remove {name} or use layout='files'."
-                )
-                raise ValueError(msg)
-        if self._format().sidecar:
-            msg = (
-                f"CheckpointWrapper got format={self.format!r} with "
-                "layout='shards'; shards store every sample in the HDF5 format: "
-                "remove format or use layout='files'."
-            )
-            raise ValueError(msg)
-
-    def _sample_attribute(self) -> str:
-        if self.sample_attribute is not None:
-            return self.sample_attribute
-        declared = estimator_options(self.estimator)
-        inner = getattr(self.estimator, "output_attribute", None)
-        return inner or declared.get("output_attribute") or "data"
-
-    def _sample_wrapper_option(self, name: str) -> Any:
-        for est in inner_estimators(self.estimator):
-            option = getattr(est, "_option", None)
-            if callable(option) and hasattr(est, name):
-                return option(name)
-        return estimator_options(self.estimator).get(name) or _DEFAULTS[name]
-
-    def _read_attributes(self, fit: bool = False) -> list[str]:
-        """The sample attributes this step reads: its input and extra arguments."""
-        extra = "fit_extra_arguments" if fit else "transform_extra_arguments"
-        attributes = [self._sample_wrapper_option("input_attribute")]
-        attributes += [a for _, a in self._sample_wrapper_option(extra)]
-        return attributes
-
-    def _funcs(self) -> tuple[Any, Any]:
-        """``(save, load)`` of a format with a sidecar record; (None, None) for
-        HDF5 (whose record is inside the file)."""
-        fmt = self._format()
-        if isinstance(fmt, CustomFormat):
-            return fmt.save_func, fmt.load_func
-        if fmt.sidecar:
-            return fmt.save, fmt.load
-        return None, None
-
-    def _format(self) -> Format:
-        """The `Format` of feature checkpoints (see the ``format`` parameter)."""
-        save = _resolve_option(self, "save_func")
-        load = _resolve_option(self, "load_func")
-        if (save is None) != (load is None):
-            msg = (
-                "CheckpointWrapper got only one of save_func and load_func; give "
-                "both or neither."
-            )
-            raise ValueError(msg)
-        fmt = self.format
-        if fmt is None:
-            return _HDF5 if save is None else CustomFormat(save, load)
-        if isinstance(fmt, str):
-            try:
-                cls = get_format(fmt)
-            except ValueError as exc:
-                msg = f"CheckpointWrapper got format={fmt!r}: {exc}"
-                raise ValueError(msg) from None
-            if issubclass(cls, CustomFormat):
-                if save is None:
-                    msg = (
-                        f"CheckpointWrapper got format={fmt!r} without save_func "
-                        "and load_func; give both."
-                    )
-                    raise ValueError(msg)
-                return cls(save, load)
-            fmt = _HDF5 if cls is HDF5Format else cls()
-        elif not isinstance(fmt, Format):
-            msg = (
-                f"CheckpointWrapper got format={fmt!r}; it must be the name of a "
-                "registered format (see samplepipe.storage.registered_formats()) "
-                "or a samplepipe.storage.Format instance."
-            )
-            raise TypeError(msg)
-        if save is not None and not isinstance(fmt, CustomFormat):
-            msg = (
-                f"CheckpointWrapper got save_func and load_func with format="
-                f"{self.format!r}; they are the 'custom' format: remove them or "
-                "format."
-            )
-            raise ValueError(msg)
-        return fmt
-
-    def _extension(self) -> str:
-        """The file extension: given, declared by the estimator, or the format's."""
-        extension = self.extension
-        if extension is None:
-            extension = estimator_options(self.estimator).get("extension")
-        return self._format().extension if extension is None else extension
-
-    def _checkpoints_features(self) -> bool:
-        return self.features_dir is not None and bool(
-            _resolve_option(self, "checkpoint_features")
-        )
-
-    def checkpoint_path(self, key: str) -> str:
-        """The checkpoint file of ``key`` (the key is checked first).
-
-        A local path, or a URL when ``features_dir`` is one (a ``file://``
-        URL gives the local path).
-        """
-        return self.checkpoint_paths([key])[0]
-
-    def checkpoint_paths(self, keys: Iterable[str]) -> list[str]:
-        """`checkpoint_path` of each key; the options are resolved once."""
-        root = self._features_root()
-        join = join_location if "://" in root and is_url(root) else os.path.join
-        return [join(root, name) for name in self.checkpoint_names(keys)]
-
-    def checkpoint_names(self, keys: Iterable[str]) -> list[str]:
-        """Each key's checkpoint path inside ``features_dir``, ``/``-separated.
-
-        ``<key><extension>``, under the bucket that ``hash_fn`` gives the key
-        if it is set. Each key (and bucket) is checked first (see `check_key`).
-        """
-        extension = self._extension()
-        names = []
-        for key in keys:
-            check_key(key)
-            if self.hash_fn is None:
-                names.append(key + extension)
-                continue
-            bucket = str(self.hash_fn(key))
-            check_key(bucket, owner="CheckpointWrapper's hash_fn")
-            names.append(f"{bucket}/{key}{extension}")
-        return names
-
-    def _features_root(self) -> str:
-        """``features_dir`` as a local path or a URL (see `location_root`)."""
-        if self.features_dir is None:
-            msg = (
-                "CheckpointWrapper has features_dir=None: feature checkpoints are "
-                "off, so they have no location; set features_dir."
-            )
-            raise ValueError(msg)
-        return location_root(self.features_dir)
-
-    def _features_fs(self) -> FileSystem:
-        """The filesystem of ``features_dir``."""
-        return filesystem(self._features_root(), self.storage_options)
-
     # -- identity ----------------------------------------------------------
-    def _format_identity(self) -> str:
-        """The format's identity and the extension (part of `step_identity`)."""
-        return f"{self._format().identity()}:{self._extension()}"
-
-    def _fitted_digest(self) -> str | None:
-        """Digest of the fitted state; None for a step that needs no fitting.
-
-        Raises ``NotFittedError``-like `ValueError` when a step that needs fitting
-        has no fitted state (in memory or in ``model_path``).
-        """
-        if not estimator_requires_fit(self.estimator):
-            return None
-        digest = getattr(self, "fitted_digest_", None)
-        if digest is not None:
-            return digest
-        if self.__sklearn_is_fitted__():
-            return fitted_digest(self.estimator)
-        header = self._model_header_if_matching()
-        if header is not None:
-            return header["state"]
-        return "unfitted"
-
-    def _model_header_if_matching(self) -> dict[str, Any] | None:
-        if self.model_path is None:
-            return None
-        header = read_model_header(self.model_path, self.storage_options)
-        if header is None or header.get("identity") != estimator_identity(
-            self.estimator
-        ):
-            return None
-        return header
-
     def step_identity(self) -> str:
         """Digest of what produces this step's checkpoints from an input.
 
@@ -604,189 +218,6 @@ class CheckpointWrapper(BaseWrapper):
             self._format_identity(),
             str(self._fitted_digest()),
         )
-
-    def describe_step(self) -> dict[str, Any]:
-        """What `step_identity` is made of, by name (see `explain`).
-
-        A dict with ``step`` (the identity), ``code`` (``{qualified name:
-        digest}`` of every user function and method reached), ``library``
-        (``{distribution: version}``), ``parameter`` (``{path: [digest,
-        printable value or None]}``), ``fitted``, ``format`` and ``attribute``.
-        """
-        return {
-            "samplepipe": _explain.DESCRIPTION_VERSION,
-            "step": self.step_identity(),
-            **ingredients(self.estimator),
-            "fitted": str(self._fitted_digest()),
-            "format": self._format_identity(),
-            "attribute": self._sample_attribute(),
-        }
-
-    def _describe(self, step: str) -> None:
-        """Keep the description of step identity ``step`` (see `explain`)."""
-        _explain.write_description(step, self.describe_step)
-
-    def explain(self, samples: Sequence[Any]) -> list[_explain.Explanation]:
-        """For each sample: would `transform` reuse its checkpoint, and if not, why.
-
-        Nothing is computed, written or unpickled; each checkpoint's record
-        is read (from the journal, where a process validated it) and compared
-        with the identity the sample has now. A recomputed sample names the
-        ingredient that differs: the code of a function or method (by
-        qualified name), a parameter (its path, old and new value), its input
-        (its content, an earlier checkpoint, its loader or ``data_version``),
-        the fitted state, the format, or a library version; or the file's
-        state (missing, damaged).
-
-        Parameters
-        ----------
-        samples : list of Sample
-            The samples ``transform`` would be given.
-
-        Returns
-        -------
-        explanations : list of Explanation
-            One per sample, in order: ``key``, ``action`` (``"reuse"`` or
-            ``"recompute"``), ``reason`` (one of ``samplepipe.REASONS``) and
-            ``detail`` (a sentence).
-
-        Examples
-        --------
-        >>> import tempfile
-        >>> import numpy as np
-        >>> from sklearn.preprocessing import FunctionTransformer
-        >>> from samplepipe import Sample, wrap
-        >>> folder = tempfile.mkdtemp()
-        >>> samples = [Sample(np.ones(2) * i, key=f"s{i}") for i in range(3)]
-        >>> step = wrap(["sample", "checkpoint"], FunctionTransformer(np.sqrt),
-        ...             features_dir=folder)
-        >>> _ = step.transform(samples[:2])
-        >>> [(e.action, e.reason) for e in step.explain(samples)]
-        [('reuse', 'same'), ('reuse', 'same'), ('recompute', 'missing')]
-        >>> step.set_params(estimator__estimator__kw_args={"out": None})
-        CheckpointWrapper(...)
-        >>> step.explain(samples)[0].detail
-        "parameter estimator__kw_args changed from None to {'out': None}"
-        """
-        self._validate_params()
-        wanted = self.identities(samples)
-        new = self.describe_step()
-        differences: dict[str, tuple[str, str]] = {}
-
-        def difference(step: str) -> tuple[str, str]:
-            """What differs from the step that wrote a checkpoint (once per step)."""
-            if step not in differences:
-                old = _explain.read_description(step)
-                differences[step] = _explain.step_difference(old, new)
-            return differences[step]
-
-        return [
-            _explain.explain_one(i.key, state, record, i, difference)
-            for i, (state, record, _) in zip(
-                wanted, self._judge_all(wanted, loaders=False)
-            )
-        ]
-
-    def _judge_all(
-        self,
-        wanted: Sequence[Identity],
-        loaders: bool = True,
-        paths: Sequence[str] | None = None,
-    ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
-        """``(status, record, loader)`` of each checkpoint, for `explain`.
-
-        Read-only: a record the journal holds for the file's present stamp is
-        taken as it is, whatever it says (`ckpt.check` with ``any_record``).
-        ``loader`` loads a valid checkpoint (None for the others); ``paths``
-        are the checkpoints' paths when the caller has them already.
-        """
-        fs = self._features_fs()
-        options = None if fs.local else self.storage_options
-        if self.layout == "shards":
-            return _shards.judge_all(self, wanted, options)
-        load = self._funcs()[1]
-        if paths is None:
-            paths = self.checkpoint_paths(i.key for i in wanted)
-        judged: list[tuple[str, str | None, Callable[[], Any] | None]] = []
-        for path, ident in zip(paths, wanted):
-            state, st, record = ckpt.check(
-                path, ident, load is not None, fs=fs, any_record=True
-            )
-            loader = None
-            if loaders and state == "valid" and st is not None:
-                loader = CheckpointLoader(path, ident, st, load, options, record)
-            judged.append((state, record, loader))
-        return judged
-
-    def planned_outputs(self, samples: Sequence[Any]) -> list[Any]:
-        """The samples `transform` would return, without computing or reading.
-
-        Each one's checkpointed attribute names the checkpoint its identity
-        gives (to be loaded only once ``transform`` has run), so the next step
-        of a pipeline can be explained (`explain`) before anything runs.
-        """
-        wanted = self.identities(samples)
-        paths = self.checkpoint_paths(i.key for i in wanted)
-        load = self._funcs()[1]
-        options = None if self._features_fs().local else self.storage_options
-        attribute = self._sample_attribute()
-        outputs = []
-        for s, p, i, (_, _, loader) in zip(
-            samples, paths, wanted, self._judge_all(wanted, paths=paths)
-        ):
-            if loader is None:  # loads once transform has written it
-                loader = CheckpointLoader(p, i, NO_STAMP, load, options)
-            outputs.append(lazy_output(s, attribute, loader))
-        return outputs
-
-    def verify(
-        self,
-        samples: Sequence[Any],
-        fraction: float = 0.01,
-        seed: int | None = None,
-        rtol: float = 0.0,
-        atol: float = 0.0,
-    ) -> _explain.VerifyReport:
-        """Recompute a random fraction of the reused samples and compare.
-
-        Checks that a reused checkpoint is what a fresh run would give: a
-        step that is not deterministic, or that depends on something its
-        identity cannot see (a file it reads, an environment variable), shows
-        up as mismatches. Nothing is written; the step must be fitted (or
-        its model loadable, as for ``transform``).
-
-        Parameters
-        ----------
-        samples : list of Sample
-            The samples ``transform`` would be given.
-        fraction : float, default=0.01
-            The share of reused samples to recompute, in (0, 1]; at least one
-            when any is reused.
-        seed : int, default=None
-            Seed of the random choice (None: a new choice each call).
-        rtol, atol : float, default=0.0
-            Tolerances for float arrays; 0 and 0 ask for exact equality.
-
-        Returns
-        -------
-        report : VerifyReport
-            ``reused``, ``checked`` and ``mismatches`` (the keys).
-        """
-        self._validate_params()
-        wanted = self.identities(samples)
-        judged = self._judge_all(wanted)
-        reused = [i for i, (state, _, _) in enumerate(judged) if state == "valid"]
-        chosen = [reused[j] for j in _explain.choose(len(reused), fraction, seed)]
-        report = _explain.VerifyReport(reused=len(reused), checked=len(chosen))
-        if not chosen:
-            return report
-        fresh = self._compute(samples, chosen, self._sample_attribute())
-        for i in chosen:
-            loader = judged[i][2]
-            assert loader is not None
-            if not _explain.same_value(loader(), fresh[i], rtol, atol):
-                report.mismatches.append(wanted[i].key)
-        return report
 
     def identities(self, samples: Sequence[Any]) -> list[Identity]:
         """The identity each sample's checkpoint must hold (keys are checked)."""
@@ -825,195 +256,7 @@ class CheckpointWrapper(BaseWrapper):
             identities[i] = "v" + digest
         return identities
 
-    # -- model -------------------------------------------------------------
-    def _model_header(self) -> dict[str, Any]:
-        import cloudpickle
-        import sklearn
-
-        return {
-            "format": FORMAT_VERSION,
-            "class": type(self.estimator).__qualname__,
-            "identity": estimator_identity(self.estimator),
-            "sklearn": sklearn.__version__,
-            "cloudpickle": cloudpickle.__version__,
-        }
-
-    def load_model(self, data: str | None = None, upstream: str | None = None) -> bool:
-        """Load ``model_path`` into the wrapped estimator if it fits this step.
-
-        Returns True when the model was loaded: the file is intact, was written
-        by a step of the same code and parameters and, when given, was fitted
-        on training samples of digest ``data`` after upstream steps of digest
-        ``upstream``. The wrapped estimator objects are kept (references to
-        them stay valid) and so are this step's parameters. Loading unpickles
-        the file: only use a model_path you trust.
-        """
-        header = self._model_header_if_matching()
-        if header is None:
-            return False
-        if data is not None and header.get("data") != data:
-            return False
-        if upstream is not None and header.get("upstream") not in (None, upstream):
-            return False
-        assert self.model_path is not None  # the header was read from it
-        loaded = load_model(self.model_path, self.storage_options)
-        if loaded is None:
-            return False
-        header, model = loaded
-        update_estimator(self.estimator, model)
-        self.fitted_digest_ = header["state"]
-        self.model_header_ = header
-        return True
-
-    def save_model(self, data: str | None = None, upstream: str | None = None) -> None:
-        """Write the wrapped estimator to ``model_path`` atomically.
-
-        ``data`` (the digest of the training samples) and ``upstream`` (of the
-        steps before this one) are recorded in the header.
-        """
-        if self.model_path is None:
-            msg = (
-                "CheckpointWrapper.save_model needs a model_path; it is None. Set "
-                "model_path to checkpoint the fitted estimator."
-            )
-            raise ValueError(msg)
-        header = self._model_header()
-        header["state"] = fitted_digest(self.estimator)
-        header["data"] = data
-        header["upstream"] = upstream
-        header = save_model(
-            self.estimator, os.fspath(self.model_path), header, self.storage_options
-        )
-        self.fitted_digest_ = header["state"]
-        self.model_header_ = header
-
-    def training_digest(self, X: Any, y: Any = None) -> str | None:
-        """Digest of what ``fit(X, y)`` learns from; None if it cannot be known.
-
-        For samples: keys, input identities and the metadata passed to ``fit``
-        (``fit_extra_arguments``, e.g. corrected labels). For arrays: their
-        content. For Dask collections: None (the model is always fitted).
-        """
-        if is_sample_list(X):
-            flat, _ = _flatten(X)
-            return training_digest(flat, self._read_attributes(fit=True))
-        if isinstance(X, list | tuple) and not X:
-            return None
-        return _array_digest(X, y)
-
-    def fit(self, X: Any, y: Any = None, **fit_params: Any) -> Self:
-        """Load the model checkpoint, or fit and save it.
-
-        The model in ``model_path`` is loaded when it was written by a step of
-        the same code and parameters fitted on the same training samples.
-        ``X=None`` loads a trained model without its data (bob.pipelines'
-        way): the model file must match the step's code and parameters, and
-        the training samples are then not compared, the one case where they
-        are not; without such a file it is a `ValueError` naming the path.
-
-        Returns
-        -------
-        self : CheckpointWrapper
-        """
-        self._validate_params()
-        if not estimator_requires_fit(self.estimator):
-            return self
-        if X is None:
-            if self.model_path is not None and self.load_model():
-                return self
-            msg = (
-                f"CheckpointWrapper({self._name()}).fit(None) loads a trained "
-                f"model without its data, but model_path={self.model_path!r} "
-                "holds no model of this step's code and parameters; fit it on "
-                "training samples first, or name the model_path that holds one."
-            )
-            raise ValueError(msg)
-        data = None if fit_params else self.training_digest(X, y)
-        if not self.force and data is not None and self.load_model(data=data):
-            return self
-        self.estimator.fit(X, y, **fit_params)
-        if self.model_path is not None:
-            self.save_model(data=data)
-        else:
-            self.fitted_digest_ = fitted_digest(self.estimator)
-        return self
-
     # -- features ----------------------------------------------------------
-    def _save_one(
-        self,
-        path: str,
-        encoded: Any,
-        identity: Identity,
-        value: Any,
-        fs: FileSystem = LOCAL,
-    ) -> Any:
-        """Write one checkpoint (``encoded``: `ckpt.Encoded`, None for a
-        ``save_func``) and return its stamp; transient errors are retried."""
-        folder = os.path.dirname(path)
-        fmt = None if encoded is not None else self._format()
-        last: OSError | None = None
-        for attempt in range(self.attempts):
-            try:
-                if not fs.local:
-                    return self._save_stored(path, encoded, identity, value, fs)
-                if os.path.isdir(path):
-                    msg = (
-                        f"CheckpointWrapper cannot write checkpoint {path!r}: a "
-                        "folder of that name exists; remove it or change the key."
-                    )
-                    raise IsADirectoryError(errno.EISDIR, msg)
-                if attempt:  # made by _prepare_folder; removed since?
-                    os.makedirs(folder, exist_ok=True)
-                if fmt is None:
-                    record = encoded.record
-                    ckpt.write_default(path, encoded.blob)
-                else:
-                    record = fmt.write(path, value, identity)
-                st = ckpt.stamp(path)
-                assert st is not None
-                ckpt.remember(path, fmt is not None, st, record)
-                return st
-            except OSError as exc:
-                last = exc
-                if is_permanent(exc) or attempt + 1 == self.attempts:
-                    break
-                time.sleep(min(0.1 * 2**attempt, 2.0))
-        msg = f"CheckpointWrapper could not write checkpoint {path!r}: {last}"
-        raise OSError(getattr(last, "errno", None), msg) from last
-
-    def _save_stored(
-        self, path: str, encoded: Any, identity: Identity, value: Any, fs: FileSystem
-    ) -> Any:
-        """`_save_one` on a store: one atomic write (a PUT on object stores)."""
-        if encoded is not None:
-            record = encoded.record
-            st = fs.write_bytes(path, encoded.blob)
-        else:
-            record, st = self._format().write_stored(path, value, identity, fs)
-        ckpt.remember(path, encoded is None, st, record, fs)
-        return st
-
-    def _prepare_folder(
-        self, folder: str, seen: set[str], fs: FileSystem = LOCAL
-    ) -> None:
-        if folder in seen:
-            return
-        seen.add(folder)
-        if not fs.local:
-            fs.makedirs(folder)
-            fs.remove_stale_temporaries(folder)
-            return
-        root = os.path.realpath(self._features_root())
-        real = os.path.realpath(folder)
-        if real != root and not real.startswith(root + os.sep):
-            msg = (
-                f"CheckpointWrapper refuses to write into {folder!r}: it resolves to "
-                f"{real!r}, outside features_dir {root!r} (a symbolic link?)."
-            )
-            raise ValueError(msg)
-        os.makedirs(folder, exist_ok=True)
-        remove_stale_temporaries(folder)
-
     @available_if(_estimator_has("transform"))
     def transform(self, X: Any) -> Any:
         """Transform samples, loading valid checkpoints and computing the rest.
@@ -1060,129 +303,34 @@ class CheckpointWrapper(BaseWrapper):
         None computes them here and checks the keys.
         """
         self._validate_params()
-        if self.layout == "shards":
-            return _shards.transform_samples(self, samples, report)
-        if identities is None:
-            wanted = self.identities(samples)
-        else:
-            step, inputs = identities
-            wanted = [
-                Identity(step, i, s.key) for s, i in zip(samples, inputs, strict=True)
-            ]
-        paths = self.checkpoint_paths(i.key for i in wanted)
-        save, load = self._funcs()
-        custom = save is not None
-        fs = self._features_fs()
-        options = None if fs.local else self.storage_options
         attribute = self._sample_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
-        stamps: list[Any] = [None] * len(samples)
-        records: list[str | None] = [None] * len(samples)  # verified, for loaders
-        todo: list[int] = []
-        bad: dict[str, int] = {}
-        unknown: list[str] = []
-        for i, (s, path, ident) in enumerate(zip(samples, paths, wanted)):
-            if _is_failed(s, input_attribute):
-                continue
-            state, st, record = (
-                ("missing", None, None)
-                if self.force
-                else ckpt.check(path, ident, custom, fs=fs)
-            )
-            if state == "valid":
-                stamps[i] = st
-                records[i] = record
-            elif state == "unknown":
-                if fs.isdir(path):
-                    msg = (
-                        f"CheckpointWrapper cannot write checkpoint {path!r}: a "
-                        "folder of that name exists; remove it or change the key."
-                    )
-                    raise IsADirectoryError(errno.EISDIR, msg)
-                unknown.append(path)
+        with gc_paused():
+            if identities is None:
+                wanted = self.identities(samples)
             else:
-                todo.append(i)
-                if state != "missing":
-                    bad[state] = bad.get(state, 0) + 1
-        if unknown:
-            msg = (
-                f"CheckpointWrapper({self._name()}) will not overwrite "
-                f"{len(unknown)} file(s) that samplepipe did not write, e.g. "
-                f"{unknown[0]!r}: move them away or choose another features_dir."
-            )
-            raise UnknownFileError(errno.EEXIST, msg)
-        if bad:
-            self._warn_recomputed(
-                bad,
-                "corrupt: unreadable or failing its checksum; foreign: holds "
-                "another key",
-            )
-        outputs = self._compute(samples, todo, attribute)
-        computed = 0
-        if outputs:
-            self._describe(wanted[0].step)
-        fmt = self._format()
-        for i, value in outputs.items():  # an unsupported value writes nothing
-            if value is not None:
-                self._encode(value, wanted[i], check=fmt)
-        folders: set[str] = set()
-        written: list[tuple[str, Any, str]] = []  # for the journal (local HDF5)
-        payloads: dict[int, Any] = {}  # where this process wrote each payload
-        for i, value in outputs.items():
-            if value is None:
-                continue
-            # one file image at a time: memory stays that of the outputs
-            encoded = None if save is not None else self._encode(value, wanted[i])
-            self._prepare_folder(fs.dirname(paths[i]), folders, fs)
-            stamps[i] = self._save_one(paths[i], encoded, wanted[i], value, fs)
-            if encoded is not None:
-                records[i] = encoded.record
-                if fs.local:
-                    written.append((paths[i], stamps[i], encoded.record))
-                    payloads[i] = encoded.payload_at
-            computed += 1
-        ckpt.journal_written(written)
-        results = []
-        for i, (s, path, ident, st, record) in enumerate(
-            zip(samples, paths, wanted, stamps, records)
-        ):
-            if st is None:
-                results.append(failed_output(s, attribute))
-            else:
-                loader = CheckpointLoader(
-                    path, ident, st, load, options, record, True, payloads.get(i)
-                )
-                results.append(lazy_output(s, attribute, loader))
-        if report is not None:
-            report["computed"] = computed
-            report["loaded"] = sum(st is not None for st in stamps) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = sum(st is None for st in stamps)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            report["files"] = [
-                (p, st) if st is not None else None for p, st in zip(paths, stamps)
+                step, inputs = identities
+                keys = sample_keys(samples)  # every layout gets checked keys
+                wanted = [
+                    Identity(step, i, k) for k, i in zip(keys, inputs, strict=True)
+                ]
+            live = [
+                i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)
             ]
-            report["records"] = records
-        return results
-
-    def _warn_recomputed(
-        self, bad: Mapping[str, int], more: str, stacklevel: int = 3
-    ) -> None:
-        """One `CheckpointWarning` for the checkpoints of a call judged ``bad``.
-
-        ``bad`` counts them by status; ``more`` explains the statuses other
-        than stale; ``stacklevel`` is that of `warnings.warn`, from here.
-        """
-        detail = ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
-        warnings.warn(
-            f"CheckpointWrapper({self._name()}) recomputes {sum(bad.values())} "
-            f"checkpoint(s) in {self._features_root()!r}: {detail} "
-            "(stale: made by other code, parameters, fitted model or input; "
-            f"{more}).",
-            CheckpointWarning,
-            stacklevel=stacklevel,
+        loaders = self._layout().transform(
+            self._context(),
+            wanted,
+            live,
+            lambda todo: self._compute(samples, todo, attribute),
+            report,
         )
+        with gc_paused():
+            return [
+                failed_output(s, attribute)
+                if loader is None
+                else lazy_output(s, attribute, loader)
+                for s, loader in zip(samples, loaders)
+            ]
 
     def _compute(
         self, samples: Sequence[Sample], todo: Sequence[int], attribute: str
@@ -1220,27 +368,6 @@ class CheckpointWrapper(BaseWrapper):
             values[i] = getattr(out, attribute, None)
         return values
 
-    def _encode(
-        self, value: Any, identity: Identity, check: Format | None = None
-    ) -> ckpt.Encoded | None:
-        """The HDF5 image and record of ``value``; with ``check`` (a format),
-        only check that the format can store it.
-
-        ``TypeError`` naming the sample for a value the format cannot store.
-        """
-        try:
-            if check is not None:
-                check.check_value(value)  # HDF5: copies nothing
-                return None
-            return ckpt.encode_default(value, identity)
-        except TypeError as exc:
-            msg = (
-                f"CheckpointWrapper({self._name()}) cannot checkpoint the output "
-                f"of sample {identity.key!r}: {exc} Nothing of this batch was "
-                "written."
-            )
-            raise TypeError(msg) from exc
-
     @available_if(_estimator_has("transform"))
     def fit_transform(self, X: Any, y: Any = None, **fit_params: Any) -> Any:
         """Fit (or load the model), then transform with checkpoints."""
@@ -1277,24 +404,6 @@ class CheckpointWrapper(BaseWrapper):
         return self.estimator.score(X, y, **kwargs)
 
     # -- housekeeping ------------------------------------------------------
-    def has_model_state(self) -> bool:
-        """Whether this step's fitted state is known, so its files can be judged.
-
-        True for a step that needs no fitting, one fitted (or loaded) in
-        memory, and one whose ``model_path`` holds a model header of this
-        step's code and parameters (read without unpickling). Otherwise
-        `iter_checkpoints` calls every file ``unknown``.
-        """
-        if not estimator_requires_fit(self.estimator):
-            return True
-        if getattr(self, "fitted_digest_", None) is not None:
-            return True
-        return self.__sklearn_is_fitted__() or (
-            self._model_header_if_matching() is not None
-        )
-
-    _has_model_state = has_model_state
-
     def iter_checkpoints(self) -> Iterator[tuple[str, str, int]]:
         """Yield ``(path, status, size)`` for every file under ``features_dir``.
 
@@ -1317,85 +426,7 @@ class CheckpointWrapper(BaseWrapper):
     def _walk(self) -> Iterator[tuple[str, str, int, Any]]:
         if self.features_dir is None:
             return
-        if self.layout == "shards":
-            yield from _shards.walk(self)
-            return
-        extension = self._extension()
-        step = self.step_identity() if self._has_model_state() else None
-        root = location_root(self.features_dir)
-        fs = self._features_fs()
-        if not fs.local:
-            for path, rel, size, listed in fs.walk_files(root):
-                name = posixpath.basename(rel)
-                if not is_temporary_file(name) and (
-                    not name.endswith(extension) or name.endswith(".meta.json")
-                ):
-                    continue
-                judged = self._judge(path, step, extension, fs, size, listed)
-                if judged is not None:
-                    yield (path, *judged)
-            return
-        for folder, dirs, files in os.walk(root):
-            dirs.sort()
-            for name in sorted(files):
-                path = os.path.join(folder, name)
-                if not is_temporary_file(name) and (
-                    not name.endswith(extension) or name.endswith(".meta.json")
-                ):
-                    continue
-                judged = self._judge(path, step, extension)
-                if judged is not None:
-                    yield (path, *judged)
-
-    def _judge(
-        self,
-        path: str,
-        step: str | None,
-        extension: str,
-        fs: FileSystem = LOCAL,
-        size: int | None = None,
-        listed: Any = None,
-    ) -> tuple[str, int, Any] | None:
-        """``(status, size, stamp)`` of one file; None if it vanished.
-
-        ``size`` and ``listed`` (a stamp) are what a store's listing gave:
-        they save requests.
-        """
-        if fs.local:
-            try:
-                size = os.lstat(path).st_size
-            except FileNotFoundError:
-                return None
-            name = os.path.basename(path)
-        else:
-            if size is None:
-                found = fs.stamp(path)
-                if found is None:
-                    return None
-                size = found.size
-            name = posixpath.basename(path)
-        if is_temporary_file(name):
-            alive = temporary_owner_alive(name)
-            return ("writing" if alive else "temporary"), size, None
-        if step is None:
-            return "unknown", size, None
-        save, _ = self._funcs()
-        rel = relative_location(path, self._features_root())
-        rel = rel[: -len(extension)]
-        key = _key_from_relative(rel, self.hash_fn)
-        state, stamp_, _ = ckpt.check(
-            path,
-            Identity(step, "", key or ""),
-            save is not None,
-            True,
-            fs=fs,
-            known=listed,
-        )
-        if key is None and state in ("valid", "stale", "foreign"):
-            state = "foreign"
-        if state == "missing":
-            return None  # removed since it was listed
-        return state, size, stamp_
+        yield from self._layout().walk(self._context())
 
     def remove_checkpoints(
         self,
@@ -1412,21 +443,9 @@ class CheckpointWrapper(BaseWrapper):
         if never:
             msg = f"remove_checkpoints never removes {sorted(never)} files."
             raise ValueError(msg)
-        if self.layout == "shards" and self.features_dir is not None:
-            return _shards.remove(self, statuses, dry_run)
-        save, _ = self._funcs()
-        step = self.step_identity() if self._has_model_state() else None
-        fs = self._features_fs() if self.features_dir is not None else LOCAL
-        removed = []
-        for path, state, size, stamp_ in list(self._walk()):
-            if state not in statuses:
-                continue
-            if not dry_run and not self._still(path, state, stamp_, step, fs):
-                continue
-            removed.append((path, state, size))
-            if not dry_run:
-                ckpt.remove(path, save is not None, fs)
-        return removed
+        if self.features_dir is None:
+            return []
+        return self._layout().remove(self._context(), statuses, dry_run)
 
     def compact_checkpoints(
         self, shard_size: int | None = None, shard_bytes: int | str | None = None
@@ -1455,7 +474,7 @@ class CheckpointWrapper(BaseWrapper):
             ``shards`` (before), ``written``, ``removed`` (paths), ``kept``,
             ``dropped`` (entries).
         """
-        if self.layout != "shards" or self.features_dir is None:
+        if self.features_dir is None:
             msg = (
                 f"CheckpointWrapper.compact_checkpoints needs layout='shards' and a "
                 f"features_dir; got layout={self.layout!r}, "
@@ -1463,27 +482,4 @@ class CheckpointWrapper(BaseWrapper):
             )
             raise ValueError(msg)
         self._validate_params()
-        return _shards.compact(self, shard_size, shard_bytes)
-
-    def _still(
-        self,
-        path: str,
-        state: str,
-        stamp_: Any,
-        step: str | None,
-        fs: FileSystem = LOCAL,
-    ) -> bool:
-        """Whether ``path`` is unchanged and judged ``state`` again."""
-        if stamp_ is not None and fs.stamp(path) != stamp_:
-            return False
-        save, _ = self._funcs()
-        ckpt.forget(path, save is not None, fs)  # judge from the file, not the cache
-        again = self._judge(path, step, self._extension(), fs)
-        return again is not None and again[0] == state and again[2] == stamp_
-
-
-_DEFAULTS = {
-    "input_attribute": "data",
-    "transform_extra_arguments": (),
-    "fit_extra_arguments": (),
-}
+        return self._layout().compact(self._context(), shard_size, shard_bytes)

@@ -23,14 +23,18 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..storage import Identity
-from ..storage.identity import FORMAT_VERSION
+from ..storage.identity import FORMAT_VERSION, ingredients
+from ._sample import lazy_output
+
+if TYPE_CHECKING:
+    from ..storage.layouts import Layout, LayoutContext
 
 #: What `Explanation.reason` can be: the ingredients of the README's identity
 #: table, and the state of the file.
@@ -328,3 +332,181 @@ def count(explanations: Sequence[Explanation]) -> dict[str, int]:
     for e in explanations:
         counts[e.reason] += 1
     return {r: n for r, n in counts.items() if n}
+
+
+class Explaining:
+    """The explaining half of `CheckpointWrapper`: why a checkpoint is (not)
+    reused, what a step's identity is made of, spot checks of reused ones.
+
+    A mixin: nothing here computes, writes or unpickles, except `verify`,
+    which recomputes a sample of the reused checkpoints and writes nothing.
+    """
+
+    estimator: Any
+
+    if TYPE_CHECKING:
+
+        def _validate_params(self) -> None: ...
+        def _sample_attribute(self) -> str: ...
+        def _layout(self) -> Layout: ...
+        def _context(self, located: bool = True) -> LayoutContext: ...
+        def _format_identity(self) -> str: ...
+        def _fitted_digest(self) -> str | None: ...
+        def step_identity(self) -> str: ...
+        def identities(self, samples: Sequence[Any]) -> list[Identity]: ...
+        def _compute(
+            self, samples: Sequence[Any], todo: Sequence[int], attribute: str
+        ) -> dict[int, Any]: ...
+
+    def describe_step(self) -> dict[str, Any]:
+        """What `step_identity` is made of, by name (see `explain`).
+
+        A dict with ``step`` (the identity), ``code`` (``{qualified name:
+        digest}`` of every user function and method reached), ``library``
+        (``{distribution: version}``), ``parameter`` (``{path: [digest,
+        printable value or None]}``), ``fitted``, ``format`` and ``attribute``.
+        """
+        return {
+            "samplepipe": DESCRIPTION_VERSION,
+            "step": self.step_identity(),
+            **ingredients(self.estimator),
+            "fitted": str(self._fitted_digest()),
+            "format": self._format_identity(),
+            "attribute": self._sample_attribute(),
+        }
+
+    def _describe(self, step: str) -> None:
+        """Keep the description of step identity ``step`` (see `explain`)."""
+        write_description(step, self.describe_step)
+
+    def explain(self, samples: Sequence[Any]) -> list[Explanation]:
+        """For each sample: would `transform` reuse its checkpoint, and if not, why.
+
+        Nothing is computed, written or unpickled; each checkpoint's record
+        is read (from the journal, where a process validated it) and compared
+        with the identity the sample has now. A recomputed sample names the
+        ingredient that differs: the code of a function or method (by
+        qualified name), a parameter (its path, old and new value), its input
+        (its content, an earlier checkpoint, its loader or ``data_version``),
+        the fitted state, the format, or a library version; or the file's
+        state (missing, damaged).
+
+        Parameters
+        ----------
+        samples : list of Sample
+            The samples ``transform`` would be given.
+
+        Returns
+        -------
+        explanations : list of Explanation
+            One per sample, in order: ``key``, ``action`` (``"reuse"`` or
+            ``"recompute"``), ``reason`` (one of ``samplepipe.REASONS``) and
+            ``detail`` (a sentence).
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> import numpy as np
+        >>> from sklearn.preprocessing import FunctionTransformer
+        >>> from samplepipe import Sample, wrap
+        >>> folder = tempfile.mkdtemp()
+        >>> samples = [Sample(np.ones(2) * i, key=f"s{i}") for i in range(3)]
+        >>> step = wrap(["sample", "checkpoint"], FunctionTransformer(np.sqrt),
+        ...             features_dir=folder)
+        >>> _ = step.transform(samples[:2])
+        >>> [(e.action, e.reason) for e in step.explain(samples)]
+        [('reuse', 'same'), ('reuse', 'same'), ('recompute', 'missing')]
+        >>> step.set_params(estimator__estimator__kw_args={"out": None})
+        CheckpointWrapper(...)
+        >>> step.explain(samples)[0].detail
+        "parameter estimator__kw_args changed from None to {'out': None}"
+        """
+        self._validate_params()
+        wanted = self.identities(samples)
+        new = self.describe_step()
+        differences: dict[str, tuple[str, str]] = {}
+
+        def difference(step: str) -> tuple[str, str]:
+            """What differs from the step that wrote a checkpoint (once per step)."""
+            if step not in differences:
+                old = read_description(step)
+                differences[step] = step_difference(old, new)
+            return differences[step]
+
+        return [
+            explain_one(i.key, state, record, i, difference)
+            for i, (state, record, _) in zip(
+                wanted, self._judge_all(wanted, loaders=False)
+            )
+        ]
+
+    def _judge_all(
+        self,
+        wanted: Sequence[Identity],
+        loaders: bool = True,
+        paths: Sequence[str] | None = None,
+    ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
+        """``(status, record, loader)`` of each checkpoint, read-only (see
+        `samplepipe.storage.Layout.judge_all`), for `explain` and `verify`."""
+        return self._layout().judge_all(self._context(), wanted, loaders, paths)
+
+    def planned_outputs(self, samples: Sequence[Any]) -> list[Any]:
+        """The samples `transform` would return, without computing or reading.
+
+        Each one's checkpointed attribute names the checkpoint its identity
+        gives (to be loaded only once ``transform`` has run), so the next step
+        of a pipeline can be explained (`explain`) before anything runs.
+        """
+        wanted = self.identities(samples)
+        attribute = self._sample_attribute()
+        loaders = self._layout().planned(self._context(), wanted)
+        return [lazy_output(s, attribute, lo) for s, lo in zip(samples, loaders)]
+
+    def verify(
+        self,
+        samples: Sequence[Any],
+        fraction: float = 0.01,
+        seed: int | None = None,
+        rtol: float = 0.0,
+        atol: float = 0.0,
+    ) -> VerifyReport:
+        """Recompute a random fraction of the reused samples and compare.
+
+        Checks that a reused checkpoint is what a fresh run would give: a
+        step that is not deterministic, or that depends on something its
+        identity cannot see (a file it reads, an environment variable), shows
+        up as mismatches. Nothing is written; the step must be fitted (or
+        its model loadable, as for ``transform``).
+
+        Parameters
+        ----------
+        samples : list of Sample
+            The samples ``transform`` would be given.
+        fraction : float, default=0.01
+            The share of reused samples to recompute, in (0, 1]; at least one
+            when any is reused.
+        seed : int, default=None
+            Seed of the random choice (None: a new choice each call).
+        rtol, atol : float, default=0.0
+            Tolerances for float arrays; 0 and 0 ask for exact equality.
+
+        Returns
+        -------
+        report : VerifyReport
+            ``reused``, ``checked`` and ``mismatches`` (the keys).
+        """
+        self._validate_params()
+        wanted = self.identities(samples)
+        judged = self._judge_all(wanted)
+        reused = [i for i, (state, _, _) in enumerate(judged) if state == "valid"]
+        chosen = [reused[j] for j in choose(len(reused), fraction, seed)]
+        report = VerifyReport(reused=len(reused), checked=len(chosen))
+        if not chosen:
+            return report
+        fresh = self._compute(samples, chosen, self._sample_attribute())
+        for i in chosen:
+            loader = judged[i][2]
+            assert loader is not None
+            if not same_value(loader(), fresh[i], rtol, atol):
+                report.mismatches.append(wanted[i].key)
+        return report

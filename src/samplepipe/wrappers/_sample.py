@@ -515,3 +515,28 @@ def is_sample_list(obj: object) -> bool:
     if isinstance(obj, np.ndarray | str | bytes) or not isinstance(obj, Sequence):
         return False
     return len(obj) > 0 and isinstance(obj[0], Sample | SampleSet)
+
+
+def lazy_output(sample: Any, attribute: str, loader: Callable[[], Any]) -> Any:
+    """A copy of ``sample`` whose ``attribute`` loads lazily through ``loader``."""
+    if attribute == "data":
+        if type(sample) in (Sample, DelayedSample):
+            return DelayedSample._child(loader, sample)
+        return DelayedSample(loader, parent=sample)
+    if isinstance(sample, DelayedSample):
+        new = DelayedSample(sample._load, parent=sample)
+    else:
+        new = DelayedSample.from_sample(sample)
+    if attribute in vars(new):
+        object.__delattr__(new, attribute)
+    new._delayed_attributes[attribute] = loader
+    return new
+
+
+def failed_output(sample: Any, attribute: str) -> Any:
+    """A copy of ``sample`` with ``attribute`` None: a failed sample kept in line."""
+    if attribute == "data":
+        return Sample(None, parent=sample)
+    if isinstance(sample, DelayedSample):
+        return DelayedSample(sample._load, parent=sample, **{attribute: None})
+    return Sample(getattr(sample, "data", None), parent=sample, **{attribute: None})
