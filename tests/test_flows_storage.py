@@ -265,6 +265,74 @@ def test_a_step_that_has_its_own_layout_keeps_it(tmp_path):
     assert len(plain) == 8 and all(f.endswith(".h5") for f in plain)
 
 
+@pytest.mark.parametrize("kind", ["shards", "nested"])
+def test_a_step_with_a_layout_instance_runs_and_is_cached(tmp_path, kind):
+    from sklearn.pipeline import Pipeline
+
+    from samplepipe import CheckpointWrapper, SampleWrapper
+    from samplepipe.storage import ShardsLayout
+    from samplepipe.testing import CountingTransformer, NestedFilesLayout
+
+    log = str(tmp_path / "log")
+    layout = ShardsLayout() if kind == "shards" else NestedFilesLayout()
+    step = CheckpointWrapper(
+        SampleWrapper(CountingTransformer(offset=1.0, log_path=log, stateless=True)),
+        features_dir=str(tmp_path / "f"),
+        layout=layout,
+    )
+    options = {
+        "features_dir": str(tmp_path / "features"),
+        "model_dir": str(tmp_path / "models"),
+        "batch_size": 4,
+    }
+    samples = random_samples(8)
+    first = transform_pipeline(Pipeline([("count", step)]), samples, **options)
+    again = transform_pipeline(Pipeline([("count", step)]), samples, **options)
+    assert count_rows(log, "transform") == 8  # the second run computed nothing
+    expected = np.stack([s.data for s in samples]) + 1.0
+    for out in (first, again):
+        np.testing.assert_allclose(np.stack([s.data for s in out]), expected)
+    names = [n for _, _, files in os.walk(tmp_path / "f") for n in files]
+    if kind == "shards":
+        assert names and all(n.startswith("shard-") for n in names)
+    else:
+        expected_files = {
+            os.path.join(NestedFilesLayout.bucket(s.key), s.key + ".h5")
+            for s in samples
+        }
+        found = {
+            os.path.relpath(os.path.join(d, n), tmp_path / "f")
+            for d, _, files in os.walk(tmp_path / "f")
+            for n in files
+        }
+        assert found == expected_files
+
+
+def test_a_step_whose_layout_the_flows_cannot_record_is_refused(tmp_path):
+    from sklearn.pipeline import Pipeline
+
+    from samplepipe import CheckpointWrapper, SampleWrapper
+    from samplepipe.storage import Layout
+    from samplepipe.testing import CountingTransformer
+
+    class Elsewhere(Layout):
+        name = "elsewhere"
+
+    step = CheckpointWrapper(
+        SampleWrapper(CountingTransformer(stateless=True)),
+        features_dir=str(tmp_path / "f"),
+        layout=Elsewhere(),
+    )
+    with pytest.raises(ValueError, match="step 'count': .*built on FilesLayout"):
+        transform_pipeline(
+            Pipeline([("count", step)]),
+            random_samples(4),
+            features_dir=str(tmp_path / "features"),
+            model_dir=str(tmp_path / "models"),
+        )
+    assert not (tmp_path / "f").exists() and not (tmp_path / "features").exists()
+
+
 def test_an_unknown_layout_is_a_clear_error_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"layout='shard' is not one of"):
         fit_pipeline(

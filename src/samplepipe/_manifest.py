@@ -35,10 +35,13 @@ from .errors import StaleManifestError
 from .storage import (
     FORMAT_VERSION,
     CheckpointLoader,
+    FilesLayout,
     Identity,
+    ShardsLayout,
     Stamp,
     check_key,
     filesystem,
+    get_layout,
     is_url,
     join_location,
     location_root,
@@ -70,6 +73,33 @@ def _split(text: str, n: int) -> list[str]:
         msg = f"manifest column of {len(parts)} values for {n} samples"
         raise StaleManifestError(msg)
     return parts
+
+
+def layout_kind(step: CheckpointWrapper) -> str:
+    """How a manifest records a step's checkpoints: ``"shards"`` or ``"files"``.
+
+    A layout given as an instance or registered under another name counts as
+    the built-in layout it extends; the flows take no other.
+    """
+    layout = get_layout(step.layout, "CheckpointWrapper")
+    if isinstance(layout, ShardsLayout):
+        return "shards"
+    if isinstance(layout, FilesLayout):
+        return "files"
+    msg = (
+        f"the flows record checkpoints of layouts built on FilesLayout or "
+        f"ShardsLayout; a step has layout={step.layout!r} (use it with "
+        "CheckpointWrapper directly)."
+    )
+    raise ValueError(msg)
+
+
+def layout_token(step: CheckpointWrapper) -> str:
+    """A step's layout in a task's cache key: its name, or an instance's class."""
+    if isinstance(step.layout, str):
+        return step.layout
+    cls = type(step.layout)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 @dataclass(eq=False)
@@ -476,8 +506,9 @@ class BatchManifest:
         if len(keys) != n:
             msg = f"manifest names {n} samples for a batch of {len(keys)}"
             raise StaleManifestError(msg)
-        if self.layout != step.layout:
-            msg = f"manifest of layout={self.layout!r}, the step has {step.layout!r}"
+        kind = layout_kind(step)
+        if self.layout != kind:
+            msg = f"manifest of layout={self.layout!r}, the step has {kind!r}"
             raise StaleManifestError(msg)
         mine = self.key_list()
         if mine != list(keys):

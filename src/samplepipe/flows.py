@@ -19,6 +19,7 @@ from prefect.locking.protocol import LockManager
 from sklearn.pipeline import Pipeline
 
 from ._factory import is_factory
+from ._manifest import layout_kind
 from ._options import LAYOUTS as LAYOUTS
 from ._options import ON_ERROR as ON_ERROR
 from ._options import RunOptions as RunOptions
@@ -187,6 +188,10 @@ def prepare_steps(
         if layout is not None and not wrapped:
             est.layout = layout
         est._validate_params()
+        try:
+            layout_kind(est)  # a layout the manifests can record
+        except ValueError as exc:
+            raise ValueError(f"step {name!r}: {exc}") from None
         steps.append((name, est))
     if not steps:
         msg = "pipeline has no step to run."

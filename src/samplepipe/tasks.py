@@ -34,6 +34,7 @@ from prefect.utilities.annotations import BaseAnnotation
 
 from ._manifest import MANIFEST_FORMAT as MANIFEST_FORMAT
 from ._manifest import BatchManifest as BatchManifest
+from ._manifest import layout_kind, layout_token
 from .errors import SampleFailures as SampleFailures
 from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
@@ -348,7 +349,7 @@ class StepCachePolicy(CachePolicy):
             f"features_dir={normalize_location(step.features_dir or '')}",
             f"model_path={normalize_location(step.model_path or '')}",
             f"store={_store_token(step)}",
-            f"layout={step.layout}",
+            f"layout={layout_token(step)}",
         ]
         if method == "fit":
             parts += [
@@ -470,7 +471,7 @@ def transform_batch(
         step=name,
         start=start,
         root=normalize_location(step.features_dir),
-        layout=step.layout,
+        layout=layout_kind(step),
         attribute=step._sample_attribute(),
         errors=errors,
         seconds=time.perf_counter() - t0,
