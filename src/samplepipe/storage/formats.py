@@ -53,6 +53,7 @@ from typing import Any, ClassVar
 
 from . import checkpoints as ckpt
 from . import hdf5
+from ._registry import register
 from .files import Stamp, write_bytes
 from .fs import FileSystem
 from .identity import FORMAT_VERSION, Identity, code_identity
@@ -278,26 +279,7 @@ def register_format(name: str, cls: type[Format]) -> None:
     TypeError
         When ``cls`` is not a `Format` subclass.
     """
-    if (
-        not isinstance(name, str)
-        or not name
-        or not all(c.isalnum() or c in "_-." for c in name)
-    ):
-        msg = (
-            f"register_format got name={name!r}; it must be a non-empty str of "
-            "letters, digits, '_', '-' or '.'."
-        )
-        raise ValueError(msg)
-    if not (isinstance(cls, type) and issubclass(cls, Format)):
-        msg = (
-            f"register_format got cls={cls!r} for {name!r}; it must be a subclass "
-            "of samplepipe.storage.Format."
-        )
-        raise TypeError(msg)
-    if name in _BUILT_IN and name in _FORMATS and _FORMATS[name] is not cls:
-        msg = f"register_format cannot replace the built-in format {name!r}."
-        raise ValueError(msg)
-    _FORMATS[name] = cls
+    register(_FORMATS, _BUILT_IN, "format", Format, name, cls)
 
 
 def registered_formats() -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...errors import CheckpointWarning
+from .._registry import register
 from ..checkpoints import CheckpointLoader
 from ..files import Stamp
 from ..formats import CustomFormat, Format
@@ -320,26 +321,7 @@ def register_layout(name: str, cls: type[Layout]) -> None:
     TypeError
         When ``cls`` is not a `Layout` subclass.
     """
-    if (
-        not isinstance(name, str)
-        or not name
-        or not all(c.isalnum() or c in "_-." for c in name)
-    ):
-        msg = (
-            f"register_layout got name={name!r}; it must be a non-empty str of "
-            "letters, digits, '_', '-' or '.'."
-        )
-        raise ValueError(msg)
-    if not (isinstance(cls, type) and issubclass(cls, Layout)):
-        msg = (
-            f"register_layout got cls={cls!r} for {name!r}; it must be a subclass "
-            "of samplepipe.storage.Layout."
-        )
-        raise TypeError(msg)
-    if name in _BUILT_IN and name in _LAYOUTS and _LAYOUTS[name] is not cls:
-        msg = f"register_layout cannot replace the built-in layout {name!r}."
-        raise ValueError(msg)
-    _LAYOUTS[name] = cls
+    register(_LAYOUTS, _BUILT_IN, "layout", Layout, name, cls)
 
 
 def registered_layouts() -> list[str]:
