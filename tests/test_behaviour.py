@@ -464,6 +464,8 @@ def valid_outputs(wrapper, samples, marker):
 
 @pytest.mark.slow  # child processes killed mid-run
 @pytest.mark.parametrize("store", ["local"], indirect=True)
+# "nested" writes through FilesLayout's own atomic write, killed in "files"
+@pytest.mark.parametrize("layout", ["files", "shards", "npy"], indirect=True)
 def test_killed_runs_lose_nothing_finished_and_a_final_run_computes_the_rest(
     layout, store, tmp_path
 ):
