@@ -325,7 +325,7 @@ def test_sources_reject_what_is_not_one():
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
-    """A subprocess runs 120,000 generated samples and keeps the outputs.
+    """A subprocess runs 60,000 generated samples and keeps the outputs.
 
     What the flow's process holds once the run is over, outputs kept, is
     measured with tracemalloc: at most 200 bytes per sample (the list of
@@ -353,7 +353,7 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
         N = int(sys.argv[1])
         pipe = Pipeline([("twice", FunctionTransformer(np.negative))])
         kw = dict(features_dir=sys.argv[2] + "/f", model_dir=sys.argv[2] + "/m",
-                  batch_size=40_000, layout="shards")
+                  batch_size=20_000, layout="shards")
         transform_pipeline(pipe, Source(), **kw)  # warm: imports, caches
         gc.collect()
         tracemalloc.start()
@@ -367,7 +367,7 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
     )
     path = tmp_path / "big.py"
     path.write_text(script)
-    n = 120_000
+    n = 60_000
     proc = subprocess.run(
         [sys.executable, str(path), str(n), str(tmp_path)],
         capture_output=True,
