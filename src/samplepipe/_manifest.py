@@ -49,9 +49,9 @@ from .storage import (
     relative_location,
     stamp_of,
 )
+from .storage.layouts import gc_paused
 from .storage.shards import DATA, ShardLoader
 from .wrappers._checkpoint import failed_output, lazy_output
-from .wrappers._shards import gc_paused
 
 if TYPE_CHECKING:
     from .wrappers import CheckpointWrapper
@@ -136,6 +136,7 @@ class BatchManifest:
 
     # -- building ----------------------------------------------------------
     @classmethod
+    @gc_paused()  # a few acyclic objects per sample
     def from_report(
         cls,
         report: Mapping[str, Any],
@@ -150,33 +151,6 @@ class BatchManifest:
         seconds: float,
     ) -> BatchManifest:
         """The manifest of a `CheckpointWrapper.transform_samples` report."""
-        with gc_paused():
-            return cls._from_report(
-                report,
-                keys,
-                step=step,
-                start=start,
-                root=root,
-                layout=layout,
-                attribute=attribute,
-                errors=errors,
-                seconds=seconds,
-            )
-
-    @classmethod
-    def _from_report(
-        cls,
-        report: Mapping[str, Any],
-        keys: Sequence[str],
-        *,
-        step: str,
-        start: int,
-        root: str,
-        layout: str,
-        attribute: str,
-        errors: list[Any],
-        seconds: float,
-    ) -> BatchManifest:
         files = report["files"]
         records = report.get("records") or [None] * len(files)
         names: dict[str, int] = {}
