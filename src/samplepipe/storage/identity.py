@@ -35,7 +35,7 @@ import functools
 import types
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -254,14 +254,61 @@ class Identity:
 
     def record(self, checksum: str, kind: str) -> str:
         """The text stored in a checkpoint: identity, payload checksum and kind."""
-        return f"{self.format}:{self.step}:{self.inputs}:{checksum}:{kind}:{self.key}"
+        return Record(
+            str(self.format), self.step, self.inputs, checksum, kind, self.key
+        ).text()
 
     @classmethod
     def parse(cls, record: str) -> tuple[Identity, str, str]:
         """``(identity, checksum, kind)`` from `record`; ``ValueError`` if malformed."""
-        parts = record.split(":", 5)
-        if len(parts) != 6:
-            msg = f"not a samplepipe checkpoint record: {record[:80]!r}"
+        r = Record.parse(record)
+        return cls(r.step, r.inputs, r.key, int(r.format)), r.checksum, r.kind
+
+
+class Record(NamedTuple):
+    """The fields of the record text stored with each checkpoint, in order.
+
+    The one place the text is written (`text`) and split (`parse`,
+    `fields`, `key_of`). The key comes last and may itself hold ``:``.
+
+    Examples
+    --------
+    >>> r = Record.parse("3:s:i:c:a:dir/x:y")
+    >>> r.key, r.kind
+    ('dir/x:y', 'a')
+    >>> r.text()
+    '3:s:i:c:a:dir/x:y'
+    >>> Record.fields("garbage") is None
+    True
+    """
+
+    format: str
+    step: str
+    inputs: str
+    checksum: str
+    kind: str
+    key: str
+
+    def text(self) -> str:
+        """The record as stored."""
+        return ":".join(self)
+
+    @classmethod
+    def fields(cls, text: str) -> Record | None:
+        """The fields of `text`, or None when it is not a record."""
+        parts = text.split(":", 5)
+        return cls._make(parts) if len(parts) == 6 else None
+
+    @classmethod
+    def parse(cls, text: str) -> Record:
+        """The fields of `text`; ``ValueError`` naming it when it is not a record."""
+        r = cls.fields(text)
+        if r is None:
+            msg = f"not a samplepipe checkpoint record: {text[:80]!r}"
             raise ValueError(msg)
-        version, step, inputs, checksum, kind, key = parts
-        return cls(step, inputs, key, int(version)), checksum, kind
+        return r
+
+    @staticmethod
+    def key_of(text: str) -> str:
+        """The key of a record (the whole text when it has no field separator)."""
+        return text.split(":", 5)[-1]
