@@ -459,3 +459,38 @@ def test_bad_run_options_fail_the_command_before_it_starts(
     assert code == 2
     assert f"samplepipe {command}:" in err and named in err
     assert sorted(os.listdir(tmp_path)) == []  # no folder made, no server state
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--anchor-date", "2026-12-05T02:00:00+00:00"], "needs --interval"),
+        (["--interval", "60", "--anchor-date", "tomorrow"], "'tomorrow' is not"),
+        (
+            ["--interval", "60", "--anchor-date", "2026-12-05T02:00:00"],
+            "with a time zone",
+        ),
+    ],
+    ids=["no-interval", "not-a-date", "no-time-zone"],
+)
+def test_bad_anchor_date_fails_serve_before_it_starts(
+    tmp_path, monkeypatch, capsys, options, named
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    code, out, err = cli(["serve", *DIRS, *options], capsys)
+    assert code == 2
+    assert "samplepipe serve: --anchor-date" in err and named in " ".join(err.split())
+    assert sorted(os.listdir(tmp_path)) == []  # no folder made, no server state
+
+
+def test_anchor_date_starts_the_interval_schedule():
+    from datetime import datetime, timedelta, timezone
+
+    from samplepipe.cli import _schedule
+
+    assert _schedule(None, 60.0, None) == {"interval": 60.0}
+    assert _schedule("0 2 * * *", None, None) == {"cron": "0 2 * * *"}
+    (interval,) = _schedule(None, 90.0, "2026-12-05T02:00:00+01:00")["schedules"]
+    assert interval.interval == timedelta(seconds=90)
+    assert interval.anchor_date == datetime(2026, 12, 5, 1, tzinfo=timezone.utc)

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -100,13 +101,17 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(prefect_server, tmp_pa
         FlowRunFilterId,
     )
 
+    # one run a minute: runs never pile up on a busy 2-core machine (each
+    # scheduled run is a process of its own); the schedule starts 20 s from now
+    # (by default it would start when serve starts, so the first run would be
+    # a minute away)
+    anchor = datetime.now(timezone.utc).replace(microsecond=0) + timedelta(seconds=20)
+    args = ["--interval", 60, "--anchor-date", anchor.isoformat()]
     proc = _serve(
         server,
         tmp_path,
         "sched",
-        # one run a minute: runs never pile up on a busy 2-core machine (each
-        # scheduled run is a process of its own)
-        {"pipeline_kwargs": {"log_dir": str(tmp_path)}, "args": ["--interval", 60]},
+        {"pipeline_kwargs": {"log_dir": str(tmp_path)}, "args": args},
     )
     try:
         completed = _wait(
@@ -120,6 +125,9 @@ def test_scheduled_run_completes_with_tasks_and_artifacts(prefect_server, tmp_pa
         stop_process(proc, timeout=30)
     flow_run = completed[0]
     assert flow_run.auto_scheduled
+    # on the anchored schedule: the anchor plus a whole number of minutes
+    offset = (flow_run.expected_start_time - anchor).total_seconds()
+    assert offset >= 0 and offset % 60 == 0, flow_run.expected_start_time
     # (a busy SQLite server may drop a late task-run event: the files and the
     # call logs below show that every batch ran)
     expected = {"count.fit", "count.transform[0:100]"}

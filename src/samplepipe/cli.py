@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import gc
 import os
 import signal
@@ -318,6 +319,7 @@ def serve(
     locks: str | None = None,
     cron: str | None = None,
     interval: float | None = None,
+    anchor_date: str | None = None,
 ) -> int:
     """Serve the fit, transform and run deployments (no work pool needed).
 
@@ -376,6 +378,11 @@ def serve(
         Cron schedule of NAME-run, e.g. "0 2 * * *".
     interval
         Interval schedule of NAME-run, in seconds.
+    anchor_date
+        When the --interval schedule starts, in ISO 8601 with a time zone
+        (e.g. 2026-12-05T02:00:00+00:00): runs fall at this time plus
+        multiples of the interval (default: when serve starts, so the first
+        run is one interval later).
     """
     from prefect import serve as prefect_serve
     from prefect.deployments.runner import EntrypointType
@@ -409,11 +416,7 @@ def serve(
         "samples": samples,
         "samples_kwargs": _samples_kwargs(samples_kwargs, samples, "test"),
     }
-    schedule: dict[str, Any] = {}
-    if cron is not None:
-        schedule["cron"] = cron
-    if interval is not None:
-        schedule["interval"] = interval
+    schedule = _schedule(cron, interval, anchor_date)
     options: dict[str, Any] = {"entrypoint_type": EntrypointType.MODULE_PATH}
     deployments: list[Any] = [
         fit_pipeline.to_deployment(
@@ -441,6 +444,40 @@ def serve(
     ]
     prefect_serve(*deployments)
     return 0
+
+
+def _schedule(
+    cron: str | None, interval: float | None, anchor_date: str | None
+) -> dict[str, Any]:
+    """The schedule keywords of ``to_deployment``; `CommandError` if inconsistent."""
+    from prefect.schedules import Cron, Interval
+
+    if anchor_date is None:
+        schedule: dict[str, Any] = {}
+        if cron is not None:
+            schedule["cron"] = cron
+        if interval is not None:
+            schedule["interval"] = interval
+        return schedule
+    if interval is None:
+        msg = (
+            "samplepipe serve: --anchor-date needs --interval (it starts that schedule)"
+        )
+        raise CommandError(msg, code=2)
+    try:
+        anchor = datetime.datetime.fromisoformat(anchor_date)
+    except ValueError:
+        anchor = None
+    if anchor is None or anchor.tzinfo is None:
+        msg = (
+            f"samplepipe serve: --anchor-date {anchor_date!r} is not an ISO 8601 "
+            "time with a time zone; give e.g. 2026-12-05T02:00:00+00:00"
+        )
+        raise CommandError(msg, code=2)
+    schedules = [Interval(interval, anchor_date=anchor)]
+    if cron is not None:
+        schedules.append(Cron(cron))
+    return {"schedules": schedules}
 
 
 def _cwd_on_path():
