@@ -20,6 +20,8 @@ modules behind it hold one concern each:
     the default file format (`save_hdf5`, `load_hdf5`).
 ``npy``
     the ``"npy"`` format: NumPy ``.npy`` files (`NpyFormat`).
+``status``
+    what was found at a checkpoint (`Status`: ``"valid"``, ``"stale"``, ...).
 ``checkpoints``
     per-sample checkpoint files: status, atomic writing, `CheckpointLoader`.
 ``models``
@@ -101,6 +103,7 @@ from .layouts import (
 )
 from .models import ModelWarning, load_model, read_model_header, save_model
 from .npy import NpyFormat
+from .status import Status
 
 __all__ = [
     "FORMAT_VERSION",
@@ -120,6 +123,7 @@ __all__ = [
     "NpyFormat",
     "ShardsLayout",
     "Stamp",
+    "Status",
     "UnknownFileError",
     "check_key",
     "check_location",

@@ -24,6 +24,7 @@ from ..storage.keys import check_key, hash_string, sample_keys
 from ..storage.layouts import Layout, gc_paused
 from ..storage.models import update_estimator
 from ..storage.shards import DEFAULT_SHARD_BYTES
+from ..storage.status import Status
 from ._explain import Explaining
 from ._inputs import DATA_VERSION_ATTRIBUTE as DATA_VERSION_ATTRIBUTE
 from ._inputs import _is_failed, attribute_identity, input_identity
@@ -404,7 +405,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         return self.estimator.score(X, y, **kwargs)
 
     # -- housekeeping ------------------------------------------------------
-    def iter_checkpoints(self) -> Iterator[tuple[str, str, int]]:
+    def iter_checkpoints(self) -> Iterator[tuple[str, Status, int]]:
         """Yield ``(path, status, size)`` for every file under ``features_dir``.
 
         ``status`` is ``valid`` (made by this step, for any input: files of
@@ -423,23 +424,28 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         for path, state, size, _ in self._walk():
             yield path, state, size
 
-    def _walk(self) -> Iterator[tuple[str, str, int, Any]]:
+    def _walk(self) -> Iterator[tuple[str, Status, int, Any]]:
         if self.features_dir is None:
             return
         yield from self._layout().walk(self._context())
 
     def remove_checkpoints(
         self,
-        statuses: Sequence[str] = ("stale", "corrupt", "foreign", "temporary"),
+        statuses: Sequence[str] = (
+            Status.STALE,
+            Status.CORRUPT,
+            Status.FOREIGN,
+            Status.TEMPORARY,
+        ),
         dry_run: bool = False,
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Remove files of the given statuses; return ``[(path, status, size)]``.
 
         ``valid``, ``unknown`` and ``writing`` files are never removed. Each file
         is judged again right before it is removed, and kept unless it is
         unchanged and judged the same (a running job may have recomputed it).
         """
-        never = {"valid", "unknown", "writing"} & set(statuses)
+        never = {Status.VALID, Status.UNKNOWN, Status.WRITING} & set(statuses)
         if never:
             msg = f"remove_checkpoints never removes {sorted(never)} files."
             raise ValueError(msg)

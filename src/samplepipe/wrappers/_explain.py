@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..storage import Identity
+from ..storage import Identity, Status
 from ..storage.identity import FORMAT_VERSION, ingredients
 from ._sample import lazy_output
 
@@ -249,10 +249,10 @@ def input_difference(old: str, new: str) -> str:
 
 
 FILE_STATES = {
-    "missing": ("missing", "no checkpoint yet"),
-    "corrupt": ("damaged", "the file is unreadable or fails its checksum"),
-    "foreign": ("damaged", "the file holds another sample's key"),
-    "unknown": (
+    Status.MISSING: ("missing", "no checkpoint yet"),
+    Status.CORRUPT: ("damaged", "the file is unreadable or fails its checksum"),
+    Status.FOREIGN: ("damaged", "the file holds another sample's key"),
+    Status.UNKNOWN: (
         "damaged",
         "the file was not written by samplepipe: transform will not overwrite it",
     ),
@@ -261,7 +261,7 @@ FILE_STATES = {
 
 def explain_one(
     key: str,
-    state: str,
+    state: Status,
     record: str | None,
     wanted: Identity,
     difference: Any,
@@ -271,7 +271,7 @@ def explain_one(
     ``difference(step)`` returns the ``(reason, detail)`` of a checkpoint
     written by step identity ``step`` (see `step_difference`).
     """
-    if state == "valid":
+    if state == Status.VALID:
         return Explanation(key, "reuse", "same", "every ingredient is the same")
     if state in FILE_STATES:
         reason, detail = FILE_STATES[state]
@@ -445,7 +445,7 @@ class Explaining:
         wanted: Sequence[Identity],
         loaders: bool = True,
         paths: Sequence[str] | None = None,
-    ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
+    ) -> list[tuple[Status, str | None, Callable[[], Any] | None]]:
         """``(status, record, loader)`` of each checkpoint, read-only (see
         `samplepipe.storage.Layout.judge_all`), for `explain` and `verify`."""
         return self._layout().judge_all(self._context(), wanted, loaders, paths)
@@ -498,7 +498,7 @@ class Explaining:
         self._validate_params()
         wanted = self.identities(samples)
         judged = self._judge_all(wanted)
-        reused = [i for i, (state, _, _) in enumerate(judged) if state == "valid"]
+        reused = [i for i, (state, _, _) in enumerate(judged) if state == Status.VALID]
         chosen = [reused[j] for j in choose(len(reused), fraction, seed)]
         report = VerifyReport(reused=len(reused), checked=len(chosen))
         if not chosen:

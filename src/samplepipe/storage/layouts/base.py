@@ -19,6 +19,7 @@ from ..formats import CustomFormat, Format
 from ..fs import FileSystem, join_location
 from ..identity import Identity
 from ..keys import check_key, is_url
+from ..status import Status
 
 __all__ = [
     "Judged",
@@ -33,9 +34,9 @@ __all__ = [
 ]
 
 # (status, record, loader): how a layout judges one wanted checkpoint
-Judged = tuple[str, str | None, Callable[[], Any] | None]
+Judged = tuple[Status, str | None, Callable[[], Any] | None]
 # (path, status, size, stamp): one file under features_dir, as a layout sees it
-Walked = tuple[str, str, int, Stamp | None]
+Walked = tuple[str, Status, int, Stamp | None]
 
 # a stamp no file has: a loader holding it checks its file before loading
 NO_STAMP = Stamp(-1, -1, -1, -1)
@@ -263,7 +264,7 @@ class Layout:
 
     def remove(
         self, context: LayoutContext, statuses: Sequence[str], dry_run: bool
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Remove files of ``statuses``, each judged again right before."""
         raise NotImplementedError
 

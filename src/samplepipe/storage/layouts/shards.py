@@ -29,6 +29,7 @@ from ..shards import (
     shard_limits,
     split_points,
 )
+from ..status import Status
 from .base import Judged, Layout, LayoutContext, Walked, gc_paused
 
 __all__ = ["ShardsLayout"]
@@ -104,7 +105,7 @@ class ShardsLayout(Layout):
         with gc_paused():
             folder = folder_of(context)
             if context.force:
-                results: list[Found | str] = ["missing"] * len(live)
+                results: list[Found | str] = [Status.MISSING] * len(live)
             else:
                 results = folder.find([wanted[i] for i in live])
         found: dict[int, Found] = {}
@@ -115,12 +116,12 @@ class ShardsLayout(Layout):
                 found[i] = result
                 continue
             todo.append(i)
-            if result != "missing":
+            if result != Status.MISSING:
                 bad[result] = bad.get(result, 0) + 1
         if bad:
             context.warn_recomputed(bad, "corrupt: failing its checksum")
         unreadable = [
-            p for p, index in folder.shards.items() if index.status == "corrupt"
+            p for p, index in folder.shards.items() if index.status == Status.CORRUPT
         ]
         if todo and unreadable:
             # an unreadable shard's keys are unknown: its samples look missing
@@ -195,31 +196,33 @@ class ShardsLayout(Layout):
         for ident, result in zip(wanted, folder.find(wanted)):
             if isinstance(result, Found):
                 loader = _loader(result, options, ident)
-                judged.append(("valid", result.record, loader))
+                judged.append((Status.VALID, result.record, loader))
                 continue
+            status = Status(result)  # storage.shards judges in bare strings
             record: str | None = None
-            if result == "stale":
+            if status is Status.STALE:
                 for _, path, position in folder.by_key.get(ident.key, ()):
                     index = folder.shards.get(path)
                     if index is not None and position < len(index.records):
                         record = index.records[position]
                         break
-            if result == "stale" and record is None:  # its shard went in between
-                result = "missing"
-            judged.append((result, record, None))
+            if status is Status.STALE and record is None:  # its shard went in between
+                status = Status.MISSING
+            judged.append((status, record, None))
         return judged
 
     # -- the folder --------------------------------------------------------
     def walk(self, context: LayoutContext) -> Iterator[Walked]:
         """Shards and their temporaries, judged; any other file is ``unknown``."""
-        yield from folder_of(context).judge(context.step())
+        for path, state, size, st in folder_of(context).judge(context.step()):
+            yield path, Status(state), size, st  # storage.shards judges in strings
         for path, rel, size, _ in context.fs.walk_files(context.root):
             if "/" in rel or not (is_shard_name(rel) or is_shard_temporary(rel)):
-                yield path, "unknown", size, None
+                yield path, Status.UNKNOWN, size, None
 
     def remove(
         self, context: LayoutContext, statuses: Sequence[str], dry_run: bool
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Shards judged twice, removed if unchanged."""
         listed = [
             (path, state, size, st)
