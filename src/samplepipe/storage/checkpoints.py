@@ -38,7 +38,7 @@ from ..errors import UnknownFileError as UnknownFileError
 from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
 from .fs import ChangedWhileReading, FileSystem, filesystem
-from .identity import Identity
+from .identity import Identity, Record
 from .journal import JOURNAL
 from .keys import is_url
 from .status import Status
@@ -503,7 +503,7 @@ class CheckpointLoader:
         found, record = _verified(record, payload)
         self._raise_unless_mine(found, record)
         assert record is not None
-        return hdf5.decode(payload, record.split(":", 5)[4])
+        return hdf5.decode(payload, Record.parse(record).kind)
 
     def _raise_unless_mine(self, found: Status, record: str | None) -> None:
         """`CorruptCheckpointError` unless a verified ``record`` (``found`` is

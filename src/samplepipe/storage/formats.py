@@ -56,7 +56,7 @@ from . import hdf5
 from ._registry import register
 from .files import Stamp, write_bytes
 from .fs import FileSystem
-from .identity import FORMAT_VERSION, Identity, code_identity
+from .identity import FORMAT_VERSION, Identity, Record, code_identity
 from .status import Status
 
 __all__ = [
@@ -207,7 +207,7 @@ class HDF5Format(Format):
         if found != Status.OK or record is None:
             msg = f"{path!r} is not a valid hdf5 checkpoint: it is {found}."
             raise ckpt.CorruptCheckpointError(msg)
-        return hdf5.decode(payload, Identity.parse(record)[2])
+        return hdf5.decode(payload, Record.parse(record).kind)
 
 
 class CustomFormat(Format):
