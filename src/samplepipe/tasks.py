@@ -41,6 +41,7 @@ from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
     Stamp,
+    TransformReport,
     combine,
     estimator_identity,
     filesystem,
@@ -482,9 +483,9 @@ def transform_batch(
         name,
         start,
         stop,
-        report["computed"],
-        report["loaded"],
-        report["failed"],
+        report.computed,
+        report.loaded,
+        report.failed,
     )
     for key, error in errors:
         logger.error("%s[%d:%d]: sample %r failed: %s", name, start, stop, key, error)
@@ -500,9 +501,13 @@ def transform_batch(
     return manifest
 
 
-def _transform_isolating(step, samples, identities=None):
+def _transform_isolating(
+    step: CheckpointWrapper,
+    samples: Sequence[Any],
+    identities: tuple[str, list[str]] | None = None,
+) -> tuple[TransformReport, list[list[str]]]:
     """``(report, errors)`` of a batch, bisecting it around failing samples."""
-    report: dict[str, Any] = {}
+    report = TransformReport()
     try:
         step.transform_samples(samples, report=report, identities=identities)
         return report, []
@@ -511,16 +516,9 @@ def _transform_isolating(step, samples, identities=None):
     except Exception as exc:  # noqa: BLE001 - isolated below, reported per key
         if len(samples) == 1:
             key = getattr(samples[0], "key", "?")
-            report = {
-                "computed": 0,
-                "loaded": 0,
-                "failed": 1,
-                "step": None,
-                "inputs": [None],
-                "files": [None],
-                "records": [None],
-            }
-            return report, [[key, f"{type(exc).__name__}: {exc}"]]
+            return TransformReport.failed_sample(), [
+                [key, f"{type(exc).__name__}: {exc}"]
+            ]
     half = len(samples) // 2
     left_ids = right_ids = None
     if identities is not None:
@@ -528,17 +526,8 @@ def _transform_isolating(step, samples, identities=None):
         right_ids = (identities[0], identities[1][half:])
     left, left_errors = _transform_isolating(step, samples[:half], left_ids)
     right, right_errors = _transform_isolating(step, samples[half:], right_ids)
-    merged = {
-        "computed": left["computed"] + right["computed"],
-        "loaded": left["loaded"] + right["loaded"],
-        "failed": left["failed"] + right["failed"],
-        "step": left["step"] or right["step"],
-        "inputs": left["inputs"] + right["inputs"],
-        "files": left["files"] + right["files"],
-        "records": (left.get("records") or [None] * len(left["files"]))
-        + (right.get("records") or [None] * len(right["files"])),
-    }
-    return merged, left_errors + right_errors
+    left.extend(right)
+    return left, left_errors + right_errors
 
 
 def fit_model(

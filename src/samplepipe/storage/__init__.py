@@ -22,6 +22,8 @@ modules behind it hold one concern each:
     the ``"npy"`` format: NumPy ``.npy`` files (`NpyFormat`).
 ``status``
     what was found at a checkpoint (`Status`: ``"valid"``, ``"stale"``, ...).
+``report``
+    what a batch's transform did (`TransformReport`, `ShardEntry`).
 ``checkpoints``
     per-sample checkpoint files: status, atomic writing, `CheckpointLoader`.
 ``models``
@@ -77,6 +79,7 @@ from .hdf5 import load_hdf5, save_hdf5
 from .identity import (
     FORMAT_VERSION,
     Identity,
+    Record,
     code_identity,
     combine,
     estimator_identity,
@@ -103,6 +106,7 @@ from .layouts import (
 )
 from .models import ModelWarning, load_model, read_model_header, save_model
 from .npy import NpyFormat
+from .report import ShardEntry, TransformReport
 from .status import Status
 
 __all__ = [
@@ -121,9 +125,12 @@ __all__ = [
     "MissingStoreError",
     "ModelWarning",
     "NpyFormat",
+    "Record",
+    "ShardEntry",
     "ShardsLayout",
     "Stamp",
     "Status",
+    "TransformReport",
     "UnknownFileError",
     "check_key",
     "check_location",

@@ -23,6 +23,7 @@ from ..storage.identity import (
 from ..storage.keys import check_key, hash_string, sample_keys
 from ..storage.layouts import Layout, gc_paused
 from ..storage.models import update_estimator
+from ..storage.report import TransformReport
 from ..storage.shards import DEFAULT_SHARD_BYTES
 from ..storage.status import Status
 from ._explain import Explaining
@@ -287,16 +288,18 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
     def transform_samples(
         self,
         samples: Sequence[Sample],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | dict[str, Any] | None = None,
         identities: tuple[str, list[str]] | None = None,
     ) -> list[Sample]:
         """`transform` for a flat list of samples; fills ``report`` if given.
 
-        ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
-        ``failed`` (samples whose output is None), ``step`` (the step identity),
-        ``inputs`` (each sample's input identity), ``files`` (each sample's
-        path and `Stamp`, None for failed samples) and, in the file layout,
-        ``records`` (each file's verified record, None when unknown).
+        ``report`` (a `samplepipe.storage.TransformReport`) receives what the
+        call did: how many samples were ``computed``, ``loaded``,
+        ``recomputed`` and ``failed`` (their output is None), the ``step``
+        identity, and per sample its input identity, checkpoint file and
+        `Stamp` (None for failed samples), and its record (file layout) or
+        shard entry. A dict receives the same as keys
+        (`TransformReport.as_dict`), as up to 0.5.0.
 
         ``identities`` is ``(step_identity, [input identity of each sample])``
         when the caller has computed them already (the flows compute them once
@@ -318,13 +321,18 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
             live = [
                 i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)
             ]
+        filled = report if isinstance(report, TransformReport) else None
+        if filled is None and report is not None:
+            filled = TransformReport()
         loaders = self._layout().transform(
             self._context(),
             wanted,
             live,
             lambda todo: self._compute(samples, todo, attribute),
-            report,
+            filled,
         )
+        if isinstance(report, dict) and filled is not None:
+            report.update(filled.as_dict())
         with gc_paused():
             return [
                 failed_output(s, attribute)

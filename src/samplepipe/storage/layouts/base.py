@@ -19,6 +19,7 @@ from ..formats import CustomFormat, Format
 from ..fs import FileSystem, join_location
 from ..identity import Identity
 from ..keys import check_key, is_url
+from ..report import TransformReport
 from ..status import Status
 
 __all__ = [
@@ -203,7 +204,7 @@ class Layout:
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         """Load valid checkpoints, compute and write the others.
 
@@ -218,10 +219,10 @@ class Layout:
         compute : callable
             ``compute(positions)`` returns ``{position: value}`` (None for a
             sample the estimator failed).
-        report : dict, default=None
-            Receives ``computed``, ``loaded``, ``recomputed``, ``failed``,
-            ``step``, ``inputs`` and ``files`` (see
-            `CheckpointWrapper.transform_samples`).
+        report : TransformReport, default=None
+            Filled with what the call did (`TransformReport.fill` a report
+            built by the layout): the counts, and per sample its input
+            identity, file, stamp and record or shard entry.
 
         Returns
         -------

@@ -20,6 +20,7 @@ from ..files import (
 from ..formats import Format
 from ..fs import relative_location
 from ..identity import Identity
+from ..report import TransformReport
 from ..status import Status
 from .base import Judged, Layout, LayoutContext, Walked, format_funcs
 
@@ -75,7 +76,7 @@ class FilesLayout(Layout):
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         paths = self.paths(context, (i.key for i in wanted))
         save, load = format_funcs(context.format)
@@ -157,16 +158,20 @@ class FilesLayout(Layout):
                     )
                 )
         if report is not None:
-            report["computed"] = computed
-            report["loaded"] = sum(st is not None for st in stamps) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = sum(st is None for st in stamps)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            report["files"] = [
-                (p, st) if st is not None else None for p, st in zip(paths, stamps)
-            ]
-            report["records"] = records
+            failed = stamps.count(None)
+            report.fill(
+                TransformReport(
+                    computed=computed,
+                    loaded=n - failed - computed,
+                    recomputed=sum(bad.values()),
+                    failed=failed,
+                    step=wanted[0].step if wanted else None,
+                    inputs=[i.inputs for i in wanted],
+                    paths=list(paths),
+                    stamps=stamps,
+                    records=records,
+                )
+            )
         return loaders
 
     def encode(

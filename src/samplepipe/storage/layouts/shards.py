@@ -18,6 +18,7 @@ from .. import hdf5
 from ..files import is_permanent
 from ..formats import Format
 from ..identity import Identity
+from ..report import ShardEntry, TransformReport
 from ..shards import (
     Found,
     ShardFolder,
@@ -43,17 +44,24 @@ def folder_of(context: LayoutContext) -> ShardFolder:
     return shard_folder(context.root, context.storage_options, context.fs)
 
 
-def entry_of(found: Found) -> tuple[int, int, str, str]:
-    """``(group, row, checksum, kind)`` of a found entry (see `ShardLoader`)."""
+def entry_of(found: Found) -> ShardEntry:
+    """The `ShardEntry` of a found entry (what `ShardLoader` reads)."""
     index, position = found
     checksums, kinds = index.fields()
     group, row = index.locations()[position]
-    return group, row, checksums[position], kinds[position]
+    return _entry((group, row, checksums[position], kinds[position]))
 
 
-def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+_entry = ShardEntry._make  # one per output sample: the fastest way to build one
+
+
+def _loader(
+    found: Found, options: Any, identity: Any, entry: ShardEntry | None = None
+) -> ShardLoader:
     index = found[0]
-    return ShardLoader.make(index.path, identity, index.stamp, options, entry_of(found))
+    if entry is None:
+        entry = entry_of(found)
+    return ShardLoader.make(index.path, identity, index.stamp, options, entry)
 
 
 class ShardsLayout(Layout):
@@ -100,7 +108,7 @@ class ShardsLayout(Layout):
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         with gc_paused():
             folder = folder_of(context)
@@ -162,24 +170,28 @@ class ShardsLayout(Layout):
             computed += building.write(found)
         options = context.loader_options
         with gc_paused():
+            n = len(wanted)
+            entries = [entry_of(found[i]) if i in found else None for i in range(n)]
             loaders: list[Callable[[], Any] | None] = [
-                _loader(found[i], options, wanted[i]) if i in found else None
-                for i in range(len(wanted))
+                None if entry is None else _loader(found[i], options, wanted[i], entry)
+                for i, entry in enumerate(entries)
             ]
-        if report is not None:
-            report["computed"] = computed
-            report["loaded"] = len(found) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = len(wanted) - len(found)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            # (shard, its stamp, the entry): what the flows' manifests record
-            report["files"] = [
-                (found[i].shard.path, found[i].shard.stamp, entry_of(found[i]))
-                if i in found
-                else None
-                for i in range(len(wanted))
-            ]
+            if report is not None:
+                shards = [found[i].shard if i in found else None for i in range(n)]
+                report.fill(
+                    TransformReport(
+                        computed=computed,
+                        loaded=len(found) - computed,
+                        recomputed=sum(bad.values()),
+                        failed=n - len(found),
+                        step=wanted[0].step if wanted else None,
+                        inputs=[i.inputs for i in wanted],
+                        # the shard, its stamp and the entry: what manifests record
+                        paths=[None if s is None else s.path for s in shards],
+                        stamps=[None if s is None else s.stamp for s in shards],
+                        entries=entries,
+                    )
+                )
         return loaders
 
     def judge_all(  # noqa: D102 - see Layout.judge_all
