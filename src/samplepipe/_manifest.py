@@ -44,6 +44,7 @@ from .storage import (
     TransformReport,
     check_key,
     filesystem,
+    format_funcs,
     get_layout,
     is_url,
     join_location,
@@ -54,7 +55,7 @@ from .storage import (
 )
 from .storage.layouts import gc_paused
 from .storage.shards import DATA, ShardLoader
-from .wrappers._checkpoint import failed_output, lazy_output
+from .wrappers import failed_output, lazy_output
 
 if TYPE_CHECKING:
     from .wrappers import CheckpointWrapper
@@ -348,7 +349,7 @@ class BatchManifest:
         of the step's layout) and, on an object store, they are unchanged.
         """
         keys = [getattr(s, "key", None) for s in inputs]
-        attribute = step._sample_attribute()
+        attribute = step.checkpointed_attribute()
         out = []
         with gc_paused():  # a few acyclic objects per sample
             for s, loader in zip(inputs, self.loaders(keys, step)):
@@ -376,7 +377,7 @@ class BatchManifest:
         paths = self.validate(keys, step)
         stored = is_url(self.root)
         options = step.storage_options if stored else None
-        _, load_func = step._funcs()
+        _, load_func = format_funcs(step.checkpoint_format())
         inputs_ = _split(self.inputs, n)
         checksums = _split(self.checksums, n)
         kinds = _split(self.kinds, n)

@@ -216,7 +216,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         return combine(
             str(FORMAT_VERSION),
             estimator_identity(self.estimator),
-            self._sample_attribute(),
+            self.checkpointed_attribute(),
             self._format_identity(),
             str(self._fitted_digest()),
         )
@@ -236,7 +236,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         A batch's lazy samples share their loader's function and their
         ``data_version``: each is hashed once (`functions_hashed_once`).
         """
-        attributes = self._read_attributes()
+        attributes = self.read_attributes()
         with functions_hashed_once():
             if attributes != ["data"]:
                 return [input_identity(s, attributes) for s in samples]
@@ -278,7 +278,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
             if isinstance(X, list | tuple) and len(X) == 0:
                 return []
             return self.estimator.transform(X)
-        self._validate_params()
+        self.check_parameters()
         if not self._checkpoints_features():
             return self.estimator.transform(X)
         flat, sets = _flatten(X)
@@ -306,8 +306,8 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         per batch for the cache key, after checking every key of the run);
         None computes them here and checks the keys.
         """
-        self._validate_params()
-        attribute = self._sample_attribute()
+        self.check_parameters()
+        attribute = self.checkpointed_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
         with gc_paused():
             if identities is None:
@@ -495,5 +495,5 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
                 f"features_dir={self.features_dir!r}."
             )
             raise ValueError(msg)
-        self._validate_params()
+        self.check_parameters()
         return self._layout().compact(self._context(), shard_size, shard_bytes)

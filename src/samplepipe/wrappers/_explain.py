@@ -346,8 +346,8 @@ class Explaining:
 
     if TYPE_CHECKING:
 
-        def _validate_params(self) -> None: ...
-        def _sample_attribute(self) -> str: ...
+        def check_parameters(self) -> None: ...
+        def checkpointed_attribute(self) -> str: ...
         def _layout(self) -> Layout: ...
         def _context(self, located: bool = True) -> LayoutContext: ...
         def _format_identity(self) -> str: ...
@@ -372,7 +372,7 @@ class Explaining:
             **ingredients(self.estimator),
             "fitted": str(self._fitted_digest()),
             "format": self._format_identity(),
-            "attribute": self._sample_attribute(),
+            "attribute": self.checkpointed_attribute(),
         }
 
     def _describe(self, step: str) -> None:
@@ -421,7 +421,7 @@ class Explaining:
         >>> step.explain(samples)[0].detail
         "parameter estimator__kw_args changed from None to {'out': None}"
         """
-        self._validate_params()
+        self.check_parameters()
         wanted = self.identities(samples)
         new = self.describe_step()
         differences: dict[str, tuple[str, str]] = {}
@@ -458,7 +458,7 @@ class Explaining:
         of a pipeline can be explained (`explain`) before anything runs.
         """
         wanted = self.identities(samples)
-        attribute = self._sample_attribute()
+        attribute = self.checkpointed_attribute()
         loaders = self._layout().planned(self._context(), wanted)
         return [lazy_output(s, attribute, lo) for s, lo in zip(samples, loaders)]
 
@@ -495,7 +495,7 @@ class Explaining:
         report : VerifyReport
             ``reused``, ``checked`` and ``mismatches`` (the keys).
         """
-        self._validate_params()
+        self.check_parameters()
         wanted = self.identities(samples)
         judged = self._judge_all(wanted)
         reused = [i for i, (state, _, _) in enumerate(judged) if state == Status.VALID]
@@ -503,7 +503,7 @@ class Explaining:
         report = VerifyReport(reused=len(reused), checked=len(chosen))
         if not chosen:
             return report
-        fresh = self._compute(samples, chosen, self._sample_attribute())
+        fresh = self._compute(samples, chosen, self.checkpointed_attribute())
         for i in chosen:
             loader = judged[i][2]
             assert loader is not None

@@ -48,8 +48,22 @@ def _no_step() -> str | None:
 
 
 def format_funcs(fmt: Format) -> tuple[Any, Any]:
-    """``(save, load)`` of a format with a sidecar record; (None, None) for
-    HDF5 (whose record is inside the file)."""
+    """``(save, load)`` of a format with a sidecar record; (None, None) for HDF5.
+
+    A loader (`CheckpointLoader`) takes the ``load`` function of a sidecar
+    format; HDF5 keeps its record inside the file and needs none.
+
+    Parameters
+    ----------
+    fmt : Format
+        E.g. `CheckpointWrapper.checkpoint_format()`.
+
+    Returns
+    -------
+    save, load : callable or None
+        ``save(value, path)`` and ``load(path)`` (a custom format's
+        ``save_func`` and ``load_func``), or None and None.
+    """
     if isinstance(fmt, CustomFormat):
         return fmt.save_func, fmt.load_func
     if fmt.sidecar:
