@@ -35,9 +35,7 @@ def _module_names(tree: ast.Module) -> set[str]:
         elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             for target in targets:
-                names.update(
-                    n.id for n in ast.walk(target) if isinstance(n, ast.Name)
-                )
+                names.update(n.id for n in ast.walk(target) if isinstance(n, ast.Name))
     return names
 
 
@@ -107,3 +105,26 @@ def test_the_scan_catches_each_kind_of_reach():
         "line 9: step._sample_attribute",
         "line 10: outputs._add",
     ]
+
+
+def test_fit_or_load_says_which_and_compares_upstream(tmp_path):
+    """What the flows' fit task relies on (it no longer fits by itself)."""
+    from samplepipe import CheckpointWrapper, SampleWrapper
+
+    from .conftest import make_samples
+
+    samples = make_samples(5)
+
+    def step():
+        from sklearn.preprocessing import StandardScaler
+
+        return CheckpointWrapper(
+            SampleWrapper(StandardScaler()),
+            features_dir=str(tmp_path / "features"),
+            model_path=str(tmp_path / "model.pkl"),
+        )
+
+    assert step().fit_or_load(samples, upstream="u1") is True
+    assert step().fit_or_load(samples, upstream="u1") is False  # loaded
+    assert step().fit_or_load(samples, upstream="u2") is True  # other upstream
+    assert step().fit(samples).fitted_digest_ is not None
