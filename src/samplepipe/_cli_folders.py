@@ -140,7 +140,7 @@ def status(
         if unknown is not None:
             cells[:4] = ["?"] * 4  # valid, stale, corrupt, foreign
             notes.append(
-                f"{name}: unknown ({unknown}): {counts['unknown']} file(s) not "
+                f"{name}: unknown ({unknown}): {counts[Status.UNKNOWN]} file(s) not "
                 "judged; clean keeps them."
             )
         if step.model_path is None:
