@@ -1018,7 +1018,7 @@ def check_metadata_the_step_reads_recomputes(tmp_path):
         "reads-only-the-input-attribute",
         "out-of-date checkpoint was reused",
         attributes=(
-            (CheckpointWrapper, "_read_attributes"),
+            (CheckpointWrapper, "read_attributes"),
             lambda self, fit=False: [self._sample_wrapper_option("input_attribute")],
         ),
     )

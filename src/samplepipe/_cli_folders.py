@@ -25,13 +25,22 @@ from ._cli_common import (
     err,
 )
 from .errors import CommandError
+from .storage import Status
 
 # A scan that met a file vanishing under it (a job writing into the folder)
 # starts again, at most this many times.
 SCAN_ATTEMPTS = 20
 # What status counts, in its columns; clean removes only REMOVABLE files.
-STATUSES = ("valid", "stale", "corrupt", "foreign", "unknown", "temporary", "writing")
-REMOVABLE = ("stale", "corrupt", "foreign", "temporary")
+STATUSES = (
+    Status.VALID,
+    Status.STALE,
+    Status.CORRUPT,
+    Status.FOREIGN,
+    Status.UNKNOWN,
+    Status.TEMPORARY,
+    Status.WRITING,
+)
+REMOVABLE = (Status.STALE, Status.CORRUPT, Status.FOREIGN, Status.TEMPORARY)
 
 
 def _scanned(name, step, scan):
@@ -42,7 +51,7 @@ def _scanned(name, step, scan):
     last = None
     for attempt in range(SCAN_ATTEMPTS):
         try:
-            return [f for f in scan() if f[1] != "missing"]
+            return [f for f in scan() if f[1] != Status.MISSING]
         except FileNotFoundError as exc:
             # A writer renamed or removed a file between listing and reading
             # it; the partial scan is dropped and the folder scanned again.
@@ -61,7 +70,7 @@ def _scanned(name, step, scan):
 def _not_judged(files):
     """``files`` of a step that cannot be judged: all ``unknown`` but temporaries."""
     return [
-        (path, s if s in ("temporary", "writing") else "unknown", size)
+        (path, s if s in (Status.TEMPORARY, Status.WRITING) else Status.UNKNOWN, size)
         for path, s, size in files
     ]
 
@@ -131,7 +140,7 @@ def status(
         if unknown is not None:
             cells[:4] = ["?"] * 4  # valid, stale, corrupt, foreign
             notes.append(
-                f"{name}: unknown ({unknown}): {counts['unknown']} file(s) not "
+                f"{name}: unknown ({unknown}): {counts[Status.UNKNOWN]} file(s) not "
                 "judged; clean keeps them."
             )
         if step.model_path is None:

@@ -24,6 +24,7 @@ import base64
 import hashlib
 import json
 import os
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,13 @@ from .storage import (
     CheckpointLoader,
     FilesLayout,
     Identity,
+    Record,
     ShardsLayout,
     Stamp,
+    TransformReport,
     check_key,
     filesystem,
+    format_funcs,
     get_layout,
     is_url,
     join_location,
@@ -51,7 +55,7 @@ from .storage import (
 )
 from .storage.layouts import gc_paused
 from .storage.shards import DATA, ShardLoader
-from .wrappers._checkpoint import failed_output, lazy_output
+from .wrappers import failed_output, lazy_output
 
 if TYPE_CHECKING:
     from .wrappers import CheckpointWrapper
@@ -139,7 +143,7 @@ class BatchManifest:
     @gc_paused()  # a few acyclic objects per sample
     def from_report(
         cls,
-        report: Mapping[str, Any],
+        report: TransformReport | Mapping[str, Any],
         keys: Sequence[str],
         *,
         step: str,
@@ -150,35 +154,53 @@ class BatchManifest:
         errors: list[Any],
         seconds: float,
     ) -> BatchManifest:
-        """The manifest of a `CheckpointWrapper.transform_samples` report."""
-        files = report["files"]
-        records = report.get("records") or [None] * len(files)
+        """The manifest of a `CheckpointWrapper.transform_samples` report.
+
+        ``report`` is a `samplepipe.storage.TransformReport`; a dict (the
+        report up to 0.5.0) is deprecated.
+        """
+        if not isinstance(report, TransformReport):
+            warnings.warn(
+                "BatchManifest.from_report of a dict is deprecated since samplepipe "
+                "0.6; give a samplepipe.storage.TransformReport (transform_samples("
+                "..., report=TransformReport()), or TransformReport.from_dict).",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            report = TransformReport.from_dict(report)
+        n = len(report)
+        nothing: list[None] = [None] * n
+        records = report.records or nothing
+        entries = report.entries or nothing
         names: dict[str, int] = {}
-        stamps: list[tuple[int, int, int, int]] = []
-        name_of = np.full(len(files), -1, dtype=np.int32)
-        rows = np.zeros((len(files), 2), dtype=np.int64) if layout == "shards" else None
+        stamps: list[Stamp] = []
+        name_of = np.full(n, -1, dtype=np.int32)
+        rows = np.zeros((n, 2), dtype=np.int64) if layout == "shards" else None
         checksums: list[str] = []
         kinds: list[str] = []
         inputs: list[str] = []
-        for i, (f, digest, record) in enumerate(zip(files, report["inputs"], records)):
-            if f is None:
+        for i, (path, st, digest, record, entry) in enumerate(
+            zip(report.paths, report.stamps, report.inputs, records, entries)
+        ):
+            if st is None or path is None or digest is None:  # the sample failed
                 checksums.append("")
                 kinds.append("")
                 inputs.append("")
                 continue
             inputs.append(digest)
-            name = relative_location(f[0], root)
+            name = relative_location(path, root)
             at = names.get(name)
             if at is None:
                 at = names[name] = len(stamps)
-                stamps.append(tuple(f[1]))
+                stamps.append(st)
             name_of[i] = at
-            if len(f) > 2:  # a shard's entry
-                group, row, checksum, kind = f[2]
+            if entry is not None:  # a shard's entry
                 assert rows is not None
-                rows[i] = (group, row)
+                rows[i] = (entry.group, entry.row)
+                checksum, kind = entry.checksum, entry.kind
             elif record is not None:
-                _, checksum, kind = Identity.parse(record)
+                fields = Record.parse(record)
+                checksum, kind = fields.checksum, fields.kind
             else:  # custom load_func: the loader reads the record
                 checksum = kind = ""
             checksums.append(checksum)
@@ -187,7 +209,7 @@ class BatchManifest:
             step=step,
             start=start,
             root=root,
-            identity=report["step"],
+            identity=report.step,
             layout=layout,
             keys=_joined(keys),
             inputs=_joined(inputs),
@@ -197,9 +219,9 @@ class BatchManifest:
             rows=rows,
             checksums=_joined(checksums),
             kinds=_joined(kinds),
-            computed=int(report["computed"]),
-            loaded=int(report["loaded"]),
-            failed=int(report["failed"]),
+            computed=report.computed,
+            loaded=report.loaded,
+            failed=report.failed,
             errors=errors,
             seconds=seconds,
             attribute=attribute,
@@ -327,7 +349,7 @@ class BatchManifest:
         of the step's layout) and, on an object store, they are unchanged.
         """
         keys = [getattr(s, "key", None) for s in inputs]
-        attribute = step._sample_attribute()
+        attribute = step.checkpointed_attribute()
         out = []
         with gc_paused():  # a few acyclic objects per sample
             for s, loader in zip(inputs, self.loaders(keys, step)):
@@ -355,7 +377,7 @@ class BatchManifest:
         paths = self.validate(keys, step)
         stored = is_url(self.root)
         options = step.storage_options if stored else None
-        _, load_func = step._funcs()
+        _, load_func = format_funcs(step.checkpoint_format())
         inputs_ = _split(self.inputs, n)
         checksums = _split(self.checksums, n)
         kinds = _split(self.kinds, n)

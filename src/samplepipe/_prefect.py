@@ -8,7 +8,8 @@ Each piece works around a cost or a limit measured on the project's machine:
   (`_in_process_heartbeats`: up to 1 s per run), and passes its samples in and
   out inside `quote` for a top-level call (Prefect walks every sample looking
   for futures otherwise: 3.6-8.5 ms per 1,000 samples per walk).
-* `unvisited`: a task's sample parameters quoted under the thread runner.
+* `unvisited`: a task's sample parameters quoted under the thread runner;
+  `unquoted` takes the quote off where a runner (Dask) leaves it on.
 
 Nothing here is needed for correctness: each is a cost avoided. A Prefect
 upgrade that changes what they rely on shows in tests/test_flows_overhead.py.
@@ -26,12 +27,22 @@ from prefect.context import FlowRunContext
 from prefect.locking.protocol import LockManager
 from prefect.results import should_persist_result
 from prefect.task_runners import ThreadPoolTaskRunner
-from prefect.utilities.annotations import quote
+from prefect.utilities.annotations import BaseAnnotation, quote
 
 from .locks import CrashSafeFileLocks, RedisLocks
 from .wrappers import Sample, SampleSet
 
 __all__ = ["SampleFlow", "returned", "sample_flow", "summarize_parameter", "unvisited"]
+
+
+def unquoted(value: Any) -> Any:
+    """``value`` without Prefect's ``quote``/``opaque`` wrapper.
+
+    The flows quote samples and identities so that Prefect does not visit each
+    of them; the thread runner unwraps them before the cache key and the task
+    see them, the Dask runner does not.
+    """
+    return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
 def unvisited(value: Any) -> Any:

@@ -257,7 +257,7 @@ def run_steps(
             if k + 1 < n_steps:
                 submit(batch, k + 1)
             else:
-                outputs._add(batch.start, batch.stop, batch.upstream)
+                outputs.add_batch(batch.start, batch.stop, batch.upstream)
                 open_batches.remove(batch)
     for k, planned in enumerate(steps):
         run.rows.append(stats[k].row(planned.name, planned.method))

@@ -46,9 +46,9 @@ from .wrappers import (
     SampleWrapper,
     ToDaskBag,
     UseMethod,
+    available_methods,
     estimator_requires_fit,
 )
-from .wrappers._method import available_methods
 
 
 # ---------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def prepare_steps(
             est.storage_options = storage_options
         if layout is not None and not wrapped:
             est.layout = layout
-        est._validate_params()
+        est.check_parameters()
         try:
             layout_kind(est)  # a layout the manifests can record
         except ValueError as exc:

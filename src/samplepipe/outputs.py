@@ -51,8 +51,13 @@ class PipelineOutputs(Sequence[Any]):
         self._parts: list[list[tuple[Any, Any]]] = []
         self._built: tuple[int, list[Any]] | None = None
 
-    def _add(self, start: int, stop: int, upstream: Sequence[tuple[Any, Any]]) -> None:
+    def add_batch(
+        self, start: int, stop: int, upstream: Sequence[tuple[Any, Any]]
+    ) -> None:
         """Record a finished batch: the manifests its outputs are built from.
+
+        ``upstream`` is the batch's ``[(step, manifest), ...]`` in step order;
+        the flows call it as each batch of ``[start:stop]`` finishes.
 
         Only the last manifest of each checkpointed attribute matters (each
         replaces its attribute); the others are dropped.

@@ -30,17 +30,18 @@ from prefect.context import TaskRunContext
 from prefect.locking.protocol import LockManager
 from prefect.serializers import Serializer
 from prefect.transactions import IsolationLevel
-from prefect.utilities.annotations import BaseAnnotation
 
 from ._manifest import MANIFEST_FORMAT as MANIFEST_FORMAT
 from ._manifest import BatchManifest as BatchManifest
 from ._manifest import layout_kind, layout_token
+from ._prefect import unquoted as unquoted
 from .errors import SampleFailures as SampleFailures
 from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
 from .storage import (
     FORMAT_VERSION,
     Stamp,
+    TransformReport,
     combine,
     estimator_identity,
     filesystem,
@@ -50,8 +51,7 @@ from .storage import (
     normalize_location,
     stamp_of,
 )
-from .wrappers import CheckpointWrapper
-from .wrappers._checkpoint import attribute_identity
+from .wrappers import CheckpointWrapper, attribute_identity
 
 # Lock files shared by every process of this machine and user.
 LOCK_DIR = default_lock_dir()  # file locks shared by this machine's processes
@@ -233,16 +233,6 @@ def _set_at_start(names: tuple[str, ...]) -> bool:
     return any(item.startswith(prefixes) for item in start)
 
 
-def unquoted(value: Any) -> Any:
-    """``value`` without Prefect's ``quote``/``opaque`` wrapper.
-
-    The flows quote samples and identities so that Prefect does not visit each
-    of them; the thread runner unwraps them before the cache key and the task
-    see them, the Dask runner does not.
-    """
-    return value.unwrap() if isinstance(value, BaseAnnotation) else value
-
-
 def check_manifest(
     manifest: BatchManifest | dict[str, Any],
     storage_options: Mapping[str, Any] | None = None,
@@ -301,7 +291,7 @@ def batch_identity(
     each sample's `attribute_identity`. With no upstream manifest involved,
     the per-sample identities are returned too (the transform uses them).
     """
-    attributes = step._read_attributes()
+    attributes = step.read_attributes()
     last: dict[str, BatchManifest] = {}
     for _, manifest in upstream:
         last[manifest.attribute] = manifest
@@ -472,7 +462,7 @@ def transform_batch(
         start=start,
         root=normalize_location(step.features_dir),
         layout=layout_kind(step),
-        attribute=step._sample_attribute(),
+        attribute=step.checkpointed_attribute(),
         errors=errors,
         seconds=time.perf_counter() - t0,
     )
@@ -482,9 +472,9 @@ def transform_batch(
         name,
         start,
         stop,
-        report["computed"],
-        report["loaded"],
-        report["failed"],
+        report.computed,
+        report.loaded,
+        report.failed,
     )
     for key, error in errors:
         logger.error("%s[%d:%d]: sample %r failed: %s", name, start, stop, key, error)
@@ -500,9 +490,13 @@ def transform_batch(
     return manifest
 
 
-def _transform_isolating(step, samples, identities=None):
+def _transform_isolating(
+    step: CheckpointWrapper,
+    samples: Sequence[Any],
+    identities: tuple[str, list[str]] | None = None,
+) -> tuple[TransformReport, list[list[str]]]:
     """``(report, errors)`` of a batch, bisecting it around failing samples."""
-    report: dict[str, Any] = {}
+    report = TransformReport()
     try:
         step.transform_samples(samples, report=report, identities=identities)
         return report, []
@@ -511,16 +505,9 @@ def _transform_isolating(step, samples, identities=None):
     except Exception as exc:  # noqa: BLE001 - isolated below, reported per key
         if len(samples) == 1:
             key = getattr(samples[0], "key", "?")
-            report = {
-                "computed": 0,
-                "loaded": 0,
-                "failed": 1,
-                "step": None,
-                "inputs": [None],
-                "files": [None],
-                "records": [None],
-            }
-            return report, [[key, f"{type(exc).__name__}: {exc}"]]
+            return TransformReport.failed_sample(), [
+                [key, f"{type(exc).__name__}: {exc}"]
+            ]
     half = len(samples) // 2
     left_ids = right_ids = None
     if identities is not None:
@@ -528,17 +515,8 @@ def _transform_isolating(step, samples, identities=None):
         right_ids = (identities[0], identities[1][half:])
     left, left_errors = _transform_isolating(step, samples[:half], left_ids)
     right, right_errors = _transform_isolating(step, samples[half:], right_ids)
-    merged = {
-        "computed": left["computed"] + right["computed"],
-        "loaded": left["loaded"] + right["loaded"],
-        "failed": left["failed"] + right["failed"],
-        "step": left["step"] or right["step"],
-        "inputs": left["inputs"] + right["inputs"],
-        "files": left["files"] + right["files"],
-        "records": (left.get("records") or [None] * len(left["files"]))
-        + (right.get("records") or [None] * len(right["files"])),
-    }
-    return merged, left_errors + right_errors
+    left.extend(right)
+    return left, left_errors + right_errors
 
 
 def fit_model(
@@ -559,13 +537,7 @@ def fit_model(
     if model_path is None:
         msg = f"step {name!r} has no model_path: it has nowhere to save its model."
         raise ValueError(msg)
-    data = step.training_digest(samples)
-    if step.force or not step.load_model(data=data, upstream=upstream):
-        step.estimator.fit(samples)
-        step.save_model(data=data, upstream=upstream)
-        fitted = True
-    else:
-        fitted = False
+    fitted = step.fit_or_load(samples, upstream=upstream)
     st = stamp_of(model_path, step.storage_options)
     if st is None:  # pragma: no cover - removed by someone else right away
         msg = f"step {name!r}: the model at {model_path!r} vanished once saved."

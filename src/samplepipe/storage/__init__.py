@@ -20,6 +20,10 @@ modules behind it hold one concern each:
     the default file format (`save_hdf5`, `load_hdf5`).
 ``npy``
     the ``"npy"`` format: NumPy ``.npy`` files (`NpyFormat`).
+``status``
+    what was found at a checkpoint (`Status`: ``"valid"``, ``"stale"``, ...).
+``report``
+    what a batch's transform did (`TransformReport`, `ShardEntry`).
 ``checkpoints``
     per-sample checkpoint files: status, atomic writing, `CheckpointLoader`.
 ``models``
@@ -75,6 +79,7 @@ from .hdf5 import load_hdf5, save_hdf5
 from .identity import (
     FORMAT_VERSION,
     Identity,
+    Record,
     code_identity,
     combine,
     estimator_identity,
@@ -95,12 +100,15 @@ from .layouts import (
     Layout,
     LayoutContext,
     ShardsLayout,
+    format_funcs,
     get_layout,
     register_layout,
     registered_layouts,
 )
 from .models import ModelWarning, load_model, read_model_header, save_model
 from .npy import NpyFormat
+from .report import ShardEntry, TransformReport
+from .status import Status
 
 __all__ = [
     "FORMAT_VERSION",
@@ -118,8 +126,12 @@ __all__ = [
     "MissingStoreError",
     "ModelWarning",
     "NpyFormat",
+    "Record",
+    "ShardEntry",
     "ShardsLayout",
     "Stamp",
+    "Status",
+    "TransformReport",
     "UnknownFileError",
     "check_key",
     "check_location",
@@ -130,6 +142,7 @@ __all__ = [
     "estimator_identity",
     "filesystem",
     "fitted_digest",
+    "format_funcs",
     "get_layout",
     "hash_string",
     "is_local",

@@ -38,9 +38,10 @@ from ..errors import UnknownFileError as UnknownFileError
 from . import hdf5
 from .files import VALIDATED, Stamp, atomic_write, stamp, write_bytes
 from .fs import ChangedWhileReading, FileSystem, filesystem
-from .identity import Identity
+from .identity import Identity, Record
 from .journal import JOURNAL
 from .keys import is_url
+from .status import Status
 
 CUSTOM_KIND = "custom"
 _CHUNK = 1 << 20
@@ -62,16 +63,16 @@ def _file_checksum(path: str) -> str:
     return h.hexdigest()
 
 
-def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
+def read_record(path: str, custom: bool = False) -> tuple[Status, str | None]:
     """``(status, record)`` of the file at ``path``, checksum verified.
 
     ``status`` is ``"ok"`` (a verified samplepipe record), ``"missing"``,
     ``"corrupt"`` or ``"unknown"`` (readable, but samplepipe did not write it).
     """
     if not os.path.lexists(path):
-        return "missing", None
+        return Status.MISSING, None
     if os.path.islink(path) or not os.path.isfile(path):
-        return "unknown", None
+        return Status.UNKNOWN, None
     if custom:
         try:
             with open(sidecar(path), encoding="utf-8") as f:
@@ -79,56 +80,60 @@ def read_record(path: str, custom: bool = False) -> tuple[str, str | None]:
         except FileNotFoundError:
             # the step's default-format checkpoint, before a save_func was set?
             result, record = read_record(path)
-            return (result, record) if result == "ok" else ("unknown", None)
+            return (result, record) if result == Status.OK else (Status.UNKNOWN, None)
         except (OSError, ValueError):
-            return "corrupt", None
+            return Status.CORRUPT, None
         if not isinstance(meta, dict):
-            return "corrupt", None
+            return Status.CORRUPT, None
         try:
             if meta.get("checksum") != _file_checksum(path):
-                return "corrupt", None
+                return Status.CORRUPT, None
         except FileNotFoundError:
-            return "missing", None
+            return Status.MISSING, None
         except OSError:
-            return "corrupt", None
+            return Status.CORRUPT, None
         record = meta.get("record")
-        return ("ok", record) if isinstance(record, str) else ("corrupt", None)
+        return (
+            (Status.OK, record) if isinstance(record, str) else (Status.CORRUPT, None)
+        )
     try:
         record, payload = hdf5.read(path)
     except FileNotFoundError:
-        return "missing", None
+        return Status.MISSING, None
     except (OSError, KeyError, ValueError, TypeError):
         if _is_readable_hdf5(path):
-            return "unknown", None
-        return "corrupt", None
+            return Status.UNKNOWN, None
+        return Status.CORRUPT, None
     return _verified(record, payload)
 
 
-def _verified(record: str | None, payload: Any) -> tuple[str, str | None]:
+def _verified(record: str | None, payload: Any) -> tuple[Status, str | None]:
     """``(status, record)`` of a default-format file's record and payload."""
     if record is None:
-        return "unknown", None
+        return Status.UNKNOWN, None
     try:
         _, expected, kind = Identity.parse(record)
     except ValueError:
-        return "unknown", None
+        return Status.UNKNOWN, None
     if hdf5.checksum(payload, kind) != expected:
-        return "corrupt", None
-    return "ok", record
+        return Status.CORRUPT, None
+    return Status.OK, record
 
 
-def record_of_bytes(blob: bytes) -> tuple[str, str | None]:
+def record_of_bytes(blob: bytes) -> tuple[Status, str | None]:
     """`read_record` for the bytes of a default-format checkpoint."""
     try:
         record, payload = hdf5.read_image(blob)
     except (OSError, KeyError, ValueError, TypeError):
-        return ("unknown" if hdf5.is_readable_image(blob) else "corrupt"), None
+        return (
+            Status.UNKNOWN if hdf5.is_readable_image(blob) else Status.CORRUPT
+        ), None
     return _verified(record, payload)
 
 
 def _custom_record_of_bytes(
     blob: bytes, meta_blob: bytes | None
-) -> tuple[str, str | None]:
+) -> tuple[Status, str | None]:
     """``(status, record)`` of a custom-format file and its sidecar's bytes.
 
     Without a sidecar, a default-format checkpoint (the step's format before
@@ -136,17 +141,17 @@ def _custom_record_of_bytes(
     """
     if meta_blob is None:
         result, record = record_of_bytes(blob)
-        return (result, record) if result == "ok" else ("unknown", None)
+        return (result, record) if result == Status.OK else (Status.UNKNOWN, None)
     try:
         meta = json.loads(meta_blob)
     except ValueError:
-        return "corrupt", None
+        return Status.CORRUPT, None
     if not isinstance(meta, dict):
-        return "corrupt", None
+        return Status.CORRUPT, None
     if meta.get("checksum") != hashlib.sha256(blob).hexdigest():
-        return "corrupt", None
+        return Status.CORRUPT, None
     record = meta.get("record")
-    return ("ok", record) if isinstance(record, str) else ("corrupt", None)
+    return (Status.OK, record) if isinstance(record, str) else (Status.CORRUPT, None)
 
 
 def _read_optional(fs: FileSystem, path: str) -> bytes | None:
@@ -158,7 +163,7 @@ def _read_optional(fs: FileSystem, path: str) -> bytes | None:
 
 def read_stored_record(
     path: str, custom: bool, fs: FileSystem, known: Stamp | None = None
-) -> tuple[str, str | None, Stamp | None, bytes | None]:
+) -> tuple[Status, str | None, Stamp | None, bytes | None]:
     """``(status, record, stamp, content)`` of a checkpoint on any filesystem.
 
     The object is read once (with its stamp; ``known`` is one a listing
@@ -169,9 +174,9 @@ def read_stored_record(
     try:
         stamped = fs.read_stamped(path, known)
     except ChangedWhileReading:
-        return "changed", None, None, None
+        return Status.CHANGED, None, None, None
     if stamped is None:
-        return "missing", None, None, None
+        return Status.MISSING, None, None, None
     blob, st = stamped
     if custom:
         result, record = _custom_record_of_bytes(
@@ -201,7 +206,7 @@ def check(
     fs: FileSystem | None = None,
     known: Stamp | None = None,
     any_record: bool = False,
-) -> tuple[str, Stamp | None, str | None]:
+) -> tuple[Status, Stamp | None, str | None]:
     """``(status, stamp, record)`` of the checkpoint at ``path`` for ``wanted``.
 
     ``record`` is the verified record of the file (None unless it has one).
@@ -225,8 +230,8 @@ def check(
     st = stamp(path)
     if st is None:
         if os.path.lexists(path):
-            return "unknown", None, None
-        return "missing", None, None
+            return Status.UNKNOWN, None, None
+        return Status.MISSING, None, None
     cached = VALIDATED.get(_cache_key(path, custom))
     if cached is not None and cached[0] == st:
         found_record = cached[1]
@@ -235,38 +240,38 @@ def check(
             journaled = JOURNAL.lookup(path, st)
             if journaled is not None:
                 verdict = judge(journaled, wanted, any_inputs)
-                if verdict == "valid":
+                if verdict == Status.VALID:
                     remember(path, custom, st, journaled)
-                    return "valid", st, journaled
+                    return Status.VALID, st, journaled
                 if any_record:
                     return verdict, st, journaled
         result, record = read_record(path, custom)
-        if result != "ok" or record is None:
+        if result != Status.OK or record is None:
             return result, st, None
         found_record = record
         if stamp(path) != st:  # replaced while we read it: judge again later
-            return "corrupt", st, None
+            return Status.CORRUPT, st, None
         remember(path, custom, st, found_record)
         if not custom:
             JOURNAL.add([(path, st, found_record)])
     return judge(found_record, wanted, any_inputs), st, found_record
 
 
-def judge(record: str, wanted: Identity, any_inputs: bool = False) -> str:
+def judge(record: str, wanted: Identity, any_inputs: bool = False) -> Status:
     """Status of a checkpoint holding verified ``record`` for identity ``wanted``."""
     try:
         found, _, _ = Identity.parse(record)
     except ValueError:
-        return "unknown"
+        return Status.UNKNOWN
     if not found.step:
-        return "unknown"
+        return Status.UNKNOWN
     if found.key != wanted.key:
-        return "foreign"
+        return Status.FOREIGN
     if found.format != wanted.format or found.step != wanted.step:
-        return "stale"
+        return Status.STALE
     if not any_inputs and found.inputs != wanted.inputs:
-        return "stale"
-    return "valid"
+        return Status.STALE
+    return Status.VALID
 
 
 def _stored_status(
@@ -276,7 +281,7 @@ def _stored_status(
     any_inputs: bool,
     fs: FileSystem,
     known: Stamp | None = None,
-) -> tuple[str, Stamp | None, str | None]:
+) -> tuple[Status, Stamp | None, str | None]:
     """`check` on a filesystem that is not local (an object store).
 
     A file validated before costs one stamp (a HEAD, none with ``known``);
@@ -288,13 +293,13 @@ def _stored_status(
         st = known or fs.stamp(path)
         if st is None:
             forget(path, custom, fs)
-            return "missing", None, None
+            return Status.MISSING, None, None
         if cached[0] == st:
             return judge(cached[1], wanted, any_inputs), st, cached[1]
     result, record, st, _ = read_stored_record(path, custom, fs, known)
-    if result == "changed":
-        return "corrupt", fs.stamp(path), None  # replaced while we read it
-    if result != "ok" or record is None:
+    if result == Status.CHANGED:
+        return Status.CORRUPT, fs.stamp(path), None  # replaced while we read it
+    if result != Status.OK or record is None:
         return result, st, None
     assert st is not None
     remember(path, custom, st, record, fs)
@@ -472,7 +477,7 @@ class CheckpointLoader:
         if st != self.stamp:
             at = None
             found, st, record = check(self.path, self.identity, custom)
-            if found != "valid":
+            if found != Status.VALID:
                 raise CorruptCheckpointError(self._changed(found))
         if custom:
             assert self.load_func is not None
@@ -490,7 +495,7 @@ class CheckpointLoader:
             forget(self.path, custom)
             if st is not None:
                 JOURNAL.revoke(self.path, st)
-            raise CorruptCheckpointError(self._changed("corrupt")) from exc
+            raise CorruptCheckpointError(self._changed(Status.CORRUPT)) from exc
 
     def _load_and_judge(self) -> Any:
         """Read the record and payload in one open; verify both, then decode."""
@@ -498,18 +503,18 @@ class CheckpointLoader:
         found, record = _verified(record, payload)
         self._raise_unless_mine(found, record)
         assert record is not None
-        return hdf5.decode(payload, record.split(":", 5)[4])
+        return hdf5.decode(payload, Record.parse(record).kind)
 
-    def _raise_unless_mine(self, found: str, record: str | None) -> None:
+    def _raise_unless_mine(self, found: Status, record: str | None) -> None:
         """`CorruptCheckpointError` unless a verified ``record`` (``found`` is
         ``"ok"``) is that of the loader's identity."""
-        if found == "ok":
+        if found == Status.OK:
             assert record is not None
             found = judge(record, self.identity)
-        if found != "valid":
+        if found != Status.VALID:
             raise CorruptCheckpointError(self._changed(found))
 
-    def _changed(self, found: str) -> str:
+    def _changed(self, found: Status) -> str:
         return (
             f"Checkpoint {self.path!r} changed since it was written and is "
             f"now {found}; transform the samples again to recompute it."
@@ -520,7 +525,7 @@ class CheckpointLoader:
         fs = filesystem(self.path, self.storage_options)
         blob = _read_optional(fs, self.path)
         if blob is None:
-            found = "missing"
+            found = Status.MISSING
         elif custom:
             found, record = _custom_record_of_bytes(
                 blob, _read_optional(fs, sidecar(self.path))

@@ -56,7 +56,8 @@ from . import hdf5
 from ._registry import register
 from .files import Stamp, write_bytes
 from .fs import FileSystem
-from .identity import FORMAT_VERSION, Identity, code_identity
+from .identity import FORMAT_VERSION, Identity, Record, code_identity
+from .status import Status
 
 __all__ = [
     "CustomFormat",
@@ -135,7 +136,7 @@ class Format:
         self.check_value(value)
         return ckpt.write_custom_stored(path, value, identity, self.save, fs, self.name)
 
-    def read_record(self, path: str) -> tuple[str, str | None]:
+    def read_record(self, path: str) -> tuple[Status, str | None]:
         """``(status, record)`` of the file at ``path``, checksum verified.
 
         ``status`` is ``"ok"``, ``"missing"``, ``"corrupt"`` or ``"unknown"``
@@ -150,7 +151,7 @@ class Format:
         samplepipe checkpoint.
         """
         found, _ = self.read_record(path)
-        if found != "ok":
+        if found != Status.OK:
             msg = f"{path!r} is not a valid {self.name} checkpoint: it is {found}."
             raise ckpt.CorruptCheckpointError(msg)
         return self.load(path)
@@ -203,10 +204,10 @@ class HDF5Format(Format):
     def read(self, path: str) -> Any:  # noqa: D102
         record, payload = hdf5.read(path)
         found, record = ckpt._verified(record, payload)
-        if found != "ok" or record is None:
+        if found != Status.OK or record is None:
             msg = f"{path!r} is not a valid hdf5 checkpoint: it is {found}."
             raise ckpt.CorruptCheckpointError(msg)
-        return hdf5.decode(payload, Identity.parse(record)[2])
+        return hdf5.decode(payload, Record.parse(record).kind)
 
 
 class CustomFormat(Format):

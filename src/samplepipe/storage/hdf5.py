@@ -21,6 +21,7 @@ from h5py import h5a, h5d, h5f, h5p, h5s, h5t
 
 from ..errors import ChecksumError as ChecksumError
 from ..errors import UnsupportedValueError as UnsupportedValueError
+from .identity import Record
 
 ATTRIBUTE = "samplepipe"
 DATASET = "array"
@@ -458,11 +459,8 @@ def _payload(f: h5py.File) -> tuple[Any, str]:
 
 
 def _kind(record: str | None) -> str:
-    if record is not None:
-        parts = record.split(":", 5)
-        if len(parts) == 6:
-            return parts[4]
-    return "a"
+    fields = None if record is None else Record.fields(record)
+    return "a" if fields is None else fields.kind
 
 
 def read_payload(
@@ -518,11 +516,8 @@ def load_verified(
     `read_payload`). Raises `ChecksumError` when the payload is not the one
     of ``record``, and `OSError` or `KeyError` when the file is not readable.
     """
-    parts = record.split(":", 5)
-    if len(parts) != 6:
-        msg = f"not a samplepipe checkpoint record: {record[:80]!r}"
-        raise ValueError(msg)
-    expected, kind = parts[3], parts[4]
+    fields = Record.parse(record)  # ValueError when it is not a record
+    expected, kind = fields.checksum, fields.kind
     payload = read_payload(path, at)
     if checksum(payload, kind) != expected:
         msg = f"the payload of {os.fspath(path)!r} fails its checksum"
@@ -548,8 +543,9 @@ def save_hdf5(
     'a\\x00b'
     """
     payload, kind = encode(data)
-    record = metadata if metadata is not None else f"::::{kind}:"
-    blob = image(payload, record)
+    if metadata is None:  # a record of the payload's kind alone
+        metadata = Record("", "", "", "", kind, "").text()
+    blob = image(payload, metadata)
     with open(path, "wb") as f:
         f.write(blob)
 

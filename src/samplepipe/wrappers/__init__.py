@@ -12,7 +12,8 @@ from ._checkpoint import (
 )
 from ._dask import DaskWrapper, ToDaskBag, dask_tags
 from ._explain import REASONS, Explanation, VerifyReport
-from ._method import UseMethod
+from ._inputs import attribute_identity
+from ._method import PREDICTION_METHODS, UseMethod, available_methods
 from ._sample import (
     DelayedSample,
     DelayedSampleSet,
@@ -20,6 +21,8 @@ from ._sample import (
     Sample,
     SampleBatch,
     SampleSet,
+    failed_output,
+    lazy_output,
 )
 from ._sample_wrapper import SampleWrapper
 from ._utils import (
@@ -39,6 +42,7 @@ __all__ = [
     "DelayedSampleSet",
     "DelayedSampleSetCached",
     "Explanation",
+    "PREDICTION_METHODS",
     "REASONS",
     "Sample",
     "SampleBatch",
@@ -47,15 +51,19 @@ __all__ = [
     "ToDaskBag",
     "UseMethod",
     "VerifyReport",
+    "attribute_identity",
+    "available_methods",
     "check_key",
     "dask_tags",
     "estimator_options",
     "estimator_requires_fit",
+    "failed_output",
     "flatten_samplesets",
     "getattr_nested",
     "hash_string",
     "is_instance_nested",
     "is_pipeline_wrapped",
+    "lazy_output",
     "load_hdf5",
     "save_hdf5",
     "wrap",

@@ -23,7 +23,9 @@ from ..storage.identity import (
 from ..storage.keys import check_key, hash_string, sample_keys
 from ..storage.layouts import Layout, gc_paused
 from ..storage.models import update_estimator
+from ..storage.report import TransformReport
 from ..storage.shards import DEFAULT_SHARD_BYTES
+from ..storage.status import Status
 from ._explain import Explaining
 from ._inputs import DATA_VERSION_ATTRIBUTE as DATA_VERSION_ATTRIBUTE
 from ._inputs import _is_failed, attribute_identity, input_identity
@@ -214,7 +216,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         return combine(
             str(FORMAT_VERSION),
             estimator_identity(self.estimator),
-            self._sample_attribute(),
+            self.checkpointed_attribute(),
             self._format_identity(),
             str(self._fitted_digest()),
         )
@@ -234,7 +236,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         A batch's lazy samples share their loader's function and their
         ``data_version``: each is hashed once (`functions_hashed_once`).
         """
-        attributes = self._read_attributes()
+        attributes = self.read_attributes()
         with functions_hashed_once():
             if attributes != ["data"]:
                 return [input_identity(s, attributes) for s in samples]
@@ -276,7 +278,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
             if isinstance(X, list | tuple) and len(X) == 0:
                 return []
             return self.estimator.transform(X)
-        self._validate_params()
+        self.check_parameters()
         if not self._checkpoints_features():
             return self.estimator.transform(X)
         flat, sets = _flatten(X)
@@ -286,24 +288,26 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
     def transform_samples(
         self,
         samples: Sequence[Sample],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | dict[str, Any] | None = None,
         identities: tuple[str, list[str]] | None = None,
     ) -> list[Sample]:
         """`transform` for a flat list of samples; fills ``report`` if given.
 
-        ``report`` (a dict) receives ``computed``, ``loaded``, ``recomputed``,
-        ``failed`` (samples whose output is None), ``step`` (the step identity),
-        ``inputs`` (each sample's input identity), ``files`` (each sample's
-        path and `Stamp`, None for failed samples) and, in the file layout,
-        ``records`` (each file's verified record, None when unknown).
+        ``report`` (a `samplepipe.storage.TransformReport`) receives what the
+        call did: how many samples were ``computed``, ``loaded``,
+        ``recomputed`` and ``failed`` (their output is None), the ``step``
+        identity, and per sample its input identity, checkpoint file and
+        `Stamp` (None for failed samples), and its record (file layout) or
+        shard entry. A dict receives the same as keys
+        (`TransformReport.as_dict`), as up to 0.5.0.
 
         ``identities`` is ``(step_identity, [input identity of each sample])``
         when the caller has computed them already (the flows compute them once
         per batch for the cache key, after checking every key of the run);
         None computes them here and checks the keys.
         """
-        self._validate_params()
-        attribute = self._sample_attribute()
+        self.check_parameters()
+        attribute = self.checkpointed_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
         with gc_paused():
             if identities is None:
@@ -317,13 +321,18 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
             live = [
                 i for i, s in enumerate(samples) if not _is_failed(s, input_attribute)
             ]
+        filled = report if isinstance(report, TransformReport) else None
+        if filled is None and report is not None:
+            filled = TransformReport()
         loaders = self._layout().transform(
             self._context(),
             wanted,
             live,
             lambda todo: self._compute(samples, todo, attribute),
-            report,
+            filled,
         )
+        if isinstance(report, dict) and filled is not None:
+            report.update(filled.as_dict())
         with gc_paused():
             return [
                 failed_output(s, attribute)
@@ -404,7 +413,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         return self.estimator.score(X, y, **kwargs)
 
     # -- housekeeping ------------------------------------------------------
-    def iter_checkpoints(self) -> Iterator[tuple[str, str, int]]:
+    def iter_checkpoints(self) -> Iterator[tuple[str, Status, int]]:
         """Yield ``(path, status, size)`` for every file under ``features_dir``.
 
         ``status`` is ``valid`` (made by this step, for any input: files of
@@ -423,23 +432,28 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         for path, state, size, _ in self._walk():
             yield path, state, size
 
-    def _walk(self) -> Iterator[tuple[str, str, int, Any]]:
+    def _walk(self) -> Iterator[tuple[str, Status, int, Any]]:
         if self.features_dir is None:
             return
         yield from self._layout().walk(self._context())
 
     def remove_checkpoints(
         self,
-        statuses: Sequence[str] = ("stale", "corrupt", "foreign", "temporary"),
+        statuses: Sequence[str] = (
+            Status.STALE,
+            Status.CORRUPT,
+            Status.FOREIGN,
+            Status.TEMPORARY,
+        ),
         dry_run: bool = False,
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Remove files of the given statuses; return ``[(path, status, size)]``.
 
         ``valid``, ``unknown`` and ``writing`` files are never removed. Each file
         is judged again right before it is removed, and kept unless it is
         unchanged and judged the same (a running job may have recomputed it).
         """
-        never = {"valid", "unknown", "writing"} & set(statuses)
+        never = {Status.VALID, Status.UNKNOWN, Status.WRITING} & set(statuses)
         if never:
             msg = f"remove_checkpoints never removes {sorted(never)} files."
             raise ValueError(msg)
@@ -481,5 +495,5 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
                 f"features_dir={self.features_dir!r}."
             )
             raise ValueError(msg)
-        self._validate_params()
+        self.check_parameters()
         return self._layout().compact(self._context(), shard_size, shard_bytes)

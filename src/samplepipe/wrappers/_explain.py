@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..storage import Identity
+from ..storage import Identity, Status
 from ..storage.identity import FORMAT_VERSION, ingredients
 from ._sample import lazy_output
 
@@ -249,10 +249,10 @@ def input_difference(old: str, new: str) -> str:
 
 
 FILE_STATES = {
-    "missing": ("missing", "no checkpoint yet"),
-    "corrupt": ("damaged", "the file is unreadable or fails its checksum"),
-    "foreign": ("damaged", "the file holds another sample's key"),
-    "unknown": (
+    Status.MISSING: ("missing", "no checkpoint yet"),
+    Status.CORRUPT: ("damaged", "the file is unreadable or fails its checksum"),
+    Status.FOREIGN: ("damaged", "the file holds another sample's key"),
+    Status.UNKNOWN: (
         "damaged",
         "the file was not written by samplepipe: transform will not overwrite it",
     ),
@@ -261,7 +261,7 @@ FILE_STATES = {
 
 def explain_one(
     key: str,
-    state: str,
+    state: Status,
     record: str | None,
     wanted: Identity,
     difference: Any,
@@ -271,7 +271,7 @@ def explain_one(
     ``difference(step)`` returns the ``(reason, detail)`` of a checkpoint
     written by step identity ``step`` (see `step_difference`).
     """
-    if state == "valid":
+    if state == Status.VALID:
         return Explanation(key, "reuse", "same", "every ingredient is the same")
     if state in FILE_STATES:
         reason, detail = FILE_STATES[state]
@@ -346,8 +346,8 @@ class Explaining:
 
     if TYPE_CHECKING:
 
-        def _validate_params(self) -> None: ...
-        def _sample_attribute(self) -> str: ...
+        def check_parameters(self) -> None: ...
+        def checkpointed_attribute(self) -> str: ...
         def _layout(self) -> Layout: ...
         def _context(self, located: bool = True) -> LayoutContext: ...
         def _format_identity(self) -> str: ...
@@ -372,7 +372,7 @@ class Explaining:
             **ingredients(self.estimator),
             "fitted": str(self._fitted_digest()),
             "format": self._format_identity(),
-            "attribute": self._sample_attribute(),
+            "attribute": self.checkpointed_attribute(),
         }
 
     def _describe(self, step: str) -> None:
@@ -421,7 +421,7 @@ class Explaining:
         >>> step.explain(samples)[0].detail
         "parameter estimator__kw_args changed from None to {'out': None}"
         """
-        self._validate_params()
+        self.check_parameters()
         wanted = self.identities(samples)
         new = self.describe_step()
         differences: dict[str, tuple[str, str]] = {}
@@ -445,7 +445,7 @@ class Explaining:
         wanted: Sequence[Identity],
         loaders: bool = True,
         paths: Sequence[str] | None = None,
-    ) -> list[tuple[str, str | None, Callable[[], Any] | None]]:
+    ) -> list[tuple[Status, str | None, Callable[[], Any] | None]]:
         """``(status, record, loader)`` of each checkpoint, read-only (see
         `samplepipe.storage.Layout.judge_all`), for `explain` and `verify`."""
         return self._layout().judge_all(self._context(), wanted, loaders, paths)
@@ -458,7 +458,7 @@ class Explaining:
         of a pipeline can be explained (`explain`) before anything runs.
         """
         wanted = self.identities(samples)
-        attribute = self._sample_attribute()
+        attribute = self.checkpointed_attribute()
         loaders = self._layout().planned(self._context(), wanted)
         return [lazy_output(s, attribute, lo) for s, lo in zip(samples, loaders)]
 
@@ -495,15 +495,15 @@ class Explaining:
         report : VerifyReport
             ``reused``, ``checked`` and ``mismatches`` (the keys).
         """
-        self._validate_params()
+        self.check_parameters()
         wanted = self.identities(samples)
         judged = self._judge_all(wanted)
-        reused = [i for i, (state, _, _) in enumerate(judged) if state == "valid"]
+        reused = [i for i, (state, _, _) in enumerate(judged) if state == Status.VALID]
         chosen = [reused[j] for j in choose(len(reused), fraction, seed)]
         report = VerifyReport(reused=len(reused), checked=len(chosen))
         if not chosen:
             return report
-        fresh = self._compute(samples, chosen, self._sample_attribute())
+        fresh = self._compute(samples, chosen, self.checkpointed_attribute())
         for i in chosen:
             loader = judged[i][2]
             assert loader is not None

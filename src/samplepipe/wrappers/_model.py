@@ -37,8 +37,8 @@ class ModelCheckpoints:
 
     if TYPE_CHECKING:
 
-        def _validate_params(self) -> None: ...
-        def _read_attributes(self, fit: bool = False) -> list[str]: ...
+        def check_parameters(self) -> None: ...
+        def read_attributes(self, fit: bool = False) -> list[str]: ...
         def _name(self) -> str: ...
         def __sklearn_is_fitted__(self) -> bool: ...
 
@@ -140,7 +140,7 @@ class ModelCheckpoints:
         """
         if is_sample_list(X):
             flat, _ = _flatten(X)
-            return training_digest(flat, self._read_attributes(fit=True))
+            return training_digest(flat, self.read_attributes(fit=True))
         if isinstance(X, list | tuple) and not X:
             return None
         return _array_digest(X, y)
@@ -159,7 +159,7 @@ class ModelCheckpoints:
         -------
         self : CheckpointWrapper
         """
-        self._validate_params()
+        self.check_parameters()
         if not estimator_requires_fit(self.estimator):
             return self
         if X is None:
@@ -172,15 +172,52 @@ class ModelCheckpoints:
                 "training samples first, or name the model_path that holds one."
             )
             raise ValueError(msg)
+        self._fit_or_load(X, y, None, fit_params)
+        return self
+
+    def fit_or_load(
+        self, X: Any, y: Any = None, *, upstream: str | None = None, **fit_params: Any
+    ) -> bool:
+        """`fit`'s work, saying which it did: True if fitted, False if loaded.
+
+        The model in ``model_path`` is loaded when it was written by a step of
+        the same code and parameters, fitted on the same training samples
+        after the same upstream steps; otherwise the wrapped estimator is
+        fitted (whether or not it needs fitting) and its model saved. The
+        flows' fit task calls it.
+
+        Parameters
+        ----------
+        X, y, **fit_params
+            As for `fit`; with ``fit_params`` the model is always fitted.
+        upstream : str, default=None
+            A digest of the steps before this one (the flows pass their
+            models' digest): recorded in the model file and compared on load,
+            so that a model is never reused after other upstream models.
+
+        Returns
+        -------
+        fitted : bool
+        """
+        self.check_parameters()
+        return self._fit_or_load(X, y, upstream, fit_params)
+
+    def _fit_or_load(
+        self, X: Any, y: Any, upstream: str | None, fit_params: dict[str, Any]
+    ) -> bool:
         data = None if fit_params else self.training_digest(X, y)
-        if not self.force and data is not None and self.load_model(data=data):
-            return self
+        if (
+            not self.force
+            and data is not None
+            and self.load_model(data=data, upstream=upstream)
+        ):
+            return False
         self.estimator.fit(X, y, **fit_params)
         if self.model_path is not None:
-            self.save_model(data=data)
+            self.save_model(data=data, upstream=upstream)
         else:
             self.fitted_digest_ = fitted_digest(self.estimator)
-        return self
+        return True
 
     def has_model_state(self) -> bool:
         """Whether this step's fitted state is known, so its files can be judged.

@@ -10,7 +10,6 @@ from ..storage.files import MAX_EXTENSION
 from ..storage.formats import Format, resolve_format
 from ..storage.fs import LOCAL, FileSystem, check_location, filesystem, location_root
 from ..storage.layouts import Layout, LayoutContext, get_layout
-from ..storage.layouts.base import format_funcs
 from ._base import estimator_options, inner_estimators
 from ._base import resolve_option as _resolve_option
 
@@ -25,7 +24,7 @@ class CheckpointOptions:
     """The parameters of `CheckpointWrapper`, checked and resolved.
 
     A mixin: `__init__` stores the parameters as given (scikit-learn's
-    contract); these methods check them (`_validate_params`) and resolve
+    contract); these methods check them (`check_parameters`) and resolve
     them each time they are used: the format, the layout, the extension,
     where ``features_dir`` is, the `LayoutContext` a layout works on.
     """
@@ -52,7 +51,23 @@ class CheckpointOptions:
         def step_identity(self) -> str: ...
         def _fitted_digest(self) -> str | None: ...
 
-    def _validate_params(self) -> None:
+    def check_parameters(self) -> None:
+        """Check the wrapper's parameters; raise naming the one that is wrong.
+
+        Every method that reads or writes checkpoints calls it first, as
+        scikit-learn checks an estimator's parameters in ``fit``; call it to
+        check a step without running it (the flows do, for each step).
+
+        Raises
+        ------
+        TypeError
+            For a parameter of the wrong type (``features_dir``,
+            ``model_path``, ``storage_options``, ``hash_fn``, ``layout``,
+            ``format``).
+        ValueError
+            For a wrong value (``attempts``, ``extension``, a layout or
+            format that cannot honour the other parameters).
+        """
         for name in ("features_dir", "model_path"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str | os.PathLike):
@@ -99,7 +114,16 @@ class CheckpointOptions:
             )
             raise ValueError(msg)
 
-    def _sample_attribute(self) -> str:
+    # scikit-learn's own name for this check (BaseEstimator._validate_params)
+    def _validate_params(self) -> None:
+        self.check_parameters()
+
+    def checkpointed_attribute(self) -> str:
+        """The sample attribute this step checkpoints.
+
+        ``sample_attribute`` when given, else the wrapped estimator's
+        ``output_attribute`` (or the one it declares), else ``"data"``.
+        """
         if self.sample_attribute is not None:
             return self.sample_attribute
         declared = estimator_options(self.estimator)
@@ -113,16 +137,22 @@ class CheckpointOptions:
                 return option(name)
         return estimator_options(self.estimator).get(name) or _DEFAULTS[name]
 
-    def _read_attributes(self, fit: bool = False) -> list[str]:
+    def read_attributes(self, fit: bool = False) -> list[str]:
         """The sample attributes this step reads: its input and extra arguments."""
         extra = "fit_extra_arguments" if fit else "transform_extra_arguments"
         attributes = [self._sample_wrapper_option("input_attribute")]
         attributes += [a for _, a in self._sample_wrapper_option(extra)]
         return attributes
 
-    def _funcs(self) -> tuple[Any, Any]:
-        """``(save, load)`` of a sidecar format; (None, None) for HDF5."""
-        return format_funcs(self._format())
+    def checkpoint_format(self) -> Format:
+        """The `samplepipe.storage.Format` of this step's feature checkpoints.
+
+        The ``format`` parameter resolved: a registered name's format, an
+        instance as given, or, for None, ``"hdf5"`` (``"custom"`` with
+        ``save_func`` and ``load_func``). `samplepipe.storage.format_funcs`
+        gives its ``(save, load)`` functions.
+        """
+        return self._format()
 
     def _format(self) -> Format:
         """The `Format` of feature checkpoints (see the ``format`` parameter)."""

@@ -33,6 +33,7 @@ True
 from .base import (
     Layout,
     LayoutContext,
+    format_funcs,
     gc_paused,
     get_layout,
     register_layout,
@@ -46,6 +47,7 @@ __all__ = [
     "Layout",
     "LayoutContext",
     "ShardsLayout",
+    "format_funcs",
     "gc_paused",
     "get_layout",
     "register_layout",

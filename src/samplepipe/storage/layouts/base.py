@@ -19,6 +19,8 @@ from ..formats import CustomFormat, Format
 from ..fs import FileSystem, join_location
 from ..identity import Identity
 from ..keys import check_key, is_url
+from ..report import TransformReport
+from ..status import Status
 
 __all__ = [
     "Judged",
@@ -33,9 +35,9 @@ __all__ = [
 ]
 
 # (status, record, loader): how a layout judges one wanted checkpoint
-Judged = tuple[str, str | None, Callable[[], Any] | None]
+Judged = tuple[Status, str | None, Callable[[], Any] | None]
 # (path, status, size, stamp): one file under features_dir, as a layout sees it
-Walked = tuple[str, str, int, Stamp | None]
+Walked = tuple[str, Status, int, Stamp | None]
 
 # a stamp no file has: a loader holding it checks its file before loading
 NO_STAMP = Stamp(-1, -1, -1, -1)
@@ -46,8 +48,22 @@ def _no_step() -> str | None:
 
 
 def format_funcs(fmt: Format) -> tuple[Any, Any]:
-    """``(save, load)`` of a format with a sidecar record; (None, None) for
-    HDF5 (whose record is inside the file)."""
+    """``(save, load)`` of a format with a sidecar record; (None, None) for HDF5.
+
+    A loader (`CheckpointLoader`) takes the ``load`` function of a sidecar
+    format; HDF5 keeps its record inside the file and needs none.
+
+    Parameters
+    ----------
+    fmt : Format
+        E.g. `CheckpointWrapper.checkpoint_format()`.
+
+    Returns
+    -------
+    save, load : callable or None
+        ``save(value, path)`` and ``load(path)`` (a custom format's
+        ``save_func`` and ``load_func``), or None and None.
+    """
     if isinstance(fmt, CustomFormat):
         return fmt.save_func, fmt.load_func
     if fmt.sidecar:
@@ -202,7 +218,7 @@ class Layout:
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         """Load valid checkpoints, compute and write the others.
 
@@ -217,10 +233,10 @@ class Layout:
         compute : callable
             ``compute(positions)`` returns ``{position: value}`` (None for a
             sample the estimator failed).
-        report : dict, default=None
-            Receives ``computed``, ``loaded``, ``recomputed``, ``failed``,
-            ``step``, ``inputs`` and ``files`` (see
-            `CheckpointWrapper.transform_samples`).
+        report : TransformReport, default=None
+            Filled with what the call did (`TransformReport.fill` a report
+            built by the layout): the counts, and per sample its input
+            identity, file, stamp and record or shard entry.
 
         Returns
         -------
@@ -263,7 +279,7 @@ class Layout:
 
     def remove(
         self, context: LayoutContext, statuses: Sequence[str], dry_run: bool
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Remove files of ``statuses``, each judged again right before."""
         raise NotImplementedError
 

@@ -20,6 +20,8 @@ from ..files import (
 from ..formats import Format
 from ..fs import relative_location
 from ..identity import Identity
+from ..report import TransformReport
+from ..status import Status
 from .base import Judged, Layout, LayoutContext, Walked, format_funcs
 
 __all__ = ["FilesLayout"]
@@ -74,7 +76,7 @@ class FilesLayout(Layout):
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         paths = self.paths(context, (i.key for i in wanted))
         save, load = format_funcs(context.format)
@@ -90,20 +92,20 @@ class FilesLayout(Layout):
         for i in live:
             path, ident = paths[i], wanted[i]
             state, st, record = (
-                ("missing", None, None)
+                (Status.MISSING, None, None)
                 if context.force
                 else ckpt.check(path, ident, custom, fs=fs)
             )
-            if state == "valid":
+            if state == Status.VALID:
                 stamps[i] = st
                 records[i] = record
-            elif state == "unknown":
+            elif state == Status.UNKNOWN:
                 if fs.isdir(path):
                     raise _folder_exists(path)
                 unknown.append(path)
             else:
                 todo.append(i)
-                if state != "missing":
+                if state != Status.MISSING:
                     bad[state] = bad.get(state, 0) + 1
         if unknown:
             msg = (
@@ -156,16 +158,20 @@ class FilesLayout(Layout):
                     )
                 )
         if report is not None:
-            report["computed"] = computed
-            report["loaded"] = sum(st is not None for st in stamps) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = sum(st is None for st in stamps)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            report["files"] = [
-                (p, st) if st is not None else None for p, st in zip(paths, stamps)
-            ]
-            report["records"] = records
+            failed = stamps.count(None)
+            report.fill(
+                TransformReport(
+                    computed=computed,
+                    loaded=n - failed - computed,
+                    recomputed=sum(bad.values()),
+                    failed=failed,
+                    step=wanted[0].step if wanted else None,
+                    inputs=[i.inputs for i in wanted],
+                    paths=list(paths),
+                    stamps=stamps,
+                    records=records,
+                )
+            )
         return loaders
 
     def encode(
@@ -291,7 +297,7 @@ class FilesLayout(Layout):
                 path, ident, load is not None, fs=fs, any_record=True
             )
             loader = None
-            if loaders and state == "valid" and st is not None:
+            if loaders and state == Status.VALID and st is not None:
                 loader = CheckpointLoader(path, ident, st, load, options, record)
             judged.append((state, record, loader))
         return judged
@@ -332,7 +338,7 @@ class FilesLayout(Layout):
         step: str | None,
         size: int | None = None,
         listed: Any = None,
-    ) -> tuple[str, int, Any] | None:
+    ) -> tuple[Status, int, Any] | None:
         """``(status, size, stamp)`` of one file; None if it vanished.
 
         ``size`` and ``listed`` (a stamp) are what a store's listing gave:
@@ -354,9 +360,9 @@ class FilesLayout(Layout):
             name = posixpath.basename(path)
         if is_temporary_file(name):
             alive = temporary_owner_alive(name)
-            return ("writing" if alive else "temporary"), size, None
+            return (Status.WRITING if alive else Status.TEMPORARY), size, None
         if step is None:
-            return "unknown", size, None
+            return Status.UNKNOWN, size, None
         save, _ = format_funcs(context.format)
         rel = relative_location(path, context.root)
         rel = rel[: -len(context.extension)]
@@ -369,15 +375,15 @@ class FilesLayout(Layout):
             fs=fs,
             known=listed,
         )
-        if key is None and state in ("valid", "stale", "foreign"):
-            state = "foreign"
-        if state == "missing":
+        if key is None and state in (Status.VALID, Status.STALE, Status.FOREIGN):
+            state = Status.FOREIGN
+        if state == Status.MISSING:
             return None  # removed since it was listed
         return state, size, stamp_
 
     def remove(  # noqa: D102 - see Layout.remove
         self, context: LayoutContext, statuses: Sequence[str], dry_run: bool
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         save, _ = format_funcs(context.format)
         step = context.step()
         removed = []
@@ -395,7 +401,7 @@ class FilesLayout(Layout):
         self,
         context: LayoutContext,
         path: str,
-        state: str,
+        state: Status,
         stamp_: Any,
         step: str | None,
     ) -> bool:

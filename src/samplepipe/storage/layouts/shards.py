@@ -18,6 +18,7 @@ from .. import hdf5
 from ..files import is_permanent
 from ..formats import Format
 from ..identity import Identity
+from ..report import ShardEntry, TransformReport
 from ..shards import (
     Found,
     ShardFolder,
@@ -29,6 +30,7 @@ from ..shards import (
     shard_limits,
     split_points,
 )
+from ..status import Status
 from .base import Judged, Layout, LayoutContext, Walked, gc_paused
 
 __all__ = ["ShardsLayout"]
@@ -42,17 +44,24 @@ def folder_of(context: LayoutContext) -> ShardFolder:
     return shard_folder(context.root, context.storage_options, context.fs)
 
 
-def entry_of(found: Found) -> tuple[int, int, str, str]:
-    """``(group, row, checksum, kind)`` of a found entry (see `ShardLoader`)."""
+def entry_of(found: Found) -> ShardEntry:
+    """The `ShardEntry` of a found entry (what `ShardLoader` reads)."""
     index, position = found
     checksums, kinds = index.fields()
     group, row = index.locations()[position]
-    return group, row, checksums[position], kinds[position]
+    return _entry((group, row, checksums[position], kinds[position]))
 
 
-def _loader(found: Found, options: Any, identity: Any) -> ShardLoader:
+_entry = ShardEntry._make  # one per output sample: the fastest way to build one
+
+
+def _loader(
+    found: Found, options: Any, identity: Any, entry: ShardEntry | None = None
+) -> ShardLoader:
     index = found[0]
-    return ShardLoader.make(index.path, identity, index.stamp, options, entry_of(found))
+    if entry is None:
+        entry = entry_of(found)
+    return ShardLoader.make(index.path, identity, index.stamp, options, entry)
 
 
 class ShardsLayout(Layout):
@@ -99,12 +108,12 @@ class ShardsLayout(Layout):
         wanted: Sequence[Identity],
         live: Sequence[int],
         compute: Callable[[Sequence[int]], Mapping[int, Any]],
-        report: dict[str, Any] | None = None,
+        report: TransformReport | None = None,
     ) -> list[Callable[[], Any] | None]:
         with gc_paused():
             folder = folder_of(context)
             if context.force:
-                results: list[Found | str] = ["missing"] * len(live)
+                results: list[Found | str] = [Status.MISSING] * len(live)
             else:
                 results = folder.find([wanted[i] for i in live])
         found: dict[int, Found] = {}
@@ -115,12 +124,12 @@ class ShardsLayout(Layout):
                 found[i] = result
                 continue
             todo.append(i)
-            if result != "missing":
+            if result != Status.MISSING:
                 bad[result] = bad.get(result, 0) + 1
         if bad:
             context.warn_recomputed(bad, "corrupt: failing its checksum")
         unreadable = [
-            p for p, index in folder.shards.items() if index.status == "corrupt"
+            p for p, index in folder.shards.items() if index.status == Status.CORRUPT
         ]
         if todo and unreadable:
             # an unreadable shard's keys are unknown: its samples look missing
@@ -161,24 +170,28 @@ class ShardsLayout(Layout):
             computed += building.write(found)
         options = context.loader_options
         with gc_paused():
+            n = len(wanted)
+            entries = [entry_of(found[i]) if i in found else None for i in range(n)]
             loaders: list[Callable[[], Any] | None] = [
-                _loader(found[i], options, wanted[i]) if i in found else None
-                for i in range(len(wanted))
+                None if entry is None else _loader(found[i], options, wanted[i], entry)
+                for i, entry in enumerate(entries)
             ]
-        if report is not None:
-            report["computed"] = computed
-            report["loaded"] = len(found) - computed
-            report["recomputed"] = sum(bad.values())
-            report["failed"] = len(wanted) - len(found)
-            report["step"] = wanted[0].step if wanted else None
-            report["inputs"] = [i.inputs for i in wanted]
-            # (shard, its stamp, the entry): what the flows' manifests record
-            report["files"] = [
-                (found[i].shard.path, found[i].shard.stamp, entry_of(found[i]))
-                if i in found
-                else None
-                for i in range(len(wanted))
-            ]
+            if report is not None:
+                shards = [found[i].shard if i in found else None for i in range(n)]
+                report.fill(
+                    TransformReport(
+                        computed=computed,
+                        loaded=len(found) - computed,
+                        recomputed=sum(bad.values()),
+                        failed=n - len(found),
+                        step=wanted[0].step if wanted else None,
+                        inputs=[i.inputs for i in wanted],
+                        # the shard, its stamp and the entry: what manifests record
+                        paths=[None if s is None else s.path for s in shards],
+                        stamps=[None if s is None else s.stamp for s in shards],
+                        entries=entries,
+                    )
+                )
         return loaders
 
     def judge_all(  # noqa: D102 - see Layout.judge_all
@@ -195,31 +208,33 @@ class ShardsLayout(Layout):
         for ident, result in zip(wanted, folder.find(wanted)):
             if isinstance(result, Found):
                 loader = _loader(result, options, ident)
-                judged.append(("valid", result.record, loader))
+                judged.append((Status.VALID, result.record, loader))
                 continue
+            status = Status(result)  # storage.shards judges in bare strings
             record: str | None = None
-            if result == "stale":
+            if status is Status.STALE:
                 for _, path, position in folder.by_key.get(ident.key, ()):
                     index = folder.shards.get(path)
                     if index is not None and position < len(index.records):
                         record = index.records[position]
                         break
-            if result == "stale" and record is None:  # its shard went in between
-                result = "missing"
-            judged.append((result, record, None))
+            if status is Status.STALE and record is None:  # its shard went in between
+                status = Status.MISSING
+            judged.append((status, record, None))
         return judged
 
     # -- the folder --------------------------------------------------------
     def walk(self, context: LayoutContext) -> Iterator[Walked]:
         """Shards and their temporaries, judged; any other file is ``unknown``."""
-        yield from folder_of(context).judge(context.step())
+        for path, state, size, st in folder_of(context).judge(context.step()):
+            yield path, Status(state), size, st  # storage.shards judges in strings
         for path, rel, size, _ in context.fs.walk_files(context.root):
             if "/" in rel or not (is_shard_name(rel) or is_shard_temporary(rel)):
-                yield path, "unknown", size, None
+                yield path, Status.UNKNOWN, size, None
 
     def remove(
         self, context: LayoutContext, statuses: Sequence[str], dry_run: bool
-    ) -> list[tuple[str, str, int]]:
+    ) -> list[tuple[str, Status, int]]:
         """Shards judged twice, removed if unchanged."""
         listed = [
             (path, state, size, st)
