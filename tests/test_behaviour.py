@@ -37,6 +37,7 @@ from samplepipe import (
 )
 from samplepipe.storage import (
     CorruptCheckpointError,
+    TransformReport,
     is_temporary_file,
     register_layout,
 )
@@ -91,9 +92,9 @@ def step(layout, store, log, offset=1.0, stateless=True, **kwargs):
 
 def transform_reporting(wrapper, samples):
     """``(outputs, [path of the file holding each sample])``, public API only."""
-    report = {}
+    report = TransformReport()
     out = wrapper.transform_samples(samples, report=report)
-    return out, [where[0] for where in report["files"]]
+    return out, list(report.paths)
 
 
 class NotOneWarning(AssertionError):

@@ -30,7 +30,12 @@ from samplepipe import (
     hash_string,
     wrap,
 )
-from samplepipe.storage import VALIDATED, CorruptCheckpointError, filesystem
+from samplepipe.storage import (
+    VALIDATED,
+    CorruptCheckpointError,
+    TransformReport,
+    filesystem,
+)
 from samplepipe.storage import shards as shard_store
 from samplepipe.storage.files import HOST_TAG
 from samplepipe.storage.shards import (
@@ -806,12 +811,12 @@ def test_failed_inputs_pass_through_in_line_without_an_entry(tmp_path):
     store = Store("local", str(tmp_path))
     samples = random_samples(4)
     samples[1] = Sample(None, parent=samples[1])
-    report = {}
+    report = TransformReport()
     out = sharded(store, log).transform_samples(samples, report=report)
     assert out[1].data is None
-    assert (report["computed"], report["failed"], report["loaded"]) == (3, 1, 0)
-    assert report["files"][1] is None
-    assert report["files"][0][0] == report["files"][2][0]  # one shard
+    assert (report.computed, report.failed, report.loaded) == (3, 1, 0)
+    assert report.stamps[1] is None
+    assert report.paths[0] == report.paths[2]  # one shard
     assert count_rows(log, "transform") == 3
 
 

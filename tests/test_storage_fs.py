@@ -37,6 +37,7 @@ from samplepipe.storage import (
     VALIDATED,
     CorruptCheckpointError,
     FilesLayout,
+    TransformReport,
     UnknownFileError,
     filesystem,
     is_temporary_file,
@@ -663,12 +664,12 @@ def test_a_writer_killed_mid_write_leaves_the_old_object(where, tmp_path, reques
 def test_stamp_of_follows_the_object(store, tmp_path):
     samples = random_samples(2)
     w = counting(store, tmp_path / "calls.log")
-    report = {}
+    report = TransformReport()
     w.transform_samples(samples, report=report)
-    path, recorded = report["files"][0]
+    path, recorded = report.paths[0], report.stamps[0]
     assert path == w.checkpoint_path(samples[0].key)
     assert stamp_of(path, store.options) == recorded
-    store.write(path, store.read(report["files"][1][0]))  # another object's bytes
+    store.write(path, store.read(report.paths[1]))  # another object's bytes
     assert stamp_of(path, store.options) != recorded
     assert stamp_of(store.url("f", "missing.h5"), store.options) is None
 

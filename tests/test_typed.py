@@ -121,12 +121,13 @@ def test_the_layouts_fill_a_transform_report(tmp_path, layout):
 
 
 @pytest.mark.parametrize("layout", ["files", "shards"])
-def test_a_dict_report_still_receives_the_keys_of_0_5(tmp_path, layout):
+def test_a_dict_report_warns_and_still_receives_the_keys_of_0_5(tmp_path, layout):
     step, _ = counting_checkpoint(tmp_path, layout=layout)
     samples = make_samples(3)
     step.fit(samples)
     report: dict = {}
-    step.transform_samples(samples, report=report)
+    with pytest.warns(DeprecationWarning, match=r"report=samplepipe\.storage\."):
+        step.transform_samples(samples, report=report)
     assert (report["computed"], report["loaded"], report["failed"]) == (3, 0, 0)
     keys = {"computed", "loaded", "recomputed", "failed", "step", "inputs", "files"}
     assert keys <= set(report)

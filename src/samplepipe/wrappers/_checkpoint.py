@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -299,7 +300,8 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         identity, and per sample its input identity, checkpoint file and
         `Stamp` (None for failed samples), and its record (file layout) or
         shard entry. A dict receives the same as keys
-        (`TransformReport.as_dict`), as up to 0.5.0.
+        (`TransformReport.as_dict`), as up to 0.5.0, with a
+        ``DeprecationWarning``.
 
         ``identities`` is ``(step_identity, [input identity of each sample])``
         when the caller has computed them already (the flows compute them once
@@ -323,6 +325,13 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
             ]
         filled = report if isinstance(report, TransformReport) else None
         if filled is None and report is not None:
+            warnings.warn(
+                "transform_samples(report={}) is deprecated since samplepipe 0.6 "
+                "and will stop working; pass report=samplepipe.storage."
+                "TransformReport() and read its attributes (report.computed, ...).",
+                DeprecationWarning,
+                stacklevel=2,
+            )
             filled = TransformReport()
         loaders = self._layout().transform(
             self._context(),
