@@ -6,19 +6,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .shard_file import _checksum_ok, _payload, split_points
 from .shard_index import GOOD, ShardIndex
 
-if TYPE_CHECKING:
-    from .shard_folders import ShardFolder
-
 
 def compact_folder(
-    folder: ShardFolder,
+    folder: Any,  # a ShardFolder (not imported: shard_folders imports this)
     shard_size: int | None,
     step: str | None,
     shard_bytes: int,
