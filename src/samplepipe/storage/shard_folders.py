@@ -368,8 +368,9 @@ class ShardFolder:
         """``(wanted index, slot, position, time, rank)`` of entries of these keys.
 
         Found by column 0 of the keys' `key_digests` (not confirmed), in live
-        shards only, newest first; ``rank`` orders the shards by path (a tie
-        of times goes to the later path).
+        shards only, grouped by wanted index and newest first (in any order
+        when each has one entry); ``rank`` orders the shards by path (a tie of
+        times goes to the later path).
         """
         w, slots, positions = self._keys.lookup(digests[:, 0].copy())
         times = np.zeros(len(w), "<i8")
@@ -384,14 +385,13 @@ class ShardFolder:
             times[mine] = index.entries[positions[mine], 2]
             ranks[mine] = rank_of[s]
             keep |= mine
-        order = np.lexsort((-positions[keep], -ranks[keep], -times[keep], w[keep]))
-        return (
-            w[keep][order],
-            slots[keep][order],
-            positions[keep][order],
-            times[keep][order],
-            ranks[keep][order],
-        )
+        if len(live) < len(unique):
+            w, slots, positions = w[keep], slots[keep], positions[keep]
+            times, ranks = times[keep], ranks[keep]
+        if len(w) and np.bincount(w).max() == 1:  # one entry a key: any order
+            return w, slots, positions, times, ranks
+        order = np.lexsort((-positions, -ranks, -times, w))
+        return w[order], slots[order], positions[order], times[order], ranks[order]
 
     @staticmethod
     def _gather(
@@ -431,7 +431,7 @@ class ShardFolder:
         while True:  # verify, newest first, the shards each answer depends on
             verified = self._gather(held, ms, mp, "verified")
             decided = np.flatnonzero(verified != BAD)
-            md = mw[decided]  # sorted by wanted index: the first of each run
+            md = mw[decided]  # grouped by wanted index: the first of each run
             starts = np.flatnonzero(np.r_[True, md[1:] != md[:-1]]) if len(md) else md
             first = decided[starts]
             pending = np.unique(ms[first[verified[first] == UNKNOWN]]).tolist()
