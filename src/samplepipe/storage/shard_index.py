@@ -261,10 +261,13 @@ class ShardIndex:
         return None if blob is None else blob[position]
 
     @property
-    def records(self) -> list[str]:
-        """Every record, read from the shard ([] when it changed or is not ok)."""
+    def records(self) -> Sequence[str]:
+        """Every record, read from the shard (none when it changed or is not ok).
+
+        A `TextBlob`: indexing and ``len`` cost O(1), not a list of them all.
+        """
         blob = self.texts()
-        return [] if blob is None else list(blob)
+        return _NO_TEXTS if blob is None else blob
 
     @property
     def keys(self) -> list[str]:
@@ -371,6 +374,18 @@ class TextBlob(Sequence[str]):
     def __iter__(self) -> Iterator[str]:
         if self.text:
             yield from self.text.decode("utf-8", "surrogatepass").split("\n")
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, TextBlob):
+            return self.text == other.text
+        if isinstance(other, Sequence) and not isinstance(other, str | bytes):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # mutable-looking, as a list
+
+
+_NO_TEXTS = TextBlob(b"")
 
 
 class Found(NamedTuple):
