@@ -14,15 +14,16 @@ import threading
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from ..errors import ShardError as ShardError
 from . import hdf5
 from .files import HOST_TAG, TMP_SUFFIX, Stamp, is_temporary_file
-from .identity import FORMAT_VERSION, Identity
+from .identity import Record
+from .shard_index import Found as Found
+from .shard_index import ShardIndex as ShardIndex
 
 SHARD_FORMAT = 1
 SHARD_ATTRIBUTE = "samplepipe-shard"
@@ -213,7 +214,13 @@ class RowDigests:
         self, where: Sequence[Sequence[int]], kinds: Sequence[str]
     ) -> list[str | None]:
         """The checksums of entries ``where[i] = (group, row)`` as ``kinds[i]``."""
-        digests: list[str | None] = []
+        return [None if d is None else d.hex() for d in self.many_raw(where, kinds)]
+
+    def many_raw(
+        self, where: Sequence[Sequence[int]], kinds: Sequence[str]
+    ) -> list[bytes | None]:
+        """`many` as the digests' 16 bytes (None: no such entry)."""
+        digests: list[bytes | None] = []
         append = digests.append
         ready: dict[tuple[int, str], tuple[memoryview, int, int, Any]] = {}
         for (group, row), kind in zip(where, kinds):
@@ -231,12 +238,18 @@ class RowDigests:
                 continue
             h = base.copy()
             h.update(buffer[row * row_bytes : (row + 1) * row_bytes])
-            append(h.hexdigest())
+            append(h.digest())
         return digests
 
 
 def _read_index(f: Any) -> tuple[list[str], np.ndarray]:
     """``(records, entries)`` of an open shard; `ShardError` if malformed."""
+    text, entries = _read_index_text(f)
+    return (text.decode("utf-8", "surrogatepass").split("\n") if text else []), entries
+
+
+def _read_index_text(f: Any) -> tuple[bytes, np.ndarray]:
+    """``(records as one UTF-8 text, entries)``; `ShardError` if malformed."""
     if SHARD_ATTRIBUTE not in f.attrs:
         raise LookupError("not a samplepipe shard")
     try:
@@ -251,10 +264,10 @@ def _read_index(f: Any) -> tuple[list[str], np.ndarray]:
         expected = expected.decode("ascii", "replace")
     if expected != _index_checksum(text, entries):
         raise ShardError("the shard index fails its checksum")
-    records = text.decode("utf-8", "surrogatepass").split("\n") if text else []
-    if entries.ndim != 2 or entries.shape != (len(records), 3):
+    count = text.count(b"\n") + 1 if text else 0
+    if entries.ndim != 2 or entries.shape != (count, 3):
         raise ShardError("the shard index is malformed")
-    return records, entries
+    return text, entries
 
 
 def _read_data(f: Any, entries: np.ndarray) -> dict[int, np.ndarray]:
@@ -274,10 +287,8 @@ def _payload(arrays: Mapping[int, np.ndarray], group: int, row: int) -> np.ndarr
 
 
 def _checksum_ok(payload: np.ndarray, record: str) -> bool:
-    parts = record.split(":", 5)
-    if len(parts) != 6:
-        return False
-    return hdf5.checksum(payload, parts[4]) == parts[3]
+    r = Record.fields(record)
+    return r is not None and hdf5.checksum(payload, r.kind) == r.checksum
 
 
 # ---------------------------------------------------------------------------
@@ -335,84 +346,3 @@ class ShardData:
 
 
 DATA = ShardData()
-
-
-# ---------------------------------------------------------------------------
-# one shard's index, one folder of shards
-# ---------------------------------------------------------------------------
-@dataclass
-class ShardIndex:
-    """The index of one shard file as of one stamp.
-
-    ``status`` is ``ok``, ``corrupt`` (unreadable, or a broken index) or
-    ``unknown`` (readable HDF5 that samplepipe did not write). ``verified``
-    holds, per entry, whether its payload matched its checksum (None: not
-    checked yet).
-    """
-
-    path: str
-    stamp: Stamp
-    size: int
-    status: str = "ok"
-    records: list[str] = field(default_factory=list)
-    entries: np.ndarray = field(default_factory=lambda: np.zeros((0, 3), "<i8"))
-    verified: list[bool | None] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._locations: list[list[int]] | None = None
-        self._fields: tuple[list[str], list[str]] | None = None
-        if len(self.keys) != len(self.records):
-            keys: list[str] = []
-            checksums: list[str] = []
-            kinds: list[str] = []
-            for record in self.records:
-                parts = record.split(":", 5)
-                keys.append(parts[-1])
-                if len(parts) == 6:
-                    checksums.append(parts[3])
-                    kinds.append(parts[4])
-                else:
-                    checksums.append("")
-                    kinds.append("")
-            self.keys = keys
-            self._fields = checksums, kinds
-
-    def fields(self) -> tuple[list[str], list[str]]:
-        """``(checksums, kinds)`` of the entries' records ("" if malformed)."""
-        if self._fields is None:
-            parts = [r.split(":", 5) for r in self.records]
-            self._fields = (
-                [p[3] if len(p) == 6 else "" for p in parts],
-                [p[4] if len(p) == 6 else "" for p in parts],
-            )
-        return self._fields
-
-    def locations(self) -> list[list[int]]:
-        """``[group, row]`` of each entry (converted from ``entries`` once)."""
-        if self._locations is None:
-            self._locations = self.entries[:, :2].tolist()
-        return self._locations
-
-
-_GONE = ShardIndex("", Stamp(0, 0, 0, 0), 0, "missing")
-
-
-class Found(NamedTuple):
-    """Where a valid entry is: its shard and position."""
-
-    shard: ShardIndex
-    position: int
-
-    @property
-    def record(self) -> str:
-        return self.shard.records[self.position]
-
-
-def _prefix(wanted: Identity) -> str:
-    """What the record of a valid entry of ``wanted`` starts with (its key aside)."""
-    return f"{wanted.format}:{wanted.step}:{wanted.inputs}:"
-
-
-def _of_step(record: str, step: str) -> bool:
-    return record.startswith(f"{FORMAT_VERSION}:{step}:")

@@ -9,13 +9,13 @@ import os
 import posixpath
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from ..errors import ShardError as ShardError
-from . import hdf5
+from . import hdf5, shard_index
 from .files import Stamp
 from .files import _owner_alive as _temporary_owner_alive
 from .fs import (
@@ -29,30 +29,38 @@ from .fs import (
     normalize_location,
     stamp_from_info,
 )
-from .identity import Identity
+from .identity import FORMAT_VERSION, Identity, Record
+from .shard_compaction import compact_folder
 from .shard_file import (
-    _GONE,
     _READ_ATTEMPTS,
     DATA,
     DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_SIZE,
-    Found,
     RowDigests,
-    ShardIndex,
-    _checksum_ok,
-    _of_step,
-    _payload,
-    _prefix,
     _read_data,
     _read_index,
+    _read_index_text,
     is_shard_name,
     is_shard_temporary,
     shard_image,
     shard_limits,
     shard_name,
-    split_points,
     stack_payloads,
 )
+from .shard_index import (
+    BAD,
+    GOOD,
+    TEXTS,
+    UNKNOWN,
+    ByKey,
+    Found,
+    KeyRuns,
+    ShardIndex,
+    TextBlob,
+)
+
+_NO_ENTRIES = np.zeros((0, 3), "<i8")
+_NO_DIGEST = bytes(16)
 
 
 class ShardFolder:
@@ -69,7 +77,10 @@ class ShardFolder:
         self.fs = fs
         self.storage_options = storage_options
         self.shards: dict[str, ShardIndex] = {}
-        self.by_key: dict[str, list[tuple[int, str, int]]] = {}
+        self._slots: list[ShardIndex | None] = []  # indexed shards, by slot
+        self._slot_of: dict[str, int] = {}
+        self._keys = KeyRuns()  # key digest -> (slot, position)
+        self._live = self._dead = 0  # entries of live and dropped slots
         self.others: dict[str, tuple[int, Stamp | None]] = {}  # temporaries
         self.max_time = 0
         self.lock = threading.RLock()
@@ -158,6 +169,8 @@ class ShardFolder:
             if listed is None:  # a symbolic link or a folder: not ours
                 return ShardIndex(path, Stamp(size, 0, 0, 0), size, "unknown")
             for _ in range(_READ_ATTEMPTS):
+                records: list[str] = []
+                entries = _NO_ENTRIES
                 try:
                     with hdf5.H5_LOCK, h5py.File(path, "r") as f:
                         records, entries = _read_index(f)
@@ -165,22 +178,16 @@ class ShardFolder:
                 except FileNotFoundError:
                     return None
                 except LookupError:
-                    records, entries, status = [], np.zeros((0, 3), "<i8"), "unknown"
+                    status = "unknown"
                 except (OSError, ShardError):
-                    records, entries, status = [], np.zeros((0, 3), "<i8"), "corrupt"
+                    status = "corrupt"
                 after = LOCAL.stamp(path)
                 if after is None:
                     return None
                 if after == listed:
-                    return ShardIndex(
-                        path,
-                        after,
-                        size,
-                        status,
-                        records,
-                        entries,
-                        [None] * len(records),
-                    )
+                    if status != "ok":
+                        return ShardIndex(path, after, size, status)
+                    return ShardIndex.from_records(path, after, size, records, entries)
                 listed = after  # changed while read: read it again
             return ShardIndex(path, listed, size, "corrupt")
         try:
@@ -201,62 +208,97 @@ class ShardFolder:
         """Index and payloads of a whole shard read from a store.
 
         Every entry is verified at once (the payloads are at hand) and the
-        payloads are kept in `DATA`.
+        payloads are kept in `DATA`, the record texts in `TEXTS`.
         """
         try:
             with hdf5.H5_LOCK, hdf5._open_image(blob) as f:
-                records, entries = _read_index(f)
+                text, entries = _read_index_text(f)
                 arrays = _read_data(f, entries)
         except LookupError:
             return ShardIndex(path, st, len(blob), "unknown"), None
         except (OSError, ValueError):  # ShardError is a ValueError
             return ShardIndex(path, st, len(blob), "corrupt"), None
-        index = ShardIndex(
-            path, st, len(blob), "ok", records, entries, [None] * len(records)
-        )
+        texts = TextBlob(text)
+        index = ShardIndex.from_records(path, st, len(blob), list(texts), entries)
+        index.reader = self._texts
+        TEXTS.put(self._cache_key(path), st, texts)
         self._verify_all(index, arrays)
         DATA.put(self._cache_key(path), st, arrays)
         return index, arrays
 
+    def _texts(self, index: ShardIndex) -> TextBlob | None:
+        """The record texts of a shard as of its index's stamp; None if changed."""
+        key = self._cache_key(index.path)
+        cached = TEXTS.get(key)
+        if cached is not None and cached[0] == index.stamp:
+            return cached[1]
+        texts: TextBlob | None = None
+        if self.fs.local:
+            import h5py
+
+            try:
+                with hdf5.H5_LOCK, h5py.File(index.path, "r") as f:
+                    text, _ = _read_index_text(f)
+                if LOCAL.stamp(index.path) == index.stamp:
+                    texts = TextBlob(text)
+            except (OSError, LookupError, ShardError):
+                texts = None
+        else:
+            try:
+                stamped = self.fs.read_stamped(index.path, index.stamp)
+                if stamped is not None and stamped[1] == index.stamp:
+                    with hdf5.H5_LOCK, hdf5._open_image(stamped[0]) as f:
+                        texts = TextBlob(_read_index_text(f)[0])
+            except (OSError, LookupError, ValueError, ChangedWhileReading):
+                texts = None
+        if texts is None or len(texts) != len(index):
+            return None
+        TEXTS.put(key, index.stamp, texts)
+        return texts
+
     def _add(self, index: ShardIndex) -> None:
         self.shards[index.path] = index
-        if index.status != "ok" or not index.records:
+        if index.status != "ok":
             return
-        times = index.entries[:, 2].tolist()
-        self.max_time = max(self.max_time, max(times))
-        by_key, path = self.by_key, index.path
-        for position, (key, t) in enumerate(zip(index.keys, times)):
-            refs = by_key.get(key)
-            if refs is None:
-                by_key[key] = [(t, path, position)]
-            else:
-                refs.append((t, path, position))
-                refs.sort(reverse=True)
+        index.reader = self._texts
+        digests, index.new_keys = index.new_keys, None
+        if not len(index) or digests is None:
+            return
+        self.max_time = max(self.max_time, int(index.entries[:, 2].max()))
+        slot = len(self._slots)
+        self._slots.append(index)
+        self._slot_of[index.path] = slot
+        self._live += len(index)
+        self._keys.add(digests, slot)
 
     def _drop(self, path: str) -> None:
-        index = self.shards.pop(path, None)
+        self.shards.pop(path, None)
         DATA.forget(self._cache_key(path))
-        if index is None or index.status != "ok":
+        TEXTS.forget(self._cache_key(path))
+        slot = self._slot_of.pop(path, None)
+        if slot is None:
             return
-        for key in set(index.keys):
-            refs = self.by_key.get(key)
-            if refs is None:
-                continue
-            kept = [r for r in refs if r[1] != path]
-            if kept:
-                self.by_key[key] = kept
-            else:
-                del self.by_key[key]
+        n = len(self._slots[slot] or ())
+        self._slots[slot] = None
+        self._live -= n
+        self._dead += n
+        if self._dead > max(self._live, 1 << 16):
+            alive = np.array([s is not None for s in self._slots], dtype=bool)
+            self._keys.purge(alive)
+            self._dead = 0
 
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
         """Check every entry's payload against the checksum of its record."""
-        checksums, kinds = index.fields()
-        digests = RowDigests(arrays).many(index.locations(), kinds)
-        index.verified = [
-            bool(checksum) and digest == checksum
-            for digest, checksum in zip(digests, checksums)
-        ]
+        where = index.entries[:, :2].tolist()
+        digests = RowDigests(arrays).many_raw(where, index.kind_list())
+        raw = np.frombuffer(
+            b"".join(_NO_DIGEST if d is None else d for d in digests), dtype="V16"
+        )
+        good = raw == index.checksums
+        for position in index.odd:
+            good[position] = False
+        index.verified = good.astype(np.int8)
 
     def _arrays(self, index: ShardIndex) -> dict[int, np.ndarray] | None:
         """The payloads of a shard as of its index's stamp; None if it changed."""
@@ -288,14 +330,14 @@ class ShardFolder:
         it is then forgotten (read again on the next refresh) and none of its
         entries counts as verified.
         """
-        if index.status != "ok" or all(v is not None for v in index.verified):
+        if index.status != "ok" or not (index.verified == UNKNOWN).any():
             return True
         try:
             arrays = self._arrays(index)
         except (OSError, ShardError):
             arrays = None
         if arrays is None:
-            index.verified = [False] * len(index.records)
+            index.verified = np.zeros(len(index), dtype=np.int8)
             with self.lock:
                 if self.shards.get(index.path) is index:
                     self._drop(index.path)
@@ -320,43 +362,162 @@ class ShardFolder:
                     break
             return results
 
+    def _candidates(
+        self, digests: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(wanted index, slot, position, time, rank)`` of entries of these keys.
+
+        Found by column 0 of the keys' `key_digests` (not confirmed), in live
+        shards only, grouped by wanted index and newest first (in any order
+        when each has one entry); ``rank`` orders the shards by path (a tie of
+        times goes to the later path).
+        """
+        w, slots, positions = self._keys.lookup(digests[:, 0].copy())
+        times = np.zeros(len(w), "<i8")
+        ranks = np.zeros(len(w), "<i8")
+        keep = np.zeros(len(w), bool)
+        unique = np.unique(slots).tolist()
+        live = {s: i for s in unique if (i := self._slots[s]) is not None}
+        by_path = sorted(live, key=lambda s: live[s].path)
+        rank_of = {s: r for r, s in enumerate(by_path)}
+        for s, index in live.items():
+            mine = slots == s
+            times[mine] = index.entries[positions[mine], 2]
+            ranks[mine] = rank_of[s]
+            keep |= mine
+        if len(live) < len(unique):
+            w, slots, positions = w[keep], slots[keep], positions[keep]
+            times, ranks = times[keep], ranks[keep]
+        if len(w) and np.bincount(w).max() == 1:  # one entry a key: any order
+            return w, slots, positions, times, ranks
+        order = np.lexsort((-positions, -ranks, -times, w))
+        return w[order], slots[order], positions[order], times[order], ranks[order]
+
+    @staticmethod
+    def _gather(
+        held: Sequence[ShardIndex | None],
+        slots: np.ndarray,
+        positions: np.ndarray,
+        name: str,
+    ) -> Any:
+        """``getattr(index, name)[position]`` of each candidate's shard."""
+        dtype = next(getattr(i, name).dtype for i in held if i is not None)
+        out = np.zeros(len(slots), dtype=dtype)
+        for s in np.unique(slots).tolist():
+            index = held[s]
+            assert index is not None
+            mine = slots == s
+            out[mine] = getattr(index, name)[positions[mine]]
+        return out
+
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
-        by_key, shards = self.by_key, self.shards
+        results: list[Found | str] = ["missing"] * len(wanted)
+        if not wanted or not self._live:
+            return results, True
+        keys = shard_index.key_digests([i.key for i in wanted])
+        w, slots, positions, _, _ = self._candidates(keys)
+        if not len(w):
+            return results, True
         settled = True
-        results: list[Found | str] = []
-        for ident in wanted:
-            prefix = _prefix(ident)
-            refs = by_key.get(ident.key)
-            if not refs:
-                results.append("missing")
+        held = self._slots[:]  # as found: a shard dropped meanwhile is corrupt
+        same_key = self._gather(held, slots, positions, "key_checks") == keys[w, 1]
+        match = same_key & self._same_step(held, wanted, w, slots, positions)
+        inputs = shard_index.inputs_digests([i.inputs for i in wanted])
+        match[match] = (
+            self._gather(held, slots[match], positions[match], "inputs")
+            == inputs[w[match]]
+        )
+        mw, ms, mp = w[match], slots[match], positions[match]
+        while True:  # verify, newest first, the shards each answer depends on
+            verified = self._gather(held, ms, mp, "verified")
+            decided = np.flatnonzero(verified != BAD)
+            md = mw[decided]  # grouped by wanted index: the first of each run
+            starts = np.flatnonzero(np.r_[True, md[1:] != md[:-1]]) if len(md) else md
+            first = decided[starts]
+            pending = np.unique(ms[first[verified[first] == UNKNOWN]]).tolist()
+            if not pending:
+                break
+            for s in pending:
+                index = held[s]
+                assert index is not None
+                if self.verify(index) is False:  # changed: all BAD, search again
+                    settled = False
+        for i in np.setdiff1d(mw, mw[first]).tolist():
+            results[i] = "corrupt"  # only entries failing their checksum
+        new = tuple.__new__  # a Found, without NamedTuple's slower __new__
+        for i, s, p in zip(mw[first].tolist(), ms[first].tolist(), mp[first].tolist()):
+            results[i] = new(Found, (held[s], p))
+        # an entry of another identity: stale if its real key is the wanted one
+        other = np.flatnonzero(~np.isin(w, mw) & same_key)
+        for j in other.tolist():
+            i = int(w[j])
+            if results[i] != "missing":
                 continue
-            result: Found | str = "stale"
-            for _, path, position in refs:
-                index = shards.get(path) or _GONE
-                if position < len(index.records) and index.records[position].startswith(
-                    prefix
-                ):
-                    ok = index.verified[position]
-                    if ok is None and self.verify(index) is False:
-                        settled = False
-                    if index.verified[position]:
-                        result = Found(index, position)
-                        break
-                    result = "corrupt"
-            results.append(result)
+            index = held[int(slots[j])]
+            record = None if index is None else index.record(int(positions[j]))
+            if record is None:
+                settled = False
+                results[i] = "stale"  # as before: its shard is being replaced
+            elif Record.key_of(record) == wanted[i].key:
+                results[i] = "stale"
         return results, settled
+
+    @staticmethod
+    def _same_step(
+        held: Sequence[ShardIndex | None],
+        wanted: Sequence[Identity],
+        w: np.ndarray,
+        slots: np.ndarray,
+        positions: np.ndarray,
+    ) -> np.ndarray:
+        """Whether each candidate's ``format:step`` is its wanted identity's."""
+        pairs = [(i.format, i.step) for i in wanted]
+        steps = {pair: n for n, pair in enumerate(dict.fromkeys(pairs))}
+        of_wanted = np.fromiter(map(steps.__getitem__, pairs), np.int64, len(pairs))
+        of_wanted = of_wanted[w]
+        prefixes = [f"{fmt}:{step}" for fmt, step in steps]
+        same = np.zeros(len(w), bool)
+        for s in np.unique(slots).tolist():
+            index = held[s]
+            assert index is not None
+            mine = slots == s
+            codes = np.array([index.step_code(p) for p in prefixes], dtype=np.int64)
+            same[mine] = index.step_codes[positions[mine]] == codes[of_wanted[mine]]
+        return same
+
+    def refs(self, key: str) -> list[tuple[int, str, int]]:
+        """``(time, shard path, position)`` of every entry of ``key``, newest first.
+
+        Confirmed against the records read from the shards.
+        """
+        with self.lock:
+            digests = shard_index.key_digests([key])
+            _, slots, positions, times, _ = self._candidates(digests)
+            found = []
+            for s, p, t in zip(slots.tolist(), positions.tolist(), times.tolist()):
+                index = self._slots[s]
+                record = None if index is None else index.record(p)
+                if index is not None and record is not None:
+                    if Record.key_of(record) == key:
+                        found.append((t, index.path, p))
+            return found
+
+    @property
+    def by_key(self) -> ByKey:
+        """``key -> refs`` (see `refs`), looked up on demand."""
+        return ByKey(self)
 
     def find_record(self, record: str) -> Found | None:
         """The newest verified entry holding exactly ``record``."""
-        key = record.split(":", 5)[-1]
+        key = Record.key_of(record)
         with self.lock:
             self.refresh()
-            for _, path, position in list(self.by_key.get(key, ())):
+            for _, path, position in self.refs(key):
                 index = self.shards.get(path)
-                if index is None or index.records[position] != record:
+                if index is None or index.record(position) != record:
                     continue
                 self.verify(index)
-                if index.verified[position]:
+                if index.verified[position] == GOOD:
                     return Found(index, position)
         return None
 
@@ -379,7 +540,7 @@ class ShardFolder:
         the times of the entries it copies).
         """
         where, stacked = stack_payloads(payloads)
-        return self._write(list(records), where, stacked, times)
+        return self._write(records, where, stacked, times)
 
     def write_new(
         self,
@@ -396,38 +557,31 @@ class ShardFolder:
         where, stacked = stack_payloads(payloads)
         digests = [str(d) for d in RowDigests(stacked).many(where, kinds)]
         records = [
-            ident.record(digest, kind)
-            for ident, digest, kind in zip(identities, digests, kinds)
+            Record(str(i.format), i.step, i.inputs, digest, kind, i.key)
+            for i, digest, kind in zip(identities, digests, kinds)
         ]
-        keys = [ident.key for ident in identities]
-        return self._write(records, where, stacked, None, (keys, digests, list(kinds)))
+        return self._write(records, where, stacked, None)
 
     def _write(
         self,
-        records: list[str],
+        records: Sequence[Record | str],
         where: list[tuple[int, int]],
         stacked: dict[int, np.ndarray],
         times: Sequence[int] | None,
-        fields: tuple[list[str], list[str], list[str]] | None = None,
     ) -> ShardIndex:
-        """Write a shard; ``fields``: ``(keys, checksums, kinds)`` if known."""
+        """Write a shard of these records (texts, or `Record` fields)."""
         now = self.next_time()
         entries = np.empty((len(records), 3), dtype="<i8")
         entries[:, :2] = np.array(where, dtype="<i8").reshape(len(records), 2)
         entries[:, 2] = now if times is None else np.asarray(times, dtype="<i8")
-        blob = shard_image(records, entries, stacked)
+        texts = [r if isinstance(r, str) else r.text() for r in records]
+        blob = shard_image(texts, entries, stacked)
+        del texts
         path = join_location(self.root, shard_name(now))
         self.fs.makedirs(self.root)
         st = self.fs.write_bytes(path, blob)
-        verified: list[bool | None] = [True] * len(records)
-        if fields is None:
-            index = ShardIndex(path, st, len(blob), "ok", records, entries, verified)
-        else:
-            keys, checksums, kinds = fields
-            index = ShardIndex(
-                path, st, len(blob), "ok", records, entries, verified, keys
-            )
-            index._fields = checksums, kinds
+        index = ShardIndex.from_records(path, st, len(blob), records, entries)
+        index.verified[:] = GOOD
         with self.lock:
             self._drop(path)
             self._add(index)
@@ -443,7 +597,7 @@ class ShardFolder:
         """
         with self.lock:
             self.refresh()
-            valid = self._valid_entries(step) if step is not None else set()
+            valid = self._valid_entries(step) if step is not None else {}
             shards = dict(self.shards)  # without any that vanished meanwhile
             others = dict(self.others)
         items: list[tuple[str, str, int, Stamp | None]] = []
@@ -452,9 +606,9 @@ class ShardFolder:
                 items.append((path, index.status, index.size, index.stamp))
             elif step is None:
                 items.append((path, "unknown", index.size, index.stamp))
-            elif any((path, p) in valid for p in range(len(index.records))):
+            elif path in valid and valid[path].any():
                 items.append((path, "valid", index.size, index.stamp))
-            elif index.records and not any(index.verified):
+            elif len(index) and not (index.verified == GOOD).any():
                 items.append((path, "corrupt", index.size, index.stamp))
             else:
                 items.append((path, "stale", index.size, index.stamp))
@@ -468,20 +622,64 @@ class ShardFolder:
             items.append((path, "writing" if alive else "temporary", size, st))
         yield from sorted(items)
 
-    def _valid_entries(self, step: str) -> set[tuple[str, int]]:
-        """``(shard, position)`` of each key's newest verified entry of ``step``."""
+    def _valid_entries(self, step: str) -> dict[str, np.ndarray]:
+        """Per shard, whether each entry is its key's newest verified ``step`` one."""
         for index in list(self.shards.values()):
             self.verify(index)
-        valid: set[tuple[str, int]] = set()
-        for refs in self.by_key.values():
-            for _, path, position in refs:
-                found = self.shards.get(path)
-                if found is None or not found.verified[position]:
-                    continue
-                if _of_step(found.records[position], step):
-                    valid.add((path, position))
-                    break
-        return valid
+        prefix = f"{FORMAT_VERSION}:{step}"
+        return self._newest(
+            lambda index: (index.verified == GOOD) & index.of_step(prefix),
+            Record.key_of,
+        )
+
+    def _newest(
+        self,
+        select: Callable[[ShardIndex], np.ndarray],
+        same: Callable[[str], str],
+    ) -> dict[str, np.ndarray]:
+        """Per shard, whether each entry is the newest selected one of its group.
+
+        Entries where ``select`` is True are grouped by key digest and, where a
+        digest has more than one, by ``same(record)`` of the records read from
+        the shards (an entry whose shard changed meanwhile is a group alone).
+        Newest: the latest time, then the later shard path and position.
+        """
+        digests, slots, positions = self._keys.all()
+        live = {s: i for s in np.unique(slots).tolist() if (i := self._slots[s])}
+        chosen = {index.path: np.zeros(len(index), bool) for index in live.values()}
+        keep = np.zeros(len(slots), bool)
+        times = np.zeros(len(slots), "<i8")
+        ranks = np.zeros(len(slots), "<i8")
+        for rank, s in enumerate(sorted(live, key=lambda s: live[s].path)):
+            index = live[s]
+            mine = np.flatnonzero(slots == s)
+            at = positions[mine]
+            keep[mine] = select(index)[at]
+            times[mine] = index.entries[at, 2]
+            ranks[mine] = rank
+        d, sl, ps = digests[keep], slots[keep], positions[keep]
+        order = np.lexsort((-ps, -ranks[keep], -times[keep], d))
+        d, sl, ps = d[order], sl[order], ps[order]
+        if not len(d):
+            return chosen
+        starts = np.flatnonzero(np.r_[True, d[1:] != d[:-1]])
+        sizes = np.diff(np.r_[starts, len(d)])
+        single = starts[sizes == 1]
+        picked = [single]
+        for start, size in zip(starts[sizes > 1].tolist(), sizes[sizes > 1].tolist()):
+            seen: set[str] = set()
+            for j in range(start, start + size):
+                record = live[int(sl[j])].record(int(ps[j]))
+                label = same(record) if record is not None else None
+                if label is None or label not in seen:
+                    picked.append(np.array([j]))
+                    if label is not None:
+                        seen.add(label)
+        at = np.concatenate(picked)
+        for s, index in live.items():
+            mine = at[sl[at] == s]
+            chosen[index.path][ps[mine]] = True
+        return chosen
 
     def remove(self, path: str, st: Stamp | None) -> bool:
         """Remove a shard (or temporary) if its stamp is still ``st``."""
@@ -510,91 +708,7 @@ class ShardFolder:
         atomically) before the old ones are removed, so a reader always finds
         every kept entry; entries keep their times.
         """
-        with self.lock:
-            self.refresh()
-            for index in list(self.shards.values()):
-                self.verify(index)
-            valid = self._valid_entries(step) if step is not None else None
-            newest: dict[str, tuple[str, int]] = {}
-            for refs in self.by_key.values():
-                for _, path, position in refs:
-                    found = self.shards.get(path)
-                    if found is not None and found.verified[position]:
-                        newest.setdefault(found.records[position], (path, position))
-            shards = sorted(
-                (i for i in self.shards.values() if i.status == "ok"),
-                key=lambda i: i.path,
-            )
-        kept_of: dict[str, list[int]] = {}
-        dropping: set[str] = set()
-        for index in shards:
-            kept = []
-            for position, record in enumerate(index.records):
-                if newest.get(record) != (index.path, position):
-                    continue
-                if valid is not None and (index.path, position) not in valid:
-                    continue
-                kept.append(position)
-            kept_of[index.path] = kept
-            if len(kept) < len(index.records):
-                dropping.add(index.path)
-
-        def full(index: ShardIndex) -> bool:
-            if shard_size is not None and len(kept_of[index.path]) >= shard_size:
-                return True
-            return index.size >= shard_bytes // 2
-
-        candidates = [i for i in shards if i.path in dropping or not full(i)]
-        report: dict[str, Any] = {
-            "shards": len(shards),
-            "written": [],
-            "removed": [],
-            "kept": sum(len(kept_of[i.path]) for i in candidates),
-            "dropped": sum(len(i.records) - len(kept_of[i.path]) for i in candidates),
-        }
-        if not dropping and len(candidates) < 2:
-            report.update(kept=0, dropped=0)
-            return report
-        pending: list[tuple[str, np.ndarray, int]] = []
-        done: list[ShardIndex] = []
-
-        def flush(final: bool) -> None:
-            ends = split_points([p.nbytes for _, p, _ in pending], *limits)
-            if not final:
-                ends = ends[:-1]  # the last shard may take more entries
-            start = 0
-            for end in ends:
-                chunk = pending[start:end]
-                start = end
-                written = self.write(
-                    [r for r, _, _ in chunk],
-                    [p for _, p, _ in chunk],
-                    [t for _, _, t in chunk],
-                )
-                report["written"].append(written.path)
-            del pending[:start]
-
-        limits = (shard_size, shard_bytes)
-
-        for index in candidates:
-            arrays = self._arrays(index) if kept_of[index.path] else {}
-            if arrays is None:  # changed since judged: leave it alone
-                continue
-            for position in kept_of[index.path]:
-                g, row, t = (int(v) for v in index.entries[position])
-                payload = _payload(arrays, g, row)
-                record = index.records[position]
-                if not _checksum_ok(payload, record):  # changed under us
-                    break
-                pending.append((record, np.array(payload), t))
-            else:
-                done.append(index)
-                flush(final=False)
-        flush(final=True)
-        for index in done:
-            if self.remove(index.path, index.stamp):
-                report["removed"].append(index.path)
-        return report
+        return compact_folder(self, shard_size, step, shard_bytes)
 
 
 _FOLDERS: dict[str, ShardFolder] = {}
@@ -624,6 +738,7 @@ def clear() -> None:
     with _FOLDERS_LOCK:
         _FOLDERS.clear()
     DATA.clear()
+    TEXTS.clear()
 
 
 def compact(

@@ -1,0 +1,290 @@
+"""The sharded layout's per-process index: bounded memory, every lookup promise kept.
+
+Real shard files on a local path, written through the storage API
+(`ShardFolder.write_new`, as `CheckpointWrapper(layout="shards")` writes) and
+one through the wrapper. "A new process" is a cleared per-process state
+(`shards.clear`) or, for the memory bound, a real child process.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import numpy as np
+import pytest
+
+from samplepipe import CheckpointWrapper, Sample, SampleWrapper
+from samplepipe.storage import Identity, filesystem, hdf5
+from samplepipe.storage import shard_index as index_module
+from samplepipe.storage import shards as shard_store
+from samplepipe.storage.shard_index import Found, KeyRuns
+from samplepipe.storage.shards import ShardFolder
+from samplepipe.testing import CountingTransformer, count_rows
+
+SRC = pathlib.Path(__file__).resolve().parents[1] / "src" / "samplepipe" / "storage"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_process_state():
+    shard_store.clear()
+    yield
+    shard_store.clear()
+
+
+def write(root, identities, values=None):
+    """One shard of these identities; sample i holds ``values[i]`` (default i)."""
+    values = range(len(identities)) if values is None else values
+    encoded = [hdf5.encode(np.array([float(v)])) for v in values]
+    folder = shard_store.shard_folder(root)
+    return folder.write_new(
+        identities, [p for p, _ in encoded], [k for _, k in encoded]
+    )
+
+
+def fresh(root):
+    """The folder as a new process sees it."""
+    shard_store.clear()
+    folder = ShardFolder(root, filesystem(root))
+    folder.refresh()
+    return folder
+
+
+def value_of(folder, found):
+    assert isinstance(found, Found), found
+    group, row, _ = found.shard.entries[found.position].tolist()
+    return float(folder._arrays(found.shard)[group][row][0])
+
+
+# ---------------------------------------------------------------------------
+# memory held by the index
+# ---------------------------------------------------------------------------
+MEASURE = textwrap.dedent(
+    """
+    import gc, json, sys, tracemalloc
+    from samplepipe.storage import shards
+    gc.collect()
+    tracemalloc.start()
+    folder = shards.shard_folder(sys.argv[1])
+    folder.refresh()
+    shards.DATA.clear()  # payloads are a bounded cache, not the index
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0]
+    count = sum(len(i.entries) for i in folder.shards.values())
+    print(json.dumps({"held": held, "entries": count}))
+    """
+)
+
+
+def test_the_index_of_a_folder_holds_at_most_150_bytes_a_checkpoint(tmp_path):
+    """Measured in a child process with tracemalloc: ~75 B now, ~590 B before."""
+    n, per_shard = 60_000, 10_000
+    root = str(tmp_path / "f")
+    for start in range(0, n, per_shard):
+        identities = [
+            Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
+            for i in range(start, start + per_shard)
+        ]
+        write(root, identities)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, root],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(out.stdout)
+    assert figures["entries"] == n
+    per_entry = figures["held"] / n
+    assert per_entry <= 150, f"{per_entry:.0f} B held per checkpoint"
+
+
+def test_the_wrapper_finds_its_sharded_checkpoints_from_a_new_process(tmp_path):
+    log = tmp_path / "calls.log"
+    samples = [Sample(np.full(4, i, float), key=f"k:{i}/é") for i in range(300)]
+
+    def wrapper():
+        inner = SampleWrapper(
+            CountingTransformer(offset=1.0, stateless=True, log_path=str(log))
+        )
+        return CheckpointWrapper(
+            inner, features_dir=str(tmp_path / "f"), layout="shards", shard_size=64
+        )
+
+    first = wrapper().fit(samples).transform(samples)
+    assert count_rows(log, "transform") == 300
+    shard_store.clear()
+    again = wrapper().fit(samples).transform(samples)
+    assert count_rows(log, "transform") == 300  # nothing computed again
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a.data, b.data)
+
+
+# ---------------------------------------------------------------------------
+# lookups
+# ---------------------------------------------------------------------------
+KEYS = ["plain", "a:b", "a:b:c:d:e:f", ":", "é/ü/漢字", "emoji 🙂", "x" * 300, ""]
+
+
+def test_many_keys_and_keys_with_colons_and_unicode_are_found(tmp_path):
+    root = str(tmp_path / "f")
+    identities = [Identity("step", f"in{i}", k) for i, k in enumerate(KEYS)]
+    identities += [Identity("step", f"{i:032x}", f"k/{i}") for i in range(5_000)]
+    for start in range(0, len(identities), 1_000):
+        part = identities[start : start + 1_000]
+        write(root, part, range(start, start + len(part)))
+    folder = fresh(root)
+    found = folder.find(identities)
+    for i, result in enumerate(found):
+        assert value_of(folder, result) == i
+        assert result.record.endswith(f":{identities[i].key}")
+        assert result.record == identities[i].record(
+            *result.shard.entry(result.position)[2:]
+        )
+    # another step or other inputs: stale; an unknown key: missing
+    others = [Identity("other", "in0", "plain"), Identity("step", "in9", "a:b")]
+    others += [Identity("step", "in0", "plain:"), Identity("step", "in0", "unknown")]
+    assert folder.find(others) == ["stale", "stale", "missing", "missing"]
+    assert [r for _, _, r in folder.refs("a:b")] == [1]
+    assert folder.by_key.get("nothing") is None
+
+
+def test_a_forged_digest_collision_is_told_apart(tmp_path, monkeypatch):
+    """Every key gets one lookup digest: the key check and the records decide."""
+    real = index_module.key_digests
+
+    def colliding(keys):
+        digests = real(keys).copy()
+        digests[:, 0] = 42  # one 8-byte lookup digest for every key
+        return digests
+
+    monkeypatch.setattr(index_module, "key_digests", colliding)
+    root = str(tmp_path / "f")
+    a, b = Identity("step", "in", "A"), Identity("step", "in", "B")
+    write(root, [a], [1.0])
+    write(root, [b], [2.0])
+    folder = fresh(root)
+    wanted = [a, b, Identity("step", "in", "C"), Identity("other", "in", "A")]
+    found = folder.find(wanted)
+    assert value_of(folder, found[0]) == 1.0
+    assert value_of(folder, found[1]) == 2.0
+    assert found[2:] == ["missing", "stale"]
+    assert [r[1] for r in folder.refs("A")] == [found[0].shard.path]
+    # the broken variant: a lookup digest trusted alone serves B's entry for A
+    refs = folder._candidates(colliding(["A"]))
+    assert len(refs[0]) == 2
+
+
+def test_a_forged_key_check_collision_still_reads_the_records(tmp_path, monkeypatch):
+    """Both digest columns forged: the record text read from the shard decides."""
+    real = index_module.key_digests
+
+    def colliding(keys):
+        digests = real(keys).copy()
+        digests[:] = 7
+        return digests
+
+    monkeypatch.setattr(index_module, "key_digests", colliding)
+    root = str(tmp_path / "f")
+    write(root, [Identity("step", "in", "A")])
+    folder = fresh(root)
+    assert folder.find([Identity("other", "in", "B")]) == ["missing"]
+    assert folder.find([Identity("other", "in", "A")]) == ["stale"]
+    assert folder.refs("B") == []
+
+
+def test_the_newest_duplicate_across_shards_wins(tmp_path):
+    root = str(tmp_path / "f")
+    ident = Identity("step", "in", "k:1")
+    write(root, [ident, Identity("step", "in", "k:2")], [1.0, 5.0])
+    write(root, [ident], [2.0])
+    write(root, [Identity("other", "in", "k:1")], [3.0])  # newer, another step
+    for folder in (shard_store.shard_folder(root), fresh(root)):
+        found = folder.find([ident])[0]
+        assert value_of(folder, found) == 2.0
+        times = [t for t, _, _ in folder.refs("k:1")]
+        assert len(times) == 3 and times == sorted(times, reverse=True)
+    write(root, [ident], [2.0])  # an exact copy of the newest entry
+    report = shard_store.compact(root, shard_size=10)
+    assert report["dropped"] == 1  # the copy: distinct records all stay
+    folder = fresh(root)
+    assert len(folder.refs("k:1")) == 3
+    found = folder.find([Identity("other", "in", "k:1")])[0]
+    assert found.record.startswith("3:other:in:")
+    report = folder.compact(10, "step")  # this step's valid entries only
+    assert report["dropped"] == 2
+    folder = fresh(root)
+    found = folder.find([ident, Identity("step", "in", "k:2")])
+    assert [value_of(folder, f) for f in found] == [2.0, 5.0]
+    assert len(folder.refs("k:1")) == 1
+
+
+def test_a_corrupted_payload_is_judged_corrupt_and_an_older_copy_serves(tmp_path):
+    root = str(tmp_path / "f")
+    ident, other = Identity("step", "in", "k"), Identity("step", "in", "j")
+    old = write(root, [ident], [1.0])
+    new = write(root, [ident, other], [2.0, 3.0])
+    with h5py.File(new.path, "r+") as f:  # damage both payloads, not the index
+        f["data/0"][...] = -1.0
+    folder = fresh(root)
+    found, damaged = folder.find([ident, other])
+    assert found.shard.path == old.path and value_of(folder, found) == 1.0
+    assert damaged == "corrupt"
+    statuses = {p: s for p, s, _, _ in folder.judge("step")}
+    assert statuses == {old.path: "valid", new.path: "corrupt"}
+    assert new.path in {p for p, i in folder.shards.items() if i.status == "ok"}
+    assert folder.shards[new.path].verified.dtype == np.int8
+
+
+def test_an_unreadable_shard_is_corrupt_and_its_keys_missing(tmp_path):
+    root = str(tmp_path / "f")
+    written = write(root, [Identity("step", "in", "k")])
+    blob = pathlib.Path(written.path).read_bytes()
+    pathlib.Path(written.path).write_bytes(blob[: len(blob) // 2])
+    folder = fresh(root)
+    assert folder.find([Identity("step", "in", "k")]) == ["missing"]
+    assert folder.shards[written.path].status == "corrupt"
+
+
+def test_removing_and_compacting_shards_update_the_index(tmp_path):
+    root = str(tmp_path / "f")
+    identities = [Identity("step", "in", f"k{i}") for i in range(30)]
+    written = [
+        write(root, identities[i : i + 3], range(i, i + 3)) for i in range(0, 30, 3)
+    ]
+    folder = shard_store.shard_folder(root)
+    assert folder.remove(written[0].path, written[0].stamp)
+    found = folder.find(identities)
+    assert found[:3] == ["missing"] * 3
+    assert [value_of(folder, f) for f in found[3:]] == list(range(3, 30))
+    report = folder.compact(shard_size=100)
+    assert len(report["removed"]) == 9 and len(report["written"]) == 1
+    for view in (folder, fresh(root)):
+        found = view.find(identities)
+        assert found[:3] == ["missing"] * 3
+        assert {f.shard.path for f in found[3:]} == set(report["written"])
+        assert [value_of(view, f) for f in found[3:]] == list(range(3, 30))
+
+
+def test_key_runs_merge_and_purge():
+    runs = KeyRuns()
+    for slot in range(9):
+        runs.add(np.arange(slot * 10, slot * 10 + 10, dtype="<u8")[::-1].copy(), slot)
+    assert len(runs.runs) <= 4  # merged like a binary counter
+    w, slots, positions = runs.lookup(np.array([5, 85, 1000], dtype="<u8"))
+    assert sorted(zip(w.tolist(), slots.tolist(), positions.tolist())) == [
+        (0, 0, 4),
+        (1, 8, 4),
+    ]
+    alive = np.ones(9, bool)
+    alive[0] = False
+    runs.purge(alive)
+    assert len(runs) == 80 and len(runs.runs) == 1
+    assert runs.lookup(np.array([5], dtype="<u8"))[0].size == 0
+
+
+def test_records_are_split_in_one_place():
+    """identity.Record splits record texts; the shard modules never do."""
+    for name in ("shard_file.py", "shard_folders.py", "shard_index.py", "shards.py"):
+        assert 'split(":", 5)' not in (SRC / name).read_text(encoding="utf-8")
