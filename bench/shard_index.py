@@ -86,7 +86,9 @@ def main():
     with tempfile.TemporaryDirectory(prefix="samplepipe-index-") as root:
         t = time.perf_counter()
         build(root, args.n, args.per_shard, args.features)
-        print(f"built {args.n:,} entries in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"built {args.n:,} entries in {time.perf_counter() - t:.1f} s", flush=True
+        )
         cmd = [sys.executable, __file__, "--n", str(args.n), "--batch", str(args.batch)]
         subprocess.run([*cmd, "--child", root], check=True)
 
