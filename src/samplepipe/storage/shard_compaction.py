@@ -12,6 +12,7 @@ import numpy as np
 
 from .shard_file import _checksum_ok, _payload, split_points
 from .shard_index import GOOD, ShardIndex
+from .status import Status
 
 
 def compact_folder(
@@ -28,7 +29,7 @@ def compact_folder(
         valid = folder._valid_entries(step) if step is not None else None
         newest = folder._newest(lambda index: index.verified == GOOD, str)
         shards = sorted(
-            (i for i in folder.shards.values() if i.status == "ok"),
+            (i for i in folder.shards.values() if i.status == Status.OK),
             key=lambda i: i.path,
         )
     kept_of: dict[str, list[int]] = {}

@@ -58,6 +58,7 @@ from .shard_index import (
     ShardIndex,
     TextBlob,
 )
+from .status import Status
 
 _NO_ENTRIES = np.zeros((0, 3), "<i8")
 _NO_DIGEST = bytes(16)
@@ -167,36 +168,36 @@ class ShardFolder:
 
         if self.fs.local:
             if listed is None:  # a symbolic link or a folder: not ours
-                return ShardIndex(path, Stamp(size, 0, 0, 0), size, "unknown")
+                return ShardIndex(path, Stamp(size, 0, 0, 0), size, Status.UNKNOWN)
             for _ in range(_READ_ATTEMPTS):
                 records: list[str] = []
                 entries = _NO_ENTRIES
                 try:
                     with hdf5.H5_LOCK, h5py.File(path, "r") as f:
                         records, entries = _read_index(f)
-                    status = "ok"
+                    status = Status.OK
                 except FileNotFoundError:
                     return None
                 except LookupError:
-                    status = "unknown"
+                    status = Status.UNKNOWN
                 except (OSError, ShardError):
-                    status = "corrupt"
+                    status = Status.CORRUPT
                 after = LOCAL.stamp(path)
                 if after is None:
                     return None
                 if after == listed:
-                    if status != "ok":
+                    if status != Status.OK:
                         return ShardIndex(path, after, size, status)
                     return ShardIndex.from_records(path, after, size, records, entries)
                 listed = after  # changed while read: read it again
-            return ShardIndex(path, listed, size, "corrupt")
+            return ShardIndex(path, listed, size, Status.CORRUPT)
         try:
             stamped = self.fs.read_stamped(path, listed)
         except ChangedWhileReading:
             st = self.fs.stamp(path)
             if st is None:
                 return None
-            return ShardIndex(path, st, size, "corrupt")
+            return ShardIndex(path, st, size, Status.CORRUPT)
         if stamped is None:
             return None
         blob, st = stamped
@@ -215,9 +216,9 @@ class ShardFolder:
                 text, entries = _read_index_text(f)
                 arrays = _read_data(f, entries)
         except LookupError:
-            return ShardIndex(path, st, len(blob), "unknown"), None
+            return ShardIndex(path, st, len(blob), Status.UNKNOWN), None
         except (OSError, ValueError):  # ShardError is a ValueError
-            return ShardIndex(path, st, len(blob), "corrupt"), None
+            return ShardIndex(path, st, len(blob), Status.CORRUPT), None
         texts = TextBlob(text)
         index = ShardIndex.from_records(path, st, len(blob), list(texts), entries)
         index.reader = self._texts
@@ -258,7 +259,7 @@ class ShardFolder:
 
     def _add(self, index: ShardIndex) -> None:
         self.shards[index.path] = index
-        if index.status != "ok":
+        if index.status != Status.OK:
             return
         index.reader = self._texts
         digests, index.new_keys = index.new_keys, None
@@ -310,7 +311,7 @@ class ShardFolder:
             if stamped is None or stamped[1] != index.stamp:
                 return None
             again, arrays = self._index_of_bytes(index.path, *stamped)
-            return arrays if again.status == "ok" else None
+            return arrays if again.status == Status.OK else None
         import h5py
 
         try:
@@ -330,7 +331,7 @@ class ShardFolder:
         it is then forgotten (read again on the next refresh) and none of its
         entries counts as verified.
         """
-        if index.status != "ok" or not (index.verified == UNKNOWN).any():
+        if index.status != Status.OK or not (index.verified == UNKNOWN).any():
             return True
         try:
             arrays = self._arrays(index)
@@ -411,7 +412,7 @@ class ShardFolder:
         return out
 
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
-        results: list[Found | str] = ["missing"] * len(wanted)
+        results: list[Found | str] = [Status.MISSING] * len(wanted)
         if not wanted or not self._live:
             return results, True
         keys = shard_index.key_digests([i.key for i in wanted])
@@ -443,7 +444,7 @@ class ShardFolder:
                 if self.verify(index) is False:  # changed: all BAD, search again
                     settled = False
         for i in np.setdiff1d(mw, mw[first]).tolist():
-            results[i] = "corrupt"  # only entries failing their checksum
+            results[i] = Status.CORRUPT  # only entries failing their checksum
         new = tuple.__new__  # a Found, without NamedTuple's slower __new__
         for i, s, p in zip(mw[first].tolist(), ms[first].tolist(), mp[first].tolist()):
             results[i] = new(Found, (held[s], p))
@@ -451,15 +452,15 @@ class ShardFolder:
         other = np.flatnonzero(~np.isin(w, mw) & same_key)
         for j in other.tolist():
             i = int(w[j])
-            if results[i] != "missing":
+            if results[i] != Status.MISSING:
                 continue
             index = held[int(slots[j])]
             record = None if index is None else index.record(int(positions[j]))
             if record is None:
                 settled = False
-                results[i] = "stale"  # as before: its shard is being replaced
+                results[i] = Status.STALE  # as before: its shard is being replaced
             elif Record.key_of(record) == wanted[i].key:
-                results[i] = "stale"
+                results[i] = Status.STALE
         return results, settled
 
     @staticmethod
@@ -602,16 +603,16 @@ class ShardFolder:
             others = dict(self.others)
         items: list[tuple[str, str, int, Stamp | None]] = []
         for path, index in shards.items():
-            if index.status != "ok":
+            if index.status != Status.OK:
                 items.append((path, index.status, index.size, index.stamp))
             elif step is None:
-                items.append((path, "unknown", index.size, index.stamp))
+                items.append((path, Status.UNKNOWN, index.size, index.stamp))
             elif path in valid and valid[path].any():
-                items.append((path, "valid", index.size, index.stamp))
+                items.append((path, Status.VALID, index.size, index.stamp))
             elif len(index) and not (index.verified == GOOD).any():
-                items.append((path, "corrupt", index.size, index.stamp))
+                items.append((path, Status.CORRUPT, index.size, index.stamp))
             else:
-                items.append((path, "stale", index.size, index.stamp))
+                items.append((path, Status.STALE, index.size, index.stamp))
         for path, (size, st) in others.items():
             name = (
                 posixpath.basename(path)
@@ -619,7 +620,9 @@ class ShardFolder:
                 else (os.path.basename(path))
             )
             alive = _temporary_owner_alive(name)
-            items.append((path, "writing" if alive else "temporary", size, st))
+            items.append(
+                (path, Status.WRITING if alive else Status.TEMPORARY, size, st)
+            )
         yield from sorted(items)
 
     def _valid_entries(self, step: str) -> dict[str, np.ndarray]:

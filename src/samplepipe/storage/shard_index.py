@@ -34,6 +34,7 @@ import numpy as np
 
 from .files import Stamp
 from .identity import Record
+from .status import Status
 
 _EMPTY_ENTRIES = np.zeros((0, 3), "<i8")
 _NO_CHECKSUM = bytes(16)
@@ -114,7 +115,7 @@ class ShardIndex:
         path: str,
         stamp: Stamp,
         size: int,
-        status: str = "ok",
+        status: str = Status.OK,
         entries: np.ndarray | None = None,
     ) -> None:
         self.path = path
@@ -150,7 +151,7 @@ class ShardIndex:
         Texts are split with `Record.fields`; one that is not a record keeps
         its whole text as its key and matches no identity.
         """
-        index = cls(path, stamp, size, "ok", np.ascontiguousarray(entries, "<i8"))
+        index = cls(path, stamp, size, Status.OK, np.ascontiguousarray(entries, "<i8"))
         keys: list[str] = []
         inputs: list[str] = []
         sums: list[bytes] = []
@@ -251,7 +252,7 @@ class ShardIndex:
     # -- the record texts, read from the shard -------------------------------
     def texts(self) -> TextBlob | None:
         """The shard's record texts as of this stamp; None if it changed."""
-        if self.reader is None or self.status != "ok":
+        if self.reader is None or self.status != Status.OK:
             return None
         return self.reader(self)
 

@@ -72,6 +72,7 @@ from .shard_file import (
     stack_payloads,
 )
 from .shard_folders import ShardFolder, clear, compact, shard_folder
+from .status import Status
 
 __all__ = [
     "DATA",
@@ -291,7 +292,7 @@ class ShardLoader(CheckpointLoader):
                     return None
                 folder = shard_folder(fs.dirname(self.path), self.storage_options, fs)
                 index, stored = folder._index_of_bytes(self.path, *stamped)
-                if index.status != "ok" or stored is None:
+                if index.status != Status.OK or stored is None:
                     return None
                 payload = np.array(_payload(stored, self.group, self.row))
         except (OSError, KeyError, ValueError, IndexError):
