@@ -31,6 +31,7 @@ import json, sys
 import numpy as np
 from sklearn.preprocessing import FunctionTransformer
 from samplepipe import CheckpointWrapper, SampleWrapper
+from samplepipe.storage import TransformReport
 from samplepipe.testing import random_samples
 
 root, layout, n, d, shard_size, endpoint = sys.argv[1:7]
@@ -42,9 +43,9 @@ step = CheckpointWrapper(
     shard_size=int(shard_size),
 )
 samples = random_samples(int(n), n_features=int(d))
-report = {}
+report = TransformReport()
 out = step.transform_samples(samples, report=report)
-print(json.dumps({"computed": report["computed"]}), flush=True)
+print(json.dumps({"computed": report.computed}), flush=True)
 input()  # the parent counts the transform's requests, then lets us load
 total = float(sum(np.sum(o.data) for o in out))
 print(json.dumps({"sum": total}), flush=True)

@@ -32,7 +32,7 @@ from samplepipe import (
     save_hdf5,
     wrap,
 )
-from samplepipe.storage import identity, libraries
+from samplepipe.storage import TransformReport, identity, libraries
 from samplepipe.wrappers._explain import descriptions_dir
 
 from .conftest import make_samples
@@ -84,9 +84,9 @@ def test_same_and_missing(tmp_path):
     )
     assert {e.reason for e in explained} <= set(REASONS)
     # what explain says is what transform does
-    report: dict = {}
+    report = TransformReport()
     step.transform_samples(samples, report)
-    assert (report["loaded"], report["computed"]) == (3, 2)
+    assert (report.loaded, report.computed) == (3, 2)
 
 
 STEP = """

@@ -71,7 +71,7 @@ import numpy as np
 import pytest
 
 from samplepipe import CheckpointWarning, Sample, wrap
-from samplepipe.storage import identity
+from samplepipe.storage import TransformReport, identity
 
 STATELESS = """
 import numpy as np
@@ -826,12 +826,12 @@ def run(steps, name, features_dir, parameters):
         estimator = factory()
     step = wrap(["sample", "checkpoint"], estimator, features_dir=str(features_dir))
     samples = [Sample(np.full(3, float(i)), key=f"k{i}") for i in range(4)]
-    report: dict = {}
+    report = TransformReport()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CheckpointWarning)
         outputs = step.transform_samples(samples, report)
     said = [str(w.message) for w in caught if w.category is CheckpointWarning]
-    return report["computed"], np.stack([s.data for s in outputs]), said
+    return report.computed, np.stack([s.data for s in outputs]), said
 
 
 def edit_and_rerun(user_code, tmp_path, case):
