@@ -12,7 +12,6 @@ import os
 import re
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,10 +19,11 @@ import numpy as np
 
 from ..errors import ShardError as ShardError
 from . import hdf5
-from .files import HOST_TAG, TMP_SUFFIX, Stamp, is_temporary_file
+from .files import HOST_TAG, TMP_SUFFIX, is_temporary_file
 from .identity import Record
 from .shard_index import Found as Found
 from .shard_index import ShardIndex as ShardIndex
+from .shard_index import StampedLRU
 
 SHARD_FORMAT = 1
 SHARD_ATTRIBUTE = "samplepipe-shard"
@@ -294,7 +294,7 @@ def _checksum_ok(payload: np.ndarray, record: str) -> bool:
 # ---------------------------------------------------------------------------
 # payloads read in this process
 # ---------------------------------------------------------------------------
-class ShardData:
+class ShardData(StampedLRU[dict[int, np.ndarray]]):
     """A bounded LRU of shard payloads: ``(store, path) -> (stamp, arrays)``.
 
     Shards are read whole when they are validated; lazy samples then load
@@ -303,46 +303,10 @@ class ShardData:
     """
 
     def __init__(self, maxbytes: int = 256 << 20) -> None:
-        self.maxbytes = maxbytes
-        self._items: OrderedDict[str, tuple[Stamp, dict[int, np.ndarray], int]] = (
-            OrderedDict()
-        )
-        self._bytes = 0
-        self._lock = threading.Lock()
+        super().__init__(maxbytes)
 
-    def put(self, key: str, st: Stamp, arrays: dict[int, np.ndarray]) -> None:
-        size = sum(a.nbytes for a in arrays.values())
-        with self._lock:
-            self._pop(key)
-            if size > self.maxbytes:
-                return
-            self._items[key] = (st, arrays, size)
-            self._bytes += size
-            while self._bytes > self.maxbytes:
-                _, (_, _, old) = self._items.popitem(last=False)
-                self._bytes -= old
-
-    def get(self, key: str) -> tuple[Stamp, dict[int, np.ndarray]] | None:
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            self._items.move_to_end(key)
-            return item[0], item[1]
-
-    def _pop(self, key: str) -> None:
-        item = self._items.pop(key, None)
-        if item is not None:
-            self._bytes -= item[2]
-
-    def forget(self, key: str) -> None:
-        with self._lock:
-            self._pop(key)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
+    def size(self, value: dict[int, np.ndarray]) -> int:
+        return sum(a.nbytes for a in value.values())
 
 
 DATA = ShardData()

@@ -28,13 +28,15 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple, overload
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 import numpy as np
 
 from .files import Stamp
 from .identity import Record
 from .status import Status
+
+V = TypeVar("V")
 
 _EMPTY_ENTRIES = np.zeros((0, 3), "<i8")
 _NO_CHECKSUM = bytes(16)
@@ -501,37 +503,48 @@ class ByKey:
         return isinstance(key, str) and bool(self.folder.refs(key))
 
 
-class _Texts:
-    """A bounded LRU of shards' record texts: ``key -> (stamp, TextBlob)``."""
+class StampedLRU(Generic[V]):
+    """A bounded, thread-safe LRU of ``key -> (stamp, value)``, sized in bytes.
 
-    def __init__(self, maxbytes: int = 64 << 20) -> None:
+    ``maxbytes`` bounds the values' total size (`size` of each); a value
+    larger than it is never kept. The shards' payloads (`shard_file.DATA`)
+    and record texts (`TEXTS`) are the two of them.
+    """
+
+    def __init__(self, maxbytes: int) -> None:
         self.maxbytes = maxbytes
-        self._items: OrderedDict[str, tuple[Stamp, TextBlob]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[Stamp, V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def put(self, key: str, st: Stamp, texts: TextBlob) -> None:
+    def size(self, value: V) -> int:
+        """Bytes held by ``value``."""
+        raise NotImplementedError
+
+    def put(self, key: str, st: Stamp, value: V) -> None:
+        size = self.size(value)
         with self._lock:
             self._pop(key)
-            if texts.nbytes > self.maxbytes:
+            if size > self.maxbytes:
                 return
-            self._items[key] = (st, texts)
-            self._bytes += texts.nbytes
+            self._items[key] = (st, value, size)
+            self._bytes += size
             while self._bytes > self.maxbytes:
-                _, (_, old) = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+                _, (_, _, old) = self._items.popitem(last=False)
+                self._bytes -= old
 
-    def get(self, key: str) -> tuple[Stamp, TextBlob] | None:
+    def get(self, key: str) -> tuple[Stamp, V] | None:
         with self._lock:
             item = self._items.get(key)
-            if item is not None:
-                self._items.move_to_end(key)
-            return item
+            if item is None:
+                return None
+            self._items.move_to_end(key)
+            return item[0], item[1]
 
     def _pop(self, key: str) -> None:
         item = self._items.pop(key, None)
         if item is not None:
-            self._bytes -= item[1].nbytes
+            self._bytes -= item[2]
 
     def forget(self, key: str) -> None:
         with self._lock:
@@ -541,6 +554,16 @@ class _Texts:
         with self._lock:
             self._items.clear()
             self._bytes = 0
+
+
+class _Texts(StampedLRU[TextBlob]):
+    """A bounded LRU of shards' record texts: ``key -> (stamp, TextBlob)``."""
+
+    def __init__(self, maxbytes: int = 64 << 20) -> None:
+        super().__init__(maxbytes)
+
+    def size(self, value: TextBlob) -> int:
+        return value.nbytes
 
 
 TEXTS = _Texts()
