@@ -10,8 +10,10 @@ then ``--n``), runs a child process that
 1. makes an indexed source (`GeneratedSource`, `samplepipe.sources`) of
    `DelayedSample` objects whose data (``--features`` float64) is generated
    from the sample's index by a seeded numpy generator on each load, so the
-   data set is never in memory at once (``--list``: a list of them, as
-   before sources existed);
+   data set is never in memory at once; the source fingerprints its
+   batches, so a cached batch is never read (``--no-fingerprint``: every
+   batch is read and its samples' identities hashed; ``--list``: a list of
+   them, as before sources existed);
 2. runs `run_pipeline` (``StandardScaler`` then ``PCA(n_components=16)``,
    ``layout="shards"``), fitted on the first ``--train`` samples and
    transforming all of them in batches of ``--batch-size`` (default: the
@@ -96,6 +98,22 @@ class GeneratedSource:
         return lazy_samples(stop, self.n_features, start)
 
 
+class FingerprintedSource(GeneratedSource):
+    """`GeneratedSource` that fingerprints its batches (`samplepipe.sources`).
+
+    Sample ``i`` is a function of ``i``, the number of features and the
+    version alone: that, and the positions, is the batch's fingerprint. A
+    cached batch is then recognised without building its samples.
+    """
+
+    def fingerprint(self, start, stop):
+        return f"generated/{self.n_features}/{self.version}/{start}:{stop}"
+
+
+SOURCES = {1: GeneratedSource, 2: FingerprintedSource}
+SOURCE_NAMES = {0: "list", 1: "indexed source", 2: "fingerprinted indexed source"}
+
+
 def pipeline():
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
@@ -138,9 +156,10 @@ def child(work, n, n_features, batch_size, train, indexed):
     rss_start = status_kib("VmRSS")
     t0 = time.perf_counter()
     if indexed:
-        samples = GeneratedSource(n, n_features)
+        make = SOURCES[indexed]
+        samples = make(n, n_features)
         # the first samples of the same source: the same identities (its version)
-        train_samples = GeneratedSource(train, n_features)
+        train_samples = make(train, n_features)
     else:
         samples = lazy_samples(n, n_features)
         train_samples = samples[:train]
@@ -160,7 +179,7 @@ def child(work, n, n_features, batch_size, train, indexed):
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # reset the peak (VmHWM) to the current RSS
         if phase == "grown":
-            samples = GeneratedSource(n + 1000, n_features)
+            samples = make(n + 1000, n_features)
         rss_before = status_kib("VmRSS")
         t0, c0 = time.perf_counter(), time.process_time()
         rows = run_pipeline(pipeline(), train_samples, samples, **kwargs)
@@ -182,7 +201,7 @@ def child(work, n, n_features, batch_size, train, indexed):
         json.dumps(
             {
                 "n": n,
-                "source": "indexed" if indexed else "list",
+                "source": SOURCE_NAMES[indexed],
                 "build_seconds": build_seconds,
                 "rss_start_kib": rss_start,
                 "rss_samples_kib": rss_samples,
@@ -287,6 +306,11 @@ def main():
         action="store_true",
         help="a list of DelayedSample (as before sources) instead of an indexed source",
     )
+    parser.add_argument(
+        "--no-fingerprint",
+        action="store_true",
+        help="an indexed source without fingerprint(start, stop): every batch read",
+    )
     parser.add_argument("--train", type=int, default=10_000, help="training samples")
     parser.add_argument(
         "--small", type=int, default=100_000, help="a smaller size, run first (0: none)"
@@ -323,7 +347,7 @@ def main():
                     args.features,
                     args.batch_size,
                     min(args.train, n),
-                    not args.list,
+                    0 if args.list else 1 if args.no_fingerprint else 2,
                 )
                 results["sizes"].append(r)
                 report(r, args.features, args.batch_size)

@@ -32,7 +32,14 @@ from prefect.utilities.annotations import BaseAnnotation, quote
 from .locks import CrashSafeFileLocks, RedisLocks
 from .wrappers import Sample, SampleSet
 
-__all__ = ["SampleFlow", "returned", "sample_flow", "summarize_parameter", "unvisited"]
+__all__ = [
+    "SampleFlow",
+    "returned",
+    "sample_flow",
+    "summarize_parameter",
+    "tasks_share_this_process",
+    "unvisited",
+]
 
 
 def unquoted(value: Any) -> Any:
@@ -45,6 +52,12 @@ def unquoted(value: Any) -> Any:
     return value.unwrap() if isinstance(value, BaseAnnotation) else value
 
 
+def tasks_share_this_process() -> bool:
+    """Whether the current flow run's tasks run in its process (thread runner)."""
+    context = FlowRunContext.get()
+    return context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner)
+
+
 def unvisited(value: Any) -> Any:
     """``quote(value)`` under Prefect's thread runner, else ``value``.
 
@@ -52,10 +65,7 @@ def unvisited(value: Any) -> Any:
     for futures (they hold none). Dask's task packing turns the quote (a
     tuple) into a plain tuple, so other runners get the value itself.
     """
-    context = FlowRunContext.get()
-    if context is not None and isinstance(context.task_runner, ThreadPoolTaskRunner):
-        return quote(value)
-    return value
+    return quote(value) if tasks_share_this_process() else value
 
 
 def summarize_parameter(value: Any) -> Any:

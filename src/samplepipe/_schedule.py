@@ -9,6 +9,7 @@ task. Both add a summary row per step to the flow run's `RunRecord` (see
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,9 +20,11 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
 
-from ._prefect import unvisited
+from ._prefect import tasks_share_this_process, unvisited
 from .errors import PipelineRunError, SourceError
 from .outputs import PipelineOutputs
+from .sources import SourceBatch
+from .storage import combine
 from .tasks import (
     SampleFailures,
     StaleManifestError,
@@ -141,16 +144,40 @@ def n_batches(source: SampleSource, batch_size: int | None) -> int | None:
 
 
 class _Batch:
-    """A batch on its way through the steps: its samples and manifests so far."""
+    """A batch on its way through the steps: its samples and manifests so far.
 
-    __slots__ = ("keys", "samples", "start", "stop", "upstream")
+    ``samples`` is a list, or a `SourceBatch` (read by the first task that
+    needs it) whose ``fingerprint`` then stands for its samples' identities.
+    """
+
+    __slots__ = ("fingerprint", "keys", "samples", "start", "stop", "upstream")
 
     def __init__(self, start, samples):
         self.start = start
         self.stop = start + len(samples)
         self.samples = samples
-        self.keys = [s.key for s in samples]
         self.upstream = []
+        self.fingerprint: str | None = None
+        if isinstance(samples, SourceBatch):
+            self.keys = None
+            self.fingerprint = combine(
+                "source", str(start), str(self.stop), samples.fingerprint
+            )
+        else:
+            self.keys = [s.key for s in samples]
+
+    def checked_keys(self, manifest):
+        """The keys a step's manifest must name: the batch's, once known."""
+        if self.keys is None:
+            self.keys = self.samples.keys
+        if self.keys is not None:
+            return self.keys
+        keys = manifest.key_list()  # a cached batch, never read
+        if len(keys) != self.stop - self.start:
+            msg = f"manifest names {len(keys)} samples for [{self.start}:{self.stop}]"
+            raise StaleManifestError(msg)
+        self.keys = keys
+        return keys
 
 
 def run_steps(
@@ -190,7 +217,9 @@ def run_steps(
 
     def submit(batch, k, again=False):
         name, step = steps[k].name, steps[k].wrapper
-        digest, ids = batch_identity(step, batch.samples, batch.upstream)
+        digest, ids = batch_identity(
+            step, batch.samples, batch.upstream, batch.fingerprint
+        )
         # a batch whose cached manifest turned out stale runs again, uncached
         runner = tasks[k].with_options(refresh_cache=True) if again else tasks[k]
         # quote(): Prefect need not visit each sample and identity looking for
@@ -207,14 +236,19 @@ def run_steps(
         )
         running[future] = (batch, k, again)
 
-    reading: Iterator[tuple[int, list[Any]]] | None
-    reading = source.batches(options.batch_size)
+    # a fingerprinted source's batches are read by their first task that runs
+    # (one whose cache key hits is never read): tasks must share this process
+    reading: Iterator[tuple[int, Any]] | None
+    if source.fingerprinted and tasks_share_this_process():
+        reading = source.unread_batches(options.batch_size)
+    else:
+        reading = source.batches(options.batch_size)
     source_error = None
     # one batch at a time computes and writes in this process: the others in
     # flight do Prefect's bookkeeping meanwhile (memory: about two batches)
     context = FlowRunContext.get()
     run_id = context.flow_run.id if context and context.flow_run else None
-    with one_batch_holds_data(run_id):
+    with one_batch_holds_data(run_id), _closing(source):
         while True:
             while reading is not None and len(open_batches) < (
                 options.max_batches_in_flight
@@ -239,18 +273,31 @@ def run_steps(
             future.wait()
             state = future.state
             if not state.is_completed():
-                failed[k].append((batch.start, batch.stop, state))
+                read_error = _read_error(batch)
+                if read_error is None:
+                    failed[k].append((batch.start, batch.stop, state))
+                elif source_error is None:  # as if the flow had read it
+                    source_error, reading = read_error, None
                 open_batches.remove(batch)
                 progress.advance(n_steps - k)
                 continue
             manifest = future.result()
             try:
-                manifest.validate(batch.keys, step)
+                manifest.validate(batch.checked_keys(manifest), step)
             except StaleManifestError:
                 if again:
                     raise
                 submit(batch, k, again=True)  # a damaged cache entry: redo
                 continue
+            if isinstance(batch.samples, SourceBatch):
+                try:  # a cached batch, never read: its keys from its manifest
+                    batch.samples.settle(batch.keys)
+                except ValueError as exc:
+                    if source_error is None:
+                        source_error, reading = exc, None
+                    open_batches.remove(batch)
+                    progress.advance(n_steps - k)
+                    continue
             stats[k].add(manifest, cached=state.name == "Cached")
             batch.upstream.append((step, manifest))
             progress.advance()
@@ -266,6 +313,25 @@ def run_steps(
     if source_error is not None:
         _raise_source_error(source, source_error, outputs)
     return outputs
+
+
+def _read_error(batch):
+    """What reading a `SourceBatch` raised in its task, if it did (else None)."""
+    samples = batch.samples
+    if isinstance(samples, SourceBatch):
+        if not samples.settled:  # failed before it was read: later ones go on
+            samples.settle(None)
+        return samples.error
+    return None
+
+
+@contextlib.contextmanager
+def _closing(source):
+    """Batches of ``source`` still waiting to be read fail once the run ends."""
+    try:
+        yield
+    finally:
+        source.close()
 
 
 class _StepStats:

@@ -15,6 +15,18 @@ A source may declare a ``version`` attribute (a str or int): the samples it
 yields that are lazily loaded and carry no ``data_version`` of their own get
 it, so that a new version recomputes them (see `samplepipe.DelayedSample`).
 
+An indexed source may also declare ``fingerprint(start, stop)``: a non-empty
+str that changes whenever ``batch(start, stop)`` would return other samples
+(another key, other data, other metadata), e.g. built from the version of the
+table or the checksum of the file the batch is read from, and the positions.
+A batch whose fingerprint and steps are unchanged is then recognised without
+being read: a cached run of the thread runner never calls ``batch`` for it,
+and a data set that grew reads only the batches that changed. The fingerprint
+is a promise, as ``data_version`` is: a batch whose samples changed under an
+unchanged fingerprint is not recomputed. The checkpoints themselves keep each
+sample's own identity, so a wrong or dropped fingerprint costs a re-read, not
+a recomputation, once it is fixed.
+
 The flow never holds more than the batches in flight: keys are checked for
 duplicates across batches through a compact table of 8-byte digests (16 bytes
 per sample with their positions), and a duplicate is an error before any
@@ -24,6 +36,7 @@ sample of its batch is written.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -36,6 +49,7 @@ from .wrappers._sample import DelayedSample, Sample, SampleSet
 __all__ = [
     "IndexedSource",
     "SampleSource",
+    "SourceBatch",
     "SourceError",
     "as_source",
     "estimate_batch_size",
@@ -95,8 +109,22 @@ class SampleSource:
                 f"{type(self.version).__name__} {self.version!r}."
             )
             raise TypeError(msg)
+        self._fingerprint = getattr(obj, "fingerprint", None)
+        if self.kind != "indexed":
+            self._fingerprint = None
+        elif self._fingerprint is not None and not callable(self._fingerprint):
+            msg = (
+                f"{what}.fingerprint must be a method fingerprint(start, stop) "
+                f"returning a str, got {type(self._fingerprint).__name__}."
+            )
+            raise TypeError(msg)
         self._seen = _KeyTable()
         self._read = False
+        # batches whose keys are in _seen: every one before _until, and _done
+        self._settled = threading.Condition()
+        self._until = 0
+        self._done: dict[int, int] = {}
+        self._closed = False
 
     @property
     def indexed(self) -> bool:
@@ -160,6 +188,91 @@ class SampleSource:
             stop = min(start + batch_size, n)
             yield start, self.checked(start, self.batch(start, stop))
 
+    @property
+    def fingerprinted(self) -> bool:
+        """Whether the source fingerprints its batches (see the module docs)."""
+        return self._fingerprint is not None
+
+    def fingerprint(self, start: int, stop: int) -> str:
+        """The source's fingerprint of ``[start:stop]``, checked."""
+        try:
+            got = self._fingerprint(start, stop)  # type: ignore[misc]
+        except Exception as exc:
+            msg = (
+                f"{self.what}.fingerprint({start}, {stop}) raised "
+                f"{type(exc).__name__}: {exc}"
+            )
+            raise SourceError(msg) from exc
+        if not isinstance(got, str) or not got:
+            msg = (
+                f"{self.what}.fingerprint({start}, {stop}) returned {got!r}; it "
+                "must return a non-empty str that changes whenever "
+                f"batch({start}, {stop}) would return other samples (keys, data "
+                "or metadata)."
+            )
+            raise TypeError(msg)
+        return got
+
+    def unread_batches(
+        self, batch_size: int | None
+    ) -> Iterator[tuple[int, SourceBatch]]:
+        """``(start, SourceBatch)`` of each batch of a fingerprinted source; once only.
+
+        Nothing is read here: a `SourceBatch` reads its samples when first
+        asked for them (`SourceBatch.read`), after every batch before it has
+        had its keys checked (`settle`), so that a duplicate key is an error
+        before anything of its batch is written.
+        """
+        if self._read:
+            msg = f"{self.what} was read already (a source is read once per run)."
+            raise RuntimeError(msg)
+        self._read = True
+        n = len(self)
+        size = batch_size or DEFAULT_BATCH
+        for start in range(0, n, size):
+            stop = min(start + size, n)
+            yield start, SourceBatch(self, start, stop, self.fingerprint(start, stop))
+
+    def settle(self, start: int, stop: int, keys: list[str] | None = None) -> None:
+        """Add the keys of ``[start:stop]`` (if given) to the checked ones.
+
+        Batches read later wait until every batch before them has settled. A
+        batch that failed settles without keys (nothing of it was written).
+        Raises ``ValueError`` if a key was seen before (the batch settles still).
+        """
+        with self._settled:
+            try:
+                if keys is not None:
+                    self._seen.add(keys, start, self.what)
+            finally:
+                if start >= self._until:
+                    self._done[start] = stop
+                while self._until in self._done:
+                    self._until = self._done.pop(self._until)
+                self._settled.notify_all()
+
+    def read_in_order(self, start: int, stop: int) -> list[Any]:
+        """``batch(start, stop)``, checked, once the batches before it settled."""
+        with self._settled:
+            while self._until < start and not self._closed:
+                self._settled.wait(1.0)
+            if self._closed:
+                msg = f"the run ended before batch [{start}:{stop}] was read"
+                raise RuntimeError(msg)
+        keys: list[str] | None = None
+        try:
+            samples = self._check_samples(start, self.batch(start, stop))
+            keys = [s.key for s in samples]
+        finally:
+            self.settle(start, stop, keys)
+        return samples
+
+    def close(self) -> None:
+        """The run is over: batches still waiting to be read fail."""
+        with self._settled:
+            self._closed = True
+            self._settled.notify_all()
+
     def _stream_batches(
         self, batch_size: int | None
     ) -> Iterator[tuple[int, list[Any]]]:
@@ -214,7 +327,13 @@ class SampleSource:
 
     def checked(self, start: int, samples: list[Any]) -> list[Any]:
         """``samples`` (at ``start``) checked: types, keys, duplicates; versioned."""
-        keys: list[str] = []
+        samples = self._check_samples(start, samples)
+        with self._settled:
+            self._seen.add([s.key for s in samples], start, self.what)
+        return self._versioned(samples)
+
+    def _check_samples(self, start: int, samples: list[Any]) -> list[Any]:
+        """``samples`` (at ``start``): each a `Sample` with a valid key."""
         for i, s in enumerate(samples, start):
             if not isinstance(s, Sample):
                 kind = "a SampleSet" if isinstance(s, SampleSet) else type(s).__name__
@@ -223,9 +342,8 @@ class SampleSource:
                     "(build them with samplepipe.Sample(data, key=...))."
                 )
                 raise TypeError(msg)
-            keys.append(check_key(getattr(s, "key", None), i, owner=self.what))
-        self._seen.add(keys, start, self.what)
-        return self._versioned(samples)
+            check_key(getattr(s, "key", None), i, owner=self.what)
+        return samples
 
     def _versioned(self, samples: list[Any]) -> list[Any]:
         """``samples``, the lazy ones without a ``data_version`` given ours."""
@@ -241,6 +359,77 @@ class SampleSource:
         for _, batch in self.batches(max(len(self), 1) if self.indexed else 10_000):
             out.extend(batch)
         return out
+
+
+class SourceBatch:
+    """Positions ``[start:stop]`` of a fingerprinted source, read when needed.
+
+    The flows pass it to a step's task instead of the samples: a batch whose
+    task is cached is never read. `read` reads it once (later calls return the
+    same samples); ``error`` is what reading raised, if it did.
+    """
+
+    __slots__ = (
+        "_lock",
+        "_samples",
+        "error",
+        "fingerprint",
+        "settled",
+        "source",
+        "start",
+        "stop",
+    )
+
+    def __init__(self, source: SampleSource, start: int, stop: int, fingerprint: str):
+        self.source = source
+        self.start, self.stop = start, stop
+        self.fingerprint = fingerprint
+        self.settled = False  # its keys are checked (read, or from a manifest)
+        self.error: BaseException | None = None
+        self._samples: list[Any] | None = None
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __repr__(self) -> str:
+        return f"<{self.source.what}[{self.start}:{self.stop}], not read yet>"
+
+    @property
+    def keys(self) -> list[str] | None:
+        """The samples' keys once read, else None."""
+        return None if self._samples is None else [s.key for s in self._samples]
+
+    def read(self) -> list[Any]:
+        """The batch's samples, read and checked on the first call."""
+        with self._lock:
+            if self._samples is None:
+                try:
+                    if self.settled:  # its keys were checked already
+                        got = self.source.batch(self.start, self.stop)
+                        self._samples = self.source._check_samples(self.start, got)
+                    else:
+                        self._samples = self.source.read_in_order(self.start, self.stop)
+                        self.settled = True
+                except Exception as exc:
+                    self.error = exc
+                    raise
+            return self._samples
+
+    def settle(self, keys: list[str] | None) -> None:
+        """Check its keys (from a cached manifest) without reading it.
+
+        None: it failed unread; the batches after it need not wait for it.
+        """
+        with self._lock:
+            if not self.settled:
+                self.settled = True
+                self.source.settle(self.start, self.stop, keys)
+
+
+def read_samples(samples: Any) -> Any:
+    """``samples``, or the samples of a `SourceBatch`, read now."""
+    return samples.read() if isinstance(samples, SourceBatch) else samples
 
 
 def _length(obj: Any, what: str) -> int:

@@ -38,6 +38,7 @@ from ._prefect import unquoted as unquoted
 from .errors import SampleFailures as SampleFailures
 from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
+from .sources import read_samples
 from .storage import (
     FORMAT_VERSION,
     Stamp,
@@ -281,21 +282,27 @@ def inputs_of(samples: Sequence[Any], upstream: Sequence[Any] = ()) -> list[Any]
 
 
 def batch_identity(
-    step: CheckpointWrapper, samples: Sequence[Any], upstream: Sequence[Any] = ()
+    step: CheckpointWrapper,
+    samples: Sequence[Any],
+    upstream: Sequence[Any] = (),
+    fingerprint: str | None = None,
 ) -> tuple[str, list[str] | None]:
     """``(digest, per-sample input identities or None)`` of a batch's inputs.
 
     An attribute the step reads that a step before it checkpointed counts by
     that step's manifest digest (`BatchManifest.chain_digest`: every output's
     key and identity, in order): no sample is visited. The others count by
-    each sample's `attribute_identity`. With no upstream manifest involved,
-    the per-sample identities are returned too (the transform uses them).
+    the batch's ``fingerprint`` when its source gives one (see
+    `samplepipe.sources`; it covers every key and attribute of the batch), or
+    else by each sample's `attribute_identity`. With neither an upstream
+    manifest nor a fingerprint involved, the per-sample identities are
+    returned too (the transform uses them).
     """
     attributes = step.read_attributes()
     last: dict[str, BatchManifest] = {}
     for _, manifest in upstream:
         last[manifest.attribute] = manifest
-    if not any(a in last for a in attributes):
+    if fingerprint is None and not any(a in last for a in attributes):
         ids = step.input_identities(samples)
         return keys_digest(f"{s.key}={i}" for s, i in zip(samples, ids)), ids
     parts = ["chained"]
@@ -303,6 +310,8 @@ def batch_identity(
         manifest = last.get(attribute)
         if manifest is not None:
             parts.append(f"{attribute}<{manifest.digest}")
+        elif fingerprint is not None:
+            parts.append(f"{attribute}@{fingerprint}")
         else:
             parts.append(
                 f"{attribute}="
@@ -351,7 +360,7 @@ class StepCachePolicy(CachePolicy):
             given = unquoted(inputs.get("identities"))
             if given is None:
                 upstream = unquoted(inputs.get("upstream")) or ()
-                inputs_ = inputs_of(samples, upstream)
+                inputs_ = inputs_of(read_samples(samples), upstream)
                 step_id = step.step_identity()
                 digest, _ = batch_identity(step, inputs_, upstream)
             else:  # computed once by the flow (see transform_batch)
@@ -444,7 +453,7 @@ def transform_batch(
     An `OSError` is not bisected: the task fails and Prefect retries it.
     """
     t0 = time.perf_counter()
-    samples, identities = unquoted(samples), unquoted(identities)
+    samples, identities = read_samples(unquoted(samples)), unquoted(identities)
     inputs = inputs_of(samples, unquoted(upstream) or ())
     stop = start + len(inputs) if stop is None else stop
     if step.features_dir is None:
