@@ -501,3 +501,24 @@ def test_writing_holds_one_file_image_at_a_time(tmp_path):
     extra = peak - 50 * one
     assert extra < 10 * one, f"{extra / one:.1f} outputs' worth above the outputs"
     np.testing.assert_array_equal(out[7].data, samples[7].data)
+
+
+@pytest.mark.parametrize("layout", ["files", "shards"])
+def test_checkpoint_samples_writes_what_transform_would_and_builds_no_output(
+    tmp_path, layout
+):
+    samples = make_samples(12)
+    step, log = counting_checkpoint(tmp_path, layout=layout)
+    report = step.checkpoint_samples(samples)
+    assert (report.computed, report.loaded, report.failed) == (12, 0, 0)
+    assert count_rows(log, "transform") == 12
+    again = step.checkpoint_samples(samples[3:9])
+    assert (again.computed, again.loaded) == (0, 6)
+    # transform then loads every one of them, computing nothing
+    out = step.transform(samples)
+    assert count_rows(log, "transform") == 12
+    np.testing.assert_allclose(
+        np.stack([s.data for s in out]), np.stack([s.data for s in samples]) + 1.0
+    )
+    # what it fills is what the flows' manifests read: one stamp per sample
+    assert len(report.stamps) == 12 and None not in report.stamps

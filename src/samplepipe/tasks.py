@@ -507,7 +507,7 @@ def _transform_isolating(
     """``(report, errors)`` of a batch, bisecting it around failing samples."""
     report = TransformReport()
     try:
-        step.transform_samples(samples, report=report, identities=identities)
+        step.checkpoint_samples(samples, report=report, identities=identities)
         return report, []
     except OSError:
         raise  # I/O: the whole task is retried

@@ -70,6 +70,7 @@ def code_identity(obj: Any) -> str:
 
 
 _SCALARS = (int, float, str, bytes, bool, type(None))
+_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 @contextlib.contextmanager
@@ -94,27 +95,38 @@ def _partial_identity(obj: functools.partial) -> str:
 
     The function's code identity, then its arguments: scalars (the common
     ``partial(load, path)``) by their ``repr``, anything else by
-    `state_digest`. The same formula in or out of `functions_hashed_once`.
+    `state_digest`; that is ``combine("partial", function's identity,
+    arguments)``. Within `functions_hashed_once` the hasher state after the
+    first two parts is kept per function and copied for each sample.
     """
     memo = BATCH_MEMO.get()
     func = obj.func
     known = memo.get(id(func)) if memo is not None else None
     if known is not None and known[0] is func:
-        func_identity = known[1]
+        base = known[1]
     else:
         hasher = _Hasher()
         hasher.code(func)
-        func_identity = hasher.hexdigest()
+        base = _blake(b"partial\0" + hasher.hexdigest().encode() + b"\0")
         if memo is not None:
-            memo[id(func)] = (func, func_identity)
-    arguments = (obj.args, tuple(sorted(obj.keywords.items())))
-    if all(type(a) in _SCALARS for a in obj.args) and all(
-        type(v) in _SCALARS for v in obj.keywords.values()
-    ):
-        described = "r" + repr(arguments)
+            memo[id(func)] = (func, base)
+    args, keywords = obj.args, obj.keywords
+    items = tuple(sorted(keywords.items())) if keywords else ()
+    scalars = True
+    for value in args:
+        if type(value) not in _SCALAR_TYPES:
+            scalars = False
+            break
+    if scalars and keywords:
+        scalars = all(type(v) in _SCALAR_TYPES for v in keywords.values())
+    if scalars:
+        described = "r" + repr((args, items))
     else:
-        described = "s" + state_digest(arguments)
-    return combine("partial", func_identity, described)
+        described = "s" + state_digest((args, items))
+    h = base.copy()
+    h.update(described.encode("utf-8", "surrogatepass"))
+    h.update(b"\0")
+    return h.hexdigest()
 
 
 def ingredients(estimator: Any) -> dict[str, dict[str, Any]]:

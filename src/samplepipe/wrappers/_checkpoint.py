@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 from sklearn.utils.metaestimators import available_if
@@ -308,6 +309,41 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         per batch for the cache key, after checking every key of the run);
         None computes them here and checks the keys.
         """
+        attribute = self.checkpointed_attribute()
+        loaders = self._checkpoint(samples, report, identities, outputs=True)
+        with gc_paused():
+            return [
+                failed_output(s, attribute)
+                if loader is None
+                else lazy_output(s, attribute, loader)
+                for s, loader in zip(samples, loaders)
+            ]
+
+    def checkpoint_samples(
+        self,
+        samples: Sequence[Sample],
+        report: TransformReport | None = None,
+        identities: tuple[str, list[str]] | None = None,
+    ) -> TransformReport:
+        """Checkpoint a flat list of samples as `transform_samples` does.
+
+        What is valid is kept, the rest computed and written; no output sample
+        (and no loader) is built: what the flows call, which need the report
+        alone. Returns ``report`` (a new `samplepipe.storage.TransformReport`
+        if None) filled with what the call did.
+        """
+        filled = TransformReport() if report is None else report
+        self._checkpoint(samples, filled, identities, outputs=False)
+        return filled
+
+    def _checkpoint(
+        self,
+        samples: Sequence[Sample],
+        report: TransformReport | dict[str, Any] | None,
+        identities: tuple[str, list[str]] | None,
+        outputs: bool,
+    ) -> list[Any]:
+        """The layout's loaders of ``samples`` (empty unless ``outputs``)."""
         self.check_parameters()
         attribute = self.checkpointed_attribute()
         input_attribute = self._sample_wrapper_option("input_attribute")
@@ -330,11 +366,14 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
                 "and will stop working; pass report=samplepipe.storage."
                 "TransformReport() and read its attributes (report.computed, ...).",
                 DeprecationWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             filled = TransformReport()
+        context = self._context()
+        if not outputs:
+            context = replace(context, loaders=False)
         loaders = self._layout().transform(
-            self._context(),
+            context,
             wanted,
             live,
             lambda todo: self._compute(samples, todo, attribute),
@@ -342,13 +381,7 @@ class CheckpointWrapper(CheckpointOptions, ModelCheckpoints, Explaining, BaseWra
         )
         if isinstance(report, dict) and filled is not None:
             report.update(filled.as_dict())
-        with gc_paused():
-            return [
-                failed_output(s, attribute)
-                if loader is None
-                else lazy_output(s, attribute, loader)
-                for s, loader in zip(samples, loaders)
-            ]
+        return loaders
 
     def _compute(
         self, samples: Sequence[Sample], todo: Sequence[int], attribute: str

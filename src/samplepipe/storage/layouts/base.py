@@ -108,6 +108,10 @@ class LayoutContext:
         writes checkpoints (see `CheckpointWrapper.explain`).
     parameters : dict
         The wrapper's parameters as given, for messages and checks.
+    loaders : bool
+        Whether the caller wants a loader of each checkpoint from
+        `Layout.transform`; False (the flows, which read the report only): a
+        layout may return an empty list.
     """
 
     root: str
@@ -124,6 +128,7 @@ class LayoutContext:
     step: Callable[[], str | None] = _no_step
     describe: Callable[[str], None] = lambda step: None
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    loaders: bool = True
 
     @property
     def loader_options(self) -> Mapping[str, Any] | None:
@@ -242,7 +247,7 @@ class Layout:
         -------
         loaders : list
             For each sample, a loader of its checkpoint, or None when it has
-            none (failed).
+            none (failed); may be empty when ``context.loaders`` is False.
         """
         raise NotImplementedError
 

@@ -149,6 +149,8 @@ class FilesLayout(Layout):
         for i, (path, ident, st, record) in enumerate(
             zip(paths, wanted, stamps, records)
         ):
+            if not context.loaders:
+                break
             if st is None:
                 loaders.append(None)
             else:

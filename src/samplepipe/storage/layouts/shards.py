@@ -172,10 +172,14 @@ class ShardsLayout(Layout):
         with gc_paused():
             n = len(wanted)
             entries = [entry_of(found[i]) if i in found else None for i in range(n)]
-            loaders: list[Callable[[], Any] | None] = [
-                None if entry is None else _loader(found[i], options, wanted[i], entry)
-                for i, entry in enumerate(entries)
-            ]
+            loaders: list[Callable[[], Any] | None] = []
+            if context.loaders:
+                loaders = [
+                    None
+                    if entry is None
+                    else _loader(found[i], options, wanted[i], entry)
+                    for i, entry in enumerate(entries)
+                ]
             if report is not None:
                 shards = [found[i].shard if i in found else None for i in range(n)]
                 report.fill(
