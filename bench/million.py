@@ -17,7 +17,7 @@ then ``--n``), runs a child process that
 2. runs `run_pipeline` (``StandardScaler`` then ``PCA(n_components=16)``,
    ``layout="shards"``), fitted on the first ``--train`` samples and
    transforming all of them in batches of ``--batch-size`` (default: the
-   flows' own, about 64 MiB): the first run;
+   flows' own, about 32 MiB): the first run;
 3. runs it again into the same folders: the cached run;
 4. (a source) runs it once more with 1,000 samples added to the source: a
    data set that grew.
@@ -261,7 +261,7 @@ def report(r, n_features, batch_size):
     samples_mib = (r["rss_samples_kib"] - r["rss_start_kib"]) / 1024
     say(
         f"\n  {n:,} x {n_features} float64 (data {data_mib:,.0f} MiB), "
-        f"batches of {batch_size or 'about 64 MiB'}, samples from a {r['source']}"
+        f"batches of {batch_size or 'about 32 MiB'}, samples from a {r['source']}"
     )
     say(f"    RSS after imports            {r['rss_start_kib'] / 1024:8.0f} MiB")
     say(
@@ -299,7 +299,7 @@ def main():
     parser.add_argument("--n", type=int, default=1_000_000, help="samples")
     parser.add_argument("--features", type=int, default=64, help="floats per sample")
     parser.add_argument(
-        "--batch-size", type=int, default=0, help="0: the flows' default (64 MiB)"
+        "--batch-size", type=int, default=0, help="0: the flows' default (32 MiB)"
     )
     parser.add_argument(
         "--list",

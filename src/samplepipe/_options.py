@@ -30,7 +30,7 @@ class RunOptions:
     storage_options : dict or None
         Passed to fsspec for URLs (steps that have their own keep theirs).
     batch_size : int or None
-        Samples per task run; None: about 64 MiB of input per batch (a
+        Samples per task run; None: about 32 MiB of input per batch (a
         stream's own batches).
     retries, retry_delay_seconds : int, float
         Retries of task runs that failed with a transient I/O error.

@@ -251,7 +251,7 @@ def _prepare(
 
 
 def _sized(options: RunOptions, source: SampleSource) -> RunOptions:
-    """``options`` with a batch size: given, or about 64 MiB of input a batch.
+    """``options`` with a batch size: given, or about 32 MiB of input a batch.
 
     For a list or an indexed source the first sample is measured (loaded, if
     it is lazy: once); a stream's batches are those it yields.
@@ -378,7 +378,7 @@ _FLOW_PARAMETERS = """
         Checkpoints go to ``features_dir/<step>/<key>.h5`` and
         ``model_dir/<step>.pkl``: local folders or fsspec URLs (``s3://...``).
     batch_size : int, default=None
-        Samples per task run. None: about 64 MiB of input per batch (the
+        Samples per task run. None: about 32 MiB of input per batch (the
         first sample is measured, between 1 and 250,000 samples; 1,000 when
         it is not an array), or a stream's own batches. Each task run costs
         about 0.1 s of Prefect's bookkeeping: few, large batches at scale.

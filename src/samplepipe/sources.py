@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 #: What the flows aim a batch at when ``batch_size`` is None: its input bytes.
-BATCH_BYTES = 64 * 2**20
+BATCH_BYTES = 32 * 2**20
 #: Samples per batch when the size of a sample is unknown (not an array).
 DEFAULT_BATCH = 1000
 MAX_AUTO_BATCH = 250_000
@@ -251,14 +251,18 @@ class SampleSource:
                     self._until = self._done.pop(self._until)
                 self._settled.notify_all()
 
-    def read_in_order(self, start: int, stop: int) -> list[Any]:
-        """``batch(start, stop)``, checked, once the batches before it settled."""
+    def await_turn(self, start: int, stop: int) -> None:
+        """Return once every batch before ``[start:stop]`` has settled its keys."""
         with self._settled:
             while self._until < start and not self._closed:
                 self._settled.wait(1.0)
             if self._closed:
                 msg = f"the run ended before batch [{start}:{stop}] was read"
                 raise RuntimeError(msg)
+
+    def read_in_order(self, start: int, stop: int) -> list[Any]:
+        """``batch(start, stop)``, checked, once the batches before it settled."""
+        self.await_turn(start, stop)
         keys: list[str] | None = None
         try:
             samples = self._check_samples(start, self.batch(start, stop))
@@ -400,6 +404,11 @@ class SourceBatch:
         """The samples' keys once read, else None."""
         return None if self._samples is None else [s.key for s in self._samples]
 
+    def wait(self) -> None:
+        """Return once it may be read (`SampleSource.await_turn`)."""
+        if not self.settled and self._samples is None:
+            self.source.await_turn(self.start, self.stop)
+
     def read(self) -> list[Any]:
         """The batch's samples, read and checked on the first call."""
         with self._lock:
@@ -430,6 +439,12 @@ class SourceBatch:
 def read_samples(samples: Any) -> Any:
     """``samples``, or the samples of a `SourceBatch`, read now."""
     return samples.read() if isinstance(samples, SourceBatch) else samples
+
+
+def await_turn(samples: Any) -> None:
+    """Wait until a `SourceBatch` may be read (anything else: return)."""
+    if isinstance(samples, SourceBatch):
+        samples.wait()
 
 
 def _length(obj: Any, what: str) -> int:

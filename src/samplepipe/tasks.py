@@ -38,7 +38,7 @@ from ._prefect import unquoted as unquoted
 from .errors import SampleFailures as SampleFailures
 from .errors import StaleManifestError as StaleManifestError
 from .locks import default_lock_dir, lock_manager_from_url
-from .sources import read_samples
+from .sources import await_turn, read_samples
 from .storage import (
     FORMAT_VERSION,
     Stamp,
@@ -453,20 +453,26 @@ def transform_batch(
     An `OSError` is not bisected: the task fails and Prefect retries it.
     """
     t0 = time.perf_counter()
-    samples, identities = read_samples(unquoted(samples)), unquoted(identities)
-    inputs = inputs_of(samples, unquoted(upstream) or ())
-    stop = start + len(inputs) if stop is None else stop
+    samples, identities = unquoted(samples), unquoted(identities)
     if step.features_dir is None:
         msg = f"step {name!r} has no features_dir: it has nowhere to checkpoint."
         raise ValueError(msg)
     given = None
     if identities is not None and identities[2] is not None:
         given = (identities[0], identities[2])
+    # the batches before an unread one settle their keys first (outside the
+    # slot, which they may need); then it is read holding the slot, so that
+    # one batch's samples at a time are made in this process
+    await_turn(samples)
     with _data_slot():
+        inputs = inputs_of(read_samples(samples), unquoted(upstream) or ())
         report, errors = _transform_isolating(step, inputs, given)
+        keys = [s.key for s in inputs]
+        del inputs
+    stop = start + len(keys) if stop is None else stop
     manifest = BatchManifest.from_report(
         report,
-        [s.key for s in inputs],
+        keys,
         step=name,
         start=start,
         root=normalize_location(step.features_dir),
@@ -488,12 +494,12 @@ def transform_batch(
     for key, error in errors:
         logger.error("%s[%d:%d]: sample %r failed: %s", name, start, stop, key, error)
     if errors and on_error == "raise":
-        keys = ", ".join(repr(k) for k, _ in errors[:5])
+        named = ", ".join(repr(k) for k, _ in errors[:5])
         more = f" and {len(errors) - 5} more" if len(errors) > 5 else ""
         msg = (
             f"step {name!r}, batch [{start}:{stop}]: {len(errors)} sample(s) failed: "
-            f"{keys}{more} (first error: {errors[0][1]}); the other "
-            f"{len(inputs) - len(errors)} are checkpointed."
+            f"{named}{more} (first error: {errors[0][1]}); the other "
+            f"{len(keys) - len(errors)} are checkpointed."
         )
         raise SampleFailures(msg, errors)
     return manifest

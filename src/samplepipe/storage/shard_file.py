@@ -302,7 +302,7 @@ class ShardData(StampedLRU[dict[int, np.ndarray]]):
     the memory (a shard larger than it is never kept).
     """
 
-    def __init__(self, maxbytes: int = 256 << 20) -> None:
+    def __init__(self, maxbytes: int = 128 << 20) -> None:
         super().__init__(maxbytes)
 
     def size(self, value: dict[int, np.ndarray]) -> int:
