@@ -15,7 +15,7 @@ data (a module function in a `FunctionTransformer`), samples in memory:
   verify, load);
 * flow first run (``--flow``): ``transform_pipeline`` of a one-step
   ``Pipeline`` (``layout="shards"``, the flows' default batch size of about
-  64 MiB) into an empty folder, through a local Prefect server started by the
+  32 MiB) into an empty folder, through a local Prefect server started by the
   parent (untimed), then every output read with ``PipelineOutputs.arrays()``;
 * flow cached run: the same in a new process (every batch's Prefect cache hit,
   its checkpoints verified and read);

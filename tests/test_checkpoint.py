@@ -522,3 +522,35 @@ def test_checkpoint_samples_writes_what_transform_would_and_builds_no_output(
     )
     # what it fills is what the flows' manifests read: one stamp per sample
     assert len(report.stamps) == 12 and None not in report.stamps
+
+
+def test_a_batch_of_keys_is_checked_as_each_key_is():
+    from samplepipe.storage.keys import check_keys
+
+    plain = [f"subject_{i}/sample-{i}.h" for i in range(50)]
+    check_keys(plain)  # the fast path
+    for bad, rule in [
+        ("a\nb", "control characters"),  # would split into two plain lines
+        ("x" * 201, "at most 200 bytes"),
+        ("a/.b", "reserved for temporary files"),
+        (None, "keys must be strings"),
+    ]:
+        keys = [*plain, bad]
+        with pytest.raises(
+            ValueError, match=re.escape(f"for sample {len(plain) + 7};")
+        ) as e:
+            check_keys(keys, start=7)
+        assert rule in str(e.value)
+    check_keys([*plain, "a..b", "ü/日本", "x" * 200])  # unusual, valid: no error
+
+
+def test_keys_digest_is_the_digest_of_each_key_and_a_nul():
+    import hashlib
+
+    from samplepipe.storage.keys import keys_digest
+
+    for keys in ([], ["a"], ["a", "b/c", "ü"], ["", ""]):
+        h = hashlib.sha256()
+        for key in keys:
+            h.update(key.encode() + b"\0")
+        assert keys_digest(keys) == keys_digest(iter(keys)) == h.hexdigest()

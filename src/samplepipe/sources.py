@@ -35,7 +35,6 @@ sample of its batch is written.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -43,7 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .errors import SourceError as SourceError
-from .storage import check_key
+from .storage.keys import check_keys
 from .wrappers._sample import DelayedSample, Sample, SampleSet
 
 __all__ = [
@@ -346,7 +345,7 @@ class SampleSource:
                     "(build them with samplepipe.Sample(data, key=...))."
                 )
                 raise TypeError(msg)
-            check_key(getattr(s, "key", None), i, owner=self.what)
+        check_keys([getattr(s, "key", None) for s in samples], start, self.what)
         return samples
 
     def _versioned(self, samples: list[Any]) -> list[Any]:
@@ -477,11 +476,9 @@ class _KeyTable:
 
     @staticmethod
     def digests(keys: list[str]) -> np.ndarray:
-        joined = [
-            hashlib.blake2b(k.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-            for k in keys
-        ]
-        return np.frombuffer(b"".join(joined), dtype="<u8").copy()
+        # the table lives in one process for one run: Python's own 64-bit str
+        # hash (SipHash, computed once per str object) serves as the digest
+        return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
 
     def add(self, keys: list[str], start: int, what: str) -> None:
         if not keys:
