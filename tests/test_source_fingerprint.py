@@ -9,7 +9,7 @@ import samplepipe
 from samplepipe.sources import SampleSource
 from samplepipe.testing import count_rows
 
-from .test_sources import dirs, generated, two_steps
+from .test_sources import Indexed, dirs, generated, two_steps
 
 pytestmark = [
     pytest.mark.slow,
@@ -18,7 +18,7 @@ pytestmark = [
 ]
 
 
-class Fingerprinted:
+class Fingerprinted(Indexed):
     """Generated samples; ``fingerprint`` from ``version`` and the positions.
 
     ``changed`` maps positions to a value added to their data (a changed
@@ -29,32 +29,21 @@ class Fingerprinted:
     def __init__(
         self, n, version="1", changed=None, bumped=(), keys=None, fail_at=None
     ):
-        self.n, self.version = n, version
+        super().__init__(n, version=version, fail_at=fail_at)
         self.changed = changed or {}
         self.bumped = set(bumped)
         self.keys = keys or {}
-        self.fail_at = fail_at
-        self.calls = []
-
-    def __len__(self):
-        return self.n
 
     def fingerprint(self, start, stop):
         bump = any(start <= i < stop for i in self.bumped)
         return f"generated-{self.version}{'+' if bump else ''}[{start}:{stop}]"
 
-    def batch(self, start, stop):
-        self.calls.append((start, stop))
-        if self.fail_at is not None and start <= self.fail_at < stop:
-            raise OSError(f"disk gone at {self.fail_at}")
-        return [
-            samplepipe.DelayedSample(
-                functools.partial(shifted, i, self.changed.get(i, 0.0)),
-                key=self.keys.get(i, f"g{i:05d}"),
-                subject=i % 3,
-            )
-            for i in range(start, stop)
-        ]
+    def sample(self, i):
+        return samplepipe.DelayedSample(
+            functools.partial(shifted, i, self.changed.get(i, 0.0)),
+            key=self.keys.get(i, f"g{i:05d}"),
+            subject=i % 3,
+        )
 
 
 def shifted(i, by):

@@ -72,12 +72,12 @@ class Indexed:
         self.calls.append((start, stop))
         if self.fail_at is not None and start <= self.fail_at < stop:
             raise OSError(f"disk gone at {self.fail_at}")
-        return [
-            samplepipe.DelayedSample(
-                functools.partial(generated, i), key=f"g{i:05d}", subject=i % 3
-            )
-            for i in range(start, stop)
-        ]
+        return [self.sample(i) for i in range(start, stop)]
+
+    def sample(self, i):
+        return samplepipe.DelayedSample(
+            functools.partial(generated, i), key=f"g{i:05d}", subject=i % 3
+        )
 
 
 def values(samples):
