@@ -40,7 +40,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .bytecode import _blake
-from .hashing import BATCH_MEMO, _Hasher
+from .hashing import _SCALARS, BATCH_MEMO, _Hasher
 from .hashing import state_digest as state_digest
 from .libraries import _is_estimator
 from .libraries import library_version as library_version
@@ -67,10 +67,6 @@ def code_identity(obj: Any) -> str:
     hasher = _Hasher()
     hasher.code(obj)
     return hasher.hexdigest()
-
-
-_SCALARS = (int, float, str, bytes, bool, type(None))
-_SCALAR_TYPES = frozenset(_SCALARS)
 
 
 @contextlib.contextmanager
@@ -110,19 +106,13 @@ def _partial_identity(obj: functools.partial) -> str:
         base = _blake(b"partial\0" + hasher.hexdigest().encode() + b"\0")
         if memo is not None:
             memo[id(func)] = (func, base)
-    args, keywords = obj.args, obj.keywords
-    items = tuple(sorted(keywords.items())) if keywords else ()
-    scalars = True
-    for value in args:
-        if type(value) not in _SCALAR_TYPES:
-            scalars = False
-            break
-    if scalars and keywords:
-        scalars = all(type(v) in _SCALAR_TYPES for v in keywords.values())
-    if scalars:
-        described = "r" + repr((args, items))
+    arguments = (obj.args, tuple(sorted(obj.keywords.items())))
+    if all(type(a) in _SCALARS for a in obj.args) and all(
+        type(v) in _SCALARS for v in obj.keywords.values()
+    ):
+        described = "r" + repr(arguments)
     else:
-        described = "s" + state_digest((args, items))
+        described = "s" + state_digest(arguments)
     h = base.copy()
     h.update(described.encode("utf-8", "surrogatepass"))
     h.update(b"\0")

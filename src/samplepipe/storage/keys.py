@@ -14,12 +14,11 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
-_PLAIN = re.compile(r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*\Z")
-
-
-_PLAIN_LINES = re.compile(
-    r"(?:[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*\n)*\Z"
-)
+# the common key: ASCII names, no component starting with "."
+_PLAIN_KEY = r"[A-Za-z0-9_\-]+(?:/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*"
+_PLAIN = re.compile(_PLAIN_KEY + r"\Z")
+# keys joined by newlines, each of the common form
+_PLAIN_LINES = re.compile(rf"(?:{_PLAIN_KEY}\n)*\Z")
 
 
 def check_keys(
