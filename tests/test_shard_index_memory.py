@@ -20,7 +20,12 @@ from samplepipe import CheckpointWrapper, Sample, SampleWrapper
 from samplepipe.storage import Identity, filesystem, hdf5
 from samplepipe.storage import shard_index as index_module
 from samplepipe.storage import shards as shard_store
-from samplepipe.storage.shard_index import Found, KeyRuns
+from samplepipe.storage.shard_index import (
+    COLUMNS,
+    ChangedWhileReading,
+    Found,
+    KeyFilter,
+)
 from samplepipe.storage.shards import ShardFolder
 from samplepipe.testing import CountingTransformer, count_rows
 
@@ -64,22 +69,82 @@ def value_of(folder, found):
 MEASURE = textwrap.dedent(
     """
     import gc, json, sys, tracemalloc
-    from samplepipe.storage import shards
+    from samplepipe.storage import Identity, shards
+    from samplepipe.storage.shard_index import COLUMNS, TEXTS
+    COLUMNS.maxbytes = int(sys.argv[2])
     gc.collect()
     tracemalloc.start()
     folder = shards.shard_folder(sys.argv[1])
     folder.refresh()
-    shards.DATA.clear()  # payloads are a bounded cache, not the index
+    shards.DATA.clear()  # payloads and record texts are bounded caches of
+    TEXTS.clear()  # their own, not the index
     gc.collect()
     held = tracemalloc.get_traced_memory()[0]
-    count = sum(len(i.entries) for i in folder.shards.values())
-    print(json.dumps({"held": held, "entries": count}))
+    count = sum(len(i) for i in folder.shards.values())
+    wanted = [
+        Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
+        for i in range(0, count, 7)
+    ]
+    found = folder.find(wanted)
+    hits = sum(isinstance(f, shards.Found) for f in found)
+    del wanted, found
+    shards.DATA.clear()
+    TEXTS.clear()
+    gc.collect()
+    print(json.dumps({
+        "held": held,
+        "entries": count,
+        "columns": COLUMNS.nbytes,
+        "found": hits,
+        "asked": len(range(0, count, 7)),
+        "held_after_find": tracemalloc.get_traced_memory()[0],
+    }))
     """
 )
 
 
+def _measure(root, maxbytes):
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, root, str(maxbytes)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("n", [60_000, 120_000])
+def test_the_index_of_a_folder_holds_a_few_bytes_a_checkpoint_past_its_bound(
+    tmp_path, n
+):
+    """Measured in a child process with tracemalloc, the per-entry arrays bounded.
+
+    Past `COLUMNS.maxbytes` (1 MiB here: about 13,000 entries) a folder holds
+    per checkpoint its key filter and verified flag (~2.3 B); every lookup
+    still finds every checkpoint, reading dropped arrays back from the shards.
+    """
+    per_shard = 10_000
+    root = str(tmp_path / "f")
+    for start in range(0, n, per_shard):
+        identities = [
+            Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
+            for i in range(start, start + per_shard)
+        ]
+        write(root, identities)
+    bound = 1 << 20
+    figures = _measure(root, bound)
+    assert figures["entries"] == n
+    assert figures["found"] == figures["asked"] == len(range(0, n, 7))
+    one_shard = 90 * per_shard  # the newest shard's arrays are always kept
+    assert figures["columns"] <= bound + one_shard
+    for held in (figures["held"], figures["held_after_find"]):
+        beyond = held - figures["columns"]
+        assert beyond / n <= 8, f"{beyond / n:.1f} B held per checkpoint"
+
+
 def test_the_index_of_a_folder_holds_at_most_150_bytes_a_checkpoint(tmp_path):
-    """Measured in a child process with tracemalloc: ~75 B now, ~590 B before."""
+    """Within its bound the index holds ~90 B an entry (~590 B before arrays)."""
     n, per_shard = 60_000, 10_000
     root = str(tmp_path / "f")
     for start in range(0, n, per_shard):
@@ -88,14 +153,9 @@ def test_the_index_of_a_folder_holds_at_most_150_bytes_a_checkpoint(tmp_path):
             for i in range(start, start + per_shard)
         ]
         write(root, identities)
-    out = subprocess.run(
-        [sys.executable, "-c", MEASURE, root],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    figures = json.loads(out.stdout)
+    figures = _measure(root, 1 << 30)
     assert figures["entries"] == n
+    assert figures["found"] == figures["asked"]
     per_entry = figures["held"] / n
     assert per_entry <= 150, f"{per_entry:.0f} B held per checkpoint"
 
@@ -172,6 +232,9 @@ def test_a_forged_digest_collision_is_told_apart(tmp_path, monkeypatch):
     assert found[2:] == ["missing", "stale"]
     assert [r[1] for r in folder.refs("A")] == [found[0].shard.path]
     # the broken variant: a lookup digest trusted alone serves B's entry for A
+    # (the key filters hash both columns: without them, B's shard is asked too)
+    for index in folder.shards.values():
+        index.filter = None
     refs = folder._candidates(colliding(["A"]))
     assert len(refs[0]) == 2
 
@@ -267,21 +330,39 @@ def test_removing_and_compacting_shards_update_the_index(tmp_path):
         assert [value_of(view, f) for f in found[3:]] == list(range(3, 30))
 
 
-def test_key_runs_merge_and_purge():
-    runs = KeyRuns()
-    for slot in range(9):
-        runs.add(np.arange(slot * 10, slot * 10 + 10, dtype="<u8")[::-1].copy(), slot)
-    assert len(runs.runs) <= 4  # merged like a binary counter
-    w, slots, positions = runs.lookup(np.array([5, 85, 1000], dtype="<u8"))
-    assert sorted(zip(w.tolist(), slots.tolist(), positions.tolist())) == [
-        (0, 0, 4),
-        (1, 8, 4),
-    ]
-    alive = np.ones(9, bool)
-    alive[0] = False
-    runs.purge(alive)
-    assert len(runs) == 80 and len(runs.runs) == 1
-    assert runs.lookup(np.array([5], dtype="<u8"))[0].size == 0
+def test_a_key_filter_never_misses_and_rarely_errs():
+    keys = [f"sample/{i:07d}" for i in range(20_000)]
+    digests = index_module.key_digests(keys)
+    held = KeyFilter(digests[:10_000])
+    assert held.might_hold(digests[:10_000]).all()  # no false negatives
+    false_hits = held.might_hold(digests[10_000:]).mean()
+    assert false_hits < 0.03, false_hits  # ~1 % at 10 bits a key
+    assert held.nbytes <= 10_000 * 10 // 8 + 8
+    assert held.might_hold(digests[:0]).shape == (0,)
+
+
+def test_dropped_arrays_are_read_back_and_a_vanished_shard_is_missing(
+    tmp_path, monkeypatch
+):
+    root = str(tmp_path / "f")
+    a = [Identity("step", "in", f"a{i}") for i in range(50)]
+    b = [Identity("step", "in", f"b{i}") for i in range(50)]
+    first = write(root, a, range(50))
+    monkeypatch.setattr(COLUMNS, "maxbytes", 1)  # only the newest shard's arrays
+    second = write(root, b, range(100, 150))
+    folder = shard_store.shard_folder(root)
+    held = folder.shards[first.path]
+    assert held._cols is None and folder.shards[second.path]._cols is not None
+    assert held._verified is None  # all verified when written: nothing held
+    assert (held.verified == index_module.GOOD).all()
+    found = folder.find(a[::7])  # read back from the shard
+    assert [value_of(folder, f) for f in found] == list(range(0, 50, 7))
+    assert folder.shards[second.path]._cols is None  # dropped in turn
+    pathlib.Path(second.path).unlink()
+    with pytest.raises(ChangedWhileReading, match="changed or vanished"):
+        folder.shards[second.path].columns()
+    assert folder.find(b[:2] + a[:1])[:2] == ["missing", "missing"]
+    assert value_of(folder, folder.find(a[:1])[0]) == 0.0
 
 
 def test_records_are_split_in_one_place():

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .shard_file import _checksum_ok, _payload, split_points
-from .shard_index import GOOD, ShardIndex
+from .shard_index import GOOD, ChangedWhileReading, ShardIndex
 from .status import Status
 
 
@@ -84,8 +84,12 @@ def compact_folder(
         texts = index.texts() if kept_of[index.path] else ()
         if arrays is None or texts is None:  # changed since judged: leave it
             continue
+        try:
+            entries = index.entries
+        except ChangedWhileReading:  # changed since judged: leave it
+            continue
         for position in kept_of[index.path]:
-            g, row, t = (int(v) for v in index.entries[position])
+            g, row, t = (int(v) for v in entries[position])
             payload = _payload(arrays, g, row)
             record = texts[position]
             if not _checksum_ok(payload, record):  # changed under us

@@ -49,14 +49,15 @@ from .shard_file import (
 )
 from .shard_index import (
     BAD,
+    COLUMNS,
     GOOD,
     TEXTS,
     UNKNOWN,
     ByKey,
     Found,
-    KeyRuns,
     ShardIndex,
     TextBlob,
+    _Columns,
 )
 from .status import Status
 
@@ -80,8 +81,7 @@ class ShardFolder:
         self.shards: dict[str, ShardIndex] = {}
         self._slots: list[ShardIndex | None] = []  # indexed shards, by slot
         self._slot_of: dict[str, int] = {}
-        self._keys = KeyRuns()  # key digest -> (slot, position)
-        self._live = self._dead = 0  # entries of live and dropped slots
+        self._live = 0  # entries of the indexed shards
         self.others: dict[str, tuple[int, Stamp | None]] = {}  # temporaries
         self.max_time = 0
         self.lock = threading.RLock()
@@ -262,31 +262,64 @@ class ShardFolder:
         if index.status != Status.OK:
             return
         index.reader = self._texts
-        digests, index.new_keys = index.new_keys, None
-        if not len(index) or digests is None:
+        index.loader = self._columns_of
+        if not len(index):
             return
-        self.max_time = max(self.max_time, int(index.entries[:, 2].max()))
+        self.max_time = max(self.max_time, index.max_time)
         slot = len(self._slots)
         self._slots.append(index)
         self._slot_of[index.path] = slot
         self._live += len(index)
-        self._keys.add(digests, slot)
+        cols = index._cols
+        if cols is not None:
+            COLUMNS.hold(index, cols.nbytes)
 
     def _drop(self, path: str) -> None:
-        self.shards.pop(path, None)
+        index = self.shards.pop(path, None)
+        if index is not None:
+            COLUMNS.forget(index)
         DATA.forget(self._cache_key(path))
         TEXTS.forget(self._cache_key(path))
         slot = self._slot_of.pop(path, None)
         if slot is None:
             return
-        n = len(self._slots[slot] or ())
+        self._live -= len(self._slots[slot] or ())
         self._slots[slot] = None
-        self._live -= n
-        self._dead += n
-        if self._dead > max(self._live, 1 << 16):
-            alive = np.array([s is not None for s in self._slots], dtype=bool)
-            self._keys.purge(alive)
-            self._dead = 0
+        if (
+            len(self._slots) > 64
+            and self._slot_of
+            and len(self._slot_of) * 2 < len(self._slots)
+        ):  # mostly dropped: renumber (a lookup keeps its own slot -> shard map)
+            kept = [i for i in self._slots if i is not None]
+            self._slots = list(kept)
+            self._slot_of = {i.path: s for s, i in enumerate(kept)}
+
+    def _columns_of(self, index: ShardIndex) -> _Columns | None:
+        """The per-entry arrays of an indexed shard, read again; None if it changed."""
+        if self.fs.local:
+            import h5py
+
+            try:
+                with hdf5.H5_LOCK, h5py.File(index.path, "r") as f:
+                    records, entries = _read_index(f)
+            except (OSError, LookupError, ShardError):
+                return None
+            if LOCAL.stamp(index.path) != index.stamp:
+                return None
+            again = ShardIndex.from_records(
+                index.path, index.stamp, index.size, records, entries
+            )
+        else:
+            try:
+                stamped = self.fs.read_stamped(index.path, index.stamp)
+            except (OSError, ChangedWhileReading):
+                return None
+            if stamped is None or stamped[1] != index.stamp:
+                return None
+            again = self._index_of_bytes(index.path, *stamped)[0]
+            if again.status != Status.OK:
+                return None
+        return again._cols
 
     # -- verifying payloads ------------------------------------------------
     def _verify_all(self, index: ShardIndex, arrays: Mapping[int, np.ndarray]) -> None:
@@ -335,16 +368,16 @@ class ShardFolder:
             return True
         try:
             arrays = self._arrays(index)
-        except (OSError, ShardError):
-            arrays = None
-        if arrays is None:
-            index.verified = np.zeros(len(index), dtype=np.int8)
-            with self.lock:
-                if self.shards.get(index.path) is index:
-                    self._drop(index.path)
-            return False
-        self._verify_all(index, arrays)
-        return True
+            if arrays is not None:
+                self._verify_all(index, arrays)
+                return True
+        except (OSError, ShardError):  # ChangedWhileReading too: the index is gone
+            pass
+        index.verified = np.zeros(len(index), dtype=np.int8)
+        with self.lock:
+            if self.shards.get(index.path) is index:
+                self._drop(index.path)
+        return False
 
     # -- finding -----------------------------------------------------------
     def find(self, wanted: Sequence[Identity]) -> list[Found | str]:
@@ -364,68 +397,44 @@ class ShardFolder:
             return results
 
     def _candidates(
-        self, digests: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(wanted index, slot, position, time, rank)`` of entries of these keys.
-
-        Found by column 0 of the keys' `key_digests` (not confirmed), in live
-        shards only, grouped by wanted index and newest first (in any order
-        when each has one entry); ``rank`` orders the shards by path (a tie of
-        times goes to the later path).
-        """
-        w, slots, positions = self._keys.lookup(digests[:, 0].copy())
-        times = np.zeros(len(w), "<i8")
-        ranks = np.zeros(len(w), "<i8")
-        keep = np.zeros(len(w), bool)
-        unique = np.unique(slots).tolist()
-        live = {s: i for s in unique if (i := self._slots[s]) is not None}
-        by_path = sorted(live, key=lambda s: live[s].path)
-        rank_of = {s: r for r, s in enumerate(by_path)}
-        for s, index in live.items():
-            mine = slots == s
-            times[mine] = index.entries[positions[mine], 2]
-            ranks[mine] = rank_of[s]
-            keep |= mine
-        if len(live) < len(unique):
-            w, slots, positions = w[keep], slots[keep], positions[keep]
-            times, ranks = times[keep], ranks[keep]
-        if len(w) and np.bincount(w).max() == 1:  # one entry a key: any order
-            return w, slots, positions, times, ranks
-        order = np.lexsort((-positions, -ranks, -times, w))
-        return w[order], slots[order], positions[order], times[order], ranks[order]
+        self, digests: np.ndarray, keys: Sequence[str] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+        """`shard_index.candidates` in the shards this folder indexed."""
+        live = [(s, i) for s, i in enumerate(self._slots) if i is not None]
+        return shard_index.candidates(live, digests, keys)
 
     @staticmethod
     def _gather(
-        held: Sequence[ShardIndex | None],
-        slots: np.ndarray,
-        positions: np.ndarray,
-        name: str,
+        held: Mapping[int, Any], slots: np.ndarray, positions: np.ndarray, name: str
     ) -> Any:
-        """``getattr(index, name)[position]`` of each candidate's shard."""
-        dtype = next(getattr(i, name).dtype for i in held if i is not None)
+        """``getattr(held[slot], name)[position]`` of each candidate."""
+        dtype = next(getattr(i, name).dtype for i in held.values())
         out = np.zeros(len(slots), dtype=dtype)
         for s in np.unique(slots).tolist():
-            index = held[s]
-            assert index is not None
             mine = slots == s
-            out[mine] = getattr(index, name)[positions[mine]]
+            out[mine] = getattr(held[s], name)[positions[mine]]
         return out
 
     def _find_once(self, wanted: Sequence[Identity]) -> tuple[list[Found | str], bool]:
         results: list[Found | str] = [Status.MISSING] * len(wanted)
         if not wanted or not self._live:
             return results, True
-        keys = shard_index.key_digests([i.key for i in wanted])
-        w, slots, positions, _, _ = self._candidates(keys)
+        names = [i.key for i in wanted]
+        keys = shard_index.key_digests(names)
+        try:
+            w, slots, positions, _, _, cols = self._candidates(keys, names)
+        except ChangedWhileReading:
+            return results, False  # read again from a new listing
         if not len(w):
             return results, True
         settled = True
-        held = self._slots[:]  # as found: a shard dropped meanwhile is corrupt
-        same_key = self._gather(held, slots, positions, "key_checks") == keys[w, 1]
-        match = same_key & self._same_step(held, wanted, w, slots, positions)
+        # the shards as found: one dropped meanwhile is corrupt
+        held = {s: self._slots[s] for s in cols}
+        same_key = self._gather(cols, slots, positions, "key_checks") == keys[w, 1]
+        match = same_key & shard_index.same_step(cols, wanted, w, slots, positions)
         inputs = shard_index.inputs_digests([i.inputs for i in wanted])
         match[match] = (
-            self._gather(held, slots[match], positions[match], "inputs")
+            self._gather(cols, slots[match], positions[match], "inputs")
             == inputs[w[match]]
         )
         mw, ms, mp = w[match], slots[match], positions[match]
@@ -454,7 +463,7 @@ class ShardFolder:
             i = int(w[j])
             if results[i] != Status.MISSING:
                 continue
-            index = held[int(slots[j])]
+            index = held.get(int(slots[j]))
             record = None if index is None else index.record(int(positions[j]))
             if record is None:
                 settled = False
@@ -463,29 +472,6 @@ class ShardFolder:
                 results[i] = Status.STALE
         return results, settled
 
-    @staticmethod
-    def _same_step(
-        held: Sequence[ShardIndex | None],
-        wanted: Sequence[Identity],
-        w: np.ndarray,
-        slots: np.ndarray,
-        positions: np.ndarray,
-    ) -> np.ndarray:
-        """Whether each candidate's ``format:step`` is its wanted identity's."""
-        pairs = [(i.format, i.step) for i in wanted]
-        steps = {pair: n for n, pair in enumerate(dict.fromkeys(pairs))}
-        of_wanted = np.fromiter(map(steps.__getitem__, pairs), np.int64, len(pairs))
-        of_wanted = of_wanted[w]
-        prefixes = [f"{fmt}:{step}" for fmt, step in steps]
-        same = np.zeros(len(w), bool)
-        for s in np.unique(slots).tolist():
-            index = held[s]
-            assert index is not None
-            mine = slots == s
-            codes = np.array([index.step_code(p) for p in prefixes], dtype=np.int64)
-            same[mine] = index.step_codes[positions[mine]] == codes[of_wanted[mine]]
-        return same
-
     def refs(self, key: str) -> list[tuple[int, str, int]]:
         """``(time, shard path, position)`` of every entry of ``key``, newest first.
 
@@ -493,7 +479,10 @@ class ShardFolder:
         """
         with self.lock:
             digests = shard_index.key_digests([key])
-            _, slots, positions, times, _ = self._candidates(digests)
+            try:
+                _, slots, positions, times, _, _ = self._candidates(digests, [key])
+            except ChangedWhileReading:
+                return []  # a shard changed: its entries are not known now
             found = []
             for s, p, t in zip(slots.tolist(), positions.tolist(), times.tolist()):
                 index = self._slots[s]
@@ -647,21 +636,33 @@ class ShardFolder:
         the shards (an entry whose shard changed meanwhile is a group alone).
         Newest: the latest time, then the later shard path and position.
         """
-        digests, slots, positions = self._keys.all()
-        live = {s: i for s in np.unique(slots).tolist() if (i := self._slots[s])}
-        chosen = {index.path: np.zeros(len(index), bool) for index in live.values()}
-        keep = np.zeros(len(slots), bool)
-        times = np.zeros(len(slots), "<i8")
-        ranks = np.zeros(len(slots), "<i8")
+        live = {s: i for s, i in enumerate(self._slots) if i is not None}
+        parts: list[tuple[np.ndarray, ...]] = []
         for rank, s in enumerate(sorted(live, key=lambda s: live[s].path)):
             index = live[s]
-            mine = np.flatnonzero(slots == s)
-            at = positions[mine]
-            keep[mine] = select(index)[at]
-            times[mine] = index.entries[at, 2]
-            ranks[mine] = rank
-        d, sl, ps = digests[keep], slots[keep], positions[keep]
-        order = np.lexsort((-ps, -ranks[keep], -times[keep], d))
+            try:
+                cols = index.columns()
+                mine = np.flatnonzero(select(index))
+            except ChangedWhileReading:  # gone since listed: left out, as if not listed
+                del live[s]
+                self._drop(index.path)
+                continue
+            digests = np.empty(len(index), "<u8")
+            digests[cols.positions] = cols.lookup  # by position
+            parts.append(
+                (
+                    digests[mine],
+                    np.full(len(mine), s, "<i4"),
+                    mine.astype("<i4"),
+                    cols.entries[mine, 2],
+                    np.full(len(mine), rank, "<i8"),
+                )
+            )
+        chosen = {index.path: np.zeros(len(index), bool) for index in live.values()}
+        if not parts:
+            return chosen
+        d, sl, ps, times, ranks = (np.concatenate(c) for c in zip(*parts))
+        order = np.lexsort((-ps, -ranks, -times, d))
         d, sl, ps = d[order], sl[order], ps[order]
         if not len(d):
             return chosen
@@ -742,6 +743,7 @@ def clear() -> None:
         _FOLDERS.clear()
     DATA.clear()
     TEXTS.clear()
+    COLUMNS.clear()
 
 
 def compact(

@@ -1,13 +1,18 @@
-"""The in-memory index of shards: fixed-width arrays, a few dozen bytes an entry.
+"""The index of shards: a few bytes held per entry, the rest read on demand.
 
 A shard's records (`samplepipe.storage.identity.Record` text) are read from
-its file when the shard is indexed, reduced to arrays and dropped: per entry
-``(group, row, time)`` (24 B), its inputs (16 B, `inputs_digests`), a key
-check (8 B), its payload checksum (16 B), a kind and a ``format:step`` code
-(1 B each, into per-shard tables) and whether its payload was verified (1 B).
-The folder maps keys to entries through 8-byte key digests in sorted runs
-(`KeyRuns`, 16 B an entry). The record text itself is read back from the
-shard on demand (`ShardIndex.record`), through a bounded cache (`TEXTS`).
+its file when the shard is indexed and reduced to arrays (`_Columns`, about
+80 B an entry): per entry ``(group, row, time)`` (24 B), its inputs (16 B,
+`inputs_digests`), a key check (8 B), its payload checksum (16 B), a kind and
+a ``format:step`` code (1 B each, into per-shard tables) and its key's
+8-byte lookup digest, sorted (12 B). Those arrays are held within a bound
+(`COLUMNS`, 32 MiB) and read back from the shard when dropped. What is held
+for every listed shard is small: its stamp, newest time, smallest and
+largest key, a Bloom filter of its keys (`KeyFilter`, 10 bits a key) and
+whether each entry was verified (nothing once all were). A lookup asks only
+the shards whose key range and filter may hold a wanted key. The record text
+itself is read back from the shard on demand (`ShardIndex.record`), through a
+bounded cache (`TEXTS`).
 
 What a digest decides, and what confirms it:
 
@@ -24,16 +29,18 @@ What a digest decides, and what confirms it:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 import numpy as np
 
+from ..errors import ChangedWhileReading
 from .files import Stamp
-from .identity import Record
+from .identity import Identity, Record
 from .status import Status
 
 V = TypeVar("V")
@@ -100,14 +107,95 @@ def _codes(values: list[int]) -> np.ndarray:
     return np.array(values, dtype=np.uint8 if max(values, default=0) < 256 else "<u4")
 
 
+class KeyFilter:
+    """A Bloom filter of one shard's key digests: 10 bits a key, ~1 % false hits.
+
+    Held per shard in place of its key digests (16 B a key), it tells which
+    shards may hold a wanted key; the shard's own index (read back on demand)
+    then confirms it. Probe ``i`` of a key is ``(d0 + i * d1) mod m`` of its
+    `key_digests` ``(d0, d1)``: no further hashing.
+    """
+
+    PROBES = 5
+    BITS_PER_KEY = 10
+
+    def __init__(self, digests: np.ndarray) -> None:
+        m = max(64, self.BITS_PER_KEY * len(digests))
+        self.m = m + (-m) % 8
+        flags = np.zeros(self.m, dtype=bool)
+        flags[self._probes(digests)] = True
+        self.bits = np.packbits(flags, bitorder="little")
+
+    def _probes(self, digests: np.ndarray) -> np.ndarray:
+        d0 = digests[:, 0].astype("<u8", copy=False)
+        d1 = digests[:, 1].astype("<u8", copy=False)
+        m = np.uint64(self.m)
+        return np.concatenate(
+            [(d0 + np.uint64(i) * d1) % m for i in range(self.PROBES)]
+        )
+
+    def might_hold(self, digests: np.ndarray) -> np.ndarray:
+        """Per key digest ``(d0, d1)``: False if the shard surely lacks it."""
+        if not len(digests):
+            return np.zeros(0, dtype=bool)
+        probes = self._probes(digests)
+        shifts = (probes & np.uint64(7)).astype(np.uint8)
+        hit = (self.bits[probes >> np.uint64(3)] >> shifts) & 1
+        return hit.reshape(self.PROBES, len(digests)).all(axis=0)
+
+    @property
+    def nbytes(self) -> int:
+        return self.bits.nbytes
+
+
+class _Columns:
+    """The per-entry arrays of one shard (see `ShardIndex`): about 80 B an entry."""
+
+    def __init__(self, entries: np.ndarray) -> None:
+        n = len(entries)
+        self.entries = entries  # (group, row, time) per entry
+        self.inputs = np.zeros(n, dtype="V16")  # see `inputs_digests`
+        self.key_checks = np.zeros(n, dtype="<u8")  # column 1 of `key_digests`
+        self.checksums = np.zeros(n, dtype="V16")
+        self.kind_codes = np.zeros(n, dtype=np.uint8)
+        self.kinds: tuple[str, ...] = ("",)
+        self.step_codes = np.zeros(n, dtype=np.uint8)
+        self.steps: tuple[str, ...] = ("",)  # "format:step"; "" if malformed
+        self.odd: dict[int, str] = {}  # checksums that are not 32 hex digits
+        self.lookup = np.zeros(0, dtype="<u8")  # column 0 of the keys, sorted
+        self.positions = np.zeros(0, dtype="<i4")  # the entry of each of those
+        self.views: tuple[Any, Any, Any] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (
+            self.entries,
+            self.inputs,
+            self.key_checks,
+            self.checksums,
+            self.kind_codes,
+            self.step_codes,
+            self.lookup,
+            self.positions,
+        )
+        return sum(a.nbytes for a in arrays) + 64 * len(self.odd) + 512
+
+
 class ShardIndex:
-    """The index of one shard file as of one stamp, held as arrays.
+    """The index of one shard file as of one stamp.
 
     ``status`` is ``ok``, ``corrupt`` (unreadable, or a broken index) or
     ``unknown`` (readable HDF5 that samplepipe did not write). ``verified``
     holds per entry ``-1`` (not checked yet), ``0`` (its payload fails its
     checksum) or ``1`` (verified). ``records`` reads the record texts back
     from the shard (through `TEXTS`); `record` reads one.
+
+    Held for as long as the shard is listed: its size, stamp, newest time,
+    smallest and largest key, a `KeyFilter` of its keys and ``verified``
+    (nothing when every entry is verified). The per-entry arrays (``entries``,
+    ``inputs``, ``checksums``, ...) are held while `COLUMNS` keeps them and
+    read back from the shard on demand (`columns`): a folder's index costs a
+    few bytes a checkpoint, whatever its size.
 
     Build one with `from_records`; a status alone makes an empty index.
     """
@@ -124,20 +212,15 @@ class ShardIndex:
         self.stamp = stamp
         self.size = size
         self.status = status
-        self.entries = _EMPTY_ENTRIES if entries is None else entries
-        n = len(self.entries)
-        self.verified = np.full(n, UNKNOWN, dtype=np.int8)
-        self.inputs = np.zeros(n, dtype="V16")  # see `inputs_digests`
-        self.key_checks = np.zeros(n, dtype="<u8")  # column 1 of `key_digests`
-        self.checksums = np.zeros(n, dtype="V16")
-        self.kind_codes = np.zeros(n, dtype=np.uint8)
-        self.kinds: tuple[str, ...] = ("",)
-        self.step_codes = np.zeros(n, dtype=np.uint8)
-        self.steps: tuple[str, ...] = ("",)  # "format:step"; "" if malformed
-        self.odd: dict[int, str] = {}  # checksums that are not 32 hex digits
+        cols = _Columns(_EMPTY_ENTRIES if entries is None else entries)
+        self._n = len(cols.entries)
+        self._cols: _Columns | None = cols
+        self._verified: np.ndarray | None = np.full(self._n, UNKNOWN, dtype=np.int8)
         self.reader: Callable[[ShardIndex], TextBlob | None] | None = None
-        self.new_keys: np.ndarray | None = None  # key digests, until indexed
-        self._views: tuple[Any, Any, Any] | None = None
+        self.loader: Callable[[ShardIndex], _Columns | None] | None = None
+        self.filter: KeyFilter | None = None  # None: may hold any key
+        self.key_range: tuple[str, str] | None = None  # None: any key
+        self.max_time = 0
 
     @classmethod
     def from_records(
@@ -154,6 +237,8 @@ class ShardIndex:
         its whole text as its key and matches no identity.
         """
         index = cls(path, stamp, size, Status.OK, np.ascontiguousarray(entries, "<i8"))
+        cols = index._cols
+        assert cols is not None
         keys: list[str] = []
         inputs: list[str] = []
         sums: list[bytes] = []
@@ -161,7 +246,7 @@ class ShardIndex:
         step_of: dict[str, int] = {"": 0}
         kinds: list[int] = []
         steps: list[int] = []
-        odd = index.odd
+        odd = cols.odd
         for position, item in enumerate(records):
             r = Record.fields(item) if isinstance(item, str) else item
             if r is None:
@@ -184,36 +269,98 @@ class ShardIndex:
             kinds.append(kind_of.setdefault(r.kind, len(kind_of)))
             steps.append(step_of.setdefault(f"{r.format}:{r.step}", len(step_of)))
         n = len(keys)
-        if n != len(index.entries):
-            msg = f"{n} records for {len(index.entries)} entries"
+        if n != index._n:
+            msg = f"{n} records for {index._n} entries"
             raise ValueError(msg)
-        index.inputs = inputs_digests(inputs).copy()
-        index.checksums = np.frombuffer(b"".join(sums), dtype="V16").copy()
-        index.kind_codes = _codes(kinds)
-        index.kinds = tuple(kind_of)
-        index.step_codes = _codes(steps)
-        index.steps = tuple(step_of)
+        cols.inputs = inputs_digests(inputs).copy()
+        cols.checksums = np.frombuffer(b"".join(sums), dtype="V16").copy()
+        cols.kind_codes = _codes(kinds)
+        cols.kinds = tuple(kind_of)
+        cols.step_codes = _codes(steps)
+        cols.steps = tuple(step_of)
         digests = key_digests(keys)
-        index.key_checks = digests[:, 1].copy()
-        index.new_keys = digests[:, 0].copy()
+        cols.key_checks = digests[:, 1].copy()
+        order = np.argsort(digests[:, 0], kind="stable")
+        cols.lookup = digests[order, 0].copy()
+        cols.positions = order.astype("<i4")
+        if n:
+            index.filter = KeyFilter(digests)
+            index.key_range = (min(keys), max(keys))
+            index.max_time = int(cols.entries[:, 2].max())
         return index
 
     def __len__(self) -> int:
-        return len(self.entries)
+        return self._n
 
     def __repr__(self) -> str:
         return f"ShardIndex({self.path!r}, {self.status!r}, {len(self)} entries)"
 
+    # -- the per-entry arrays, held while COLUMNS keeps them ------------------
+    def columns(self) -> _Columns:
+        """The per-entry arrays, read back from the shard if dropped.
+
+        Raises `ChangedWhileReading` when they were dropped and the shard changed
+        or vanished since it was indexed.
+        """
+        cols = self._cols
+        if cols is not None:
+            return cols
+        loader = self.loader
+        cols = None if loader is None else loader(self)
+        if cols is None or len(cols.entries) != self._n:
+            msg = f"shard {self.path!r} changed or vanished since it was indexed"
+            raise ChangedWhileReading(msg)
+        self._cols = cols
+        COLUMNS.hold(self, cols.nbytes)
+        return cols
+
+    def release(self) -> None:
+        """Drop the per-entry arrays (read back on demand); see `COLUMNS`."""
+        if self.loader is None:
+            return  # nothing to read them back with
+        self._cols = None
+        with _VERIFIED_LOCK:
+            v = self._verified
+            if v is not None and len(v) and bool((v == GOOD).all()):
+                self._verified = None  # all verified: nothing to hold
+
+    @property
+    def verified(self) -> np.ndarray:
+        """Per entry: UNKNOWN, BAD or GOOD (int8)."""
+        v = self._verified
+        if v is None:
+            with _VERIFIED_LOCK:
+                if self._verified is None:
+                    self._verified = np.full(self._n, GOOD, dtype=np.int8)
+                v = self._verified
+        return v
+
+    @verified.setter
+    def verified(self, value: np.ndarray) -> None:
+        with _VERIFIED_LOCK:
+            self._verified = value
+
+    entries = property(lambda self: self.columns().entries, doc="(group, row, time)")
+    inputs = property(lambda self: self.columns().inputs, doc="`inputs_digests`")
+    key_checks = property(lambda self: self.columns().key_checks, doc="key check")
+    checksums = property(lambda self: self.columns().checksums, doc="payload sums")
+    kind_codes = property(lambda self: self.columns().kind_codes, doc="kind codes")
+    kinds = property(lambda self: self.columns().kinds, doc="kind of each code")
+    step_codes = property(lambda self: self.columns().step_codes, doc="step codes")
+    steps = property(lambda self: self.columns().steps, doc="format:step of a code")
+    odd = property(lambda self: self.columns().odd, doc="odd checksums")
+
     # -- per entry -----------------------------------------------------------
     def _make_views(self) -> tuple[Any, Any, Any]:
-        if self._views is None:
-            flat = np.ascontiguousarray(self.entries, "<i8").data.cast("B")
-            self._views = (
-                _Checksums(self),
-                _Kinds(self),
+        cols = self._cols or self.columns()
+        if cols.views is None:
+            flat = np.ascontiguousarray(cols.entries, "<i8").data.cast("B")
+            cols.views = (
+                _Checksums(cols),
+                _Kinds(cols),
                 _Locations(flat.cast("q")),
             )
-        return self._views
+        return cols.views
 
     def fields(self) -> tuple[Sequence[str], Sequence[str]]:
         """``(checksums, kinds)`` of the entries' records ("" if malformed)."""
@@ -279,10 +426,10 @@ class ShardIndex:
 
 
 class _Checksums(Sequence[str]):
-    def __init__(self, index: ShardIndex) -> None:
-        self.odd = index.odd
-        self.raw = index.checksums.data.cast("B")
-        self.n = len(index)
+    def __init__(self, cols: _Columns) -> None:
+        self.odd = cols.odd
+        self.raw = cols.checksums.data.cast("B")
+        self.n = len(cols.entries)
 
     def __len__(self) -> int:
         return self.n
@@ -304,9 +451,9 @@ class _Checksums(Sequence[str]):
 
 
 class _Kinds(Sequence[str]):
-    def __init__(self, index: ShardIndex) -> None:
-        self.kinds = index.kinds
-        self.codes = index.kind_codes
+    def __init__(self, cols: _Columns) -> None:
+        self.kinds = cols.kinds
+        self.codes = cols.kind_codes
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -403,85 +550,155 @@ class Found(NamedTuple):
         return self.shard.record(self.position) or ""
 
 
-class KeyRuns:
-    """Key digests of a folder's entries with their (slot, position): 16 B each.
+class _HeldColumns:
+    """The shards whose per-entry arrays this process holds, oldest first.
 
-    Sorted runs merged like a binary counter (a log-structured table, as
-    `samplepipe.sources` keeps the keys of a source): adding a shard and
-    looking a batch of keys up cost O(b log N). Entries of removed shards stay
-    until `purge` filters them out.
+    Bounded in bytes (``maxbytes``, default 32 MiB: about 400,000 entries);
+    past it the oldest shards' arrays are dropped (`ShardIndex.release`) and
+    read back from their file when next asked for. The newest shard's are
+    always kept, however large.
     """
 
-    def __init__(self) -> None:
-        self.runs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    def __init__(self, maxbytes: int = 32 << 20) -> None:
+        self.maxbytes = maxbytes
+        self._held: OrderedDict[int, tuple[ShardIndex, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
 
-    def __len__(self) -> int:
-        return sum(len(r[0]) for r in self.runs)
+    def hold(self, index: ShardIndex, nbytes: int) -> None:
+        """Count ``index``'s arrays as held; drop the oldest past the bound."""
+        dropped: list[ShardIndex] = []
+        with self._lock:
+            old = self._held.pop(id(index), None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._held[id(index)] = (index, nbytes)
+            self._bytes += nbytes
+            while self._bytes > self.maxbytes and len(self._held) > 1:
+                _, (victim, size) = self._held.popitem(last=False)
+                self._bytes -= size
+                dropped.append(victim)
+        for victim in dropped:
+            victim.release()
 
-    def add(self, digests: np.ndarray, slot: int) -> None:
-        """Add one shard's key digests (entry i at position i)."""
-        if not len(digests):
-            return
-        order = np.argsort(digests, kind="stable")
-        slots = np.full(len(digests), slot, dtype="<i4")
-        self.runs.append((digests[order], slots, order.astype("<i4")))
-        self._merge()
+    def forget(self, index: ShardIndex) -> None:
+        """Stop counting ``index`` (its folder forgot it)."""
+        with self._lock:
+            old = self._held.pop(id(index), None)
+            if old is not None:
+                self._bytes -= old[1]
 
-    def _merge(self) -> None:
-        runs = self.runs
-        while len(runs) > 1 and len(runs[-2][0]) <= len(runs[-1][0]):
-            (d1, s1, p1), (d2, s2, p2) = runs[-2], runs[-1]
-            d = np.concatenate([d1, d2])
-            by = np.argsort(d, kind="stable")
-            runs[-2:] = [
-                (d[by], np.concatenate([s1, s2])[by], np.concatenate([p1, p2])[by])
-            ]
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the arrays held now."""
+        return self._bytes
 
-    def purge(self, alive: np.ndarray) -> None:
-        """Keep only the entries of slots where ``alive`` (bool by slot) is True."""
-        digests, slots, positions = self.all()
-        keep = alive[slots]
-        by = np.argsort(digests[keep], kind="stable")
-        self.runs = []
-        if by.size:
-            self.runs.append((digests[keep][by], slots[keep][by], positions[keep][by]))
+    def clear(self) -> None:
+        with self._lock:
+            self._held.clear()
+            self._bytes = 0
 
-    def all(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(digests, slots, positions)`` of every entry (not sorted overall)."""
-        if not self.runs:
-            return np.zeros(0, "<u8"), np.zeros(0, "<i4"), np.zeros(0, "<i4")
-        return (
-            np.concatenate([r[0] for r in self.runs]),
-            np.concatenate([r[1] for r in self.runs]),
-            np.concatenate([r[2] for r in self.runs]),
-        )
 
-    def lookup(self, wanted: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(wanted index, slot, position)`` of every entry of a wanted digest."""
-        found_w, found_s, found_p = [], [], []
-        by = np.argsort(wanted)  # sorted needles: searches walk the run in order
-        needles = wanted[by]
-        for digests, slots, positions in self.runs:
-            lo = np.searchsorted(digests, needles, "left")
-            hi = np.searchsorted(digests, needles, "right")
-            count = hi - lo
-            total = int(count.sum())
-            if not total:
+COLUMNS = _HeldColumns()
+_VERIFIED_LOCK = threading.Lock()
+
+
+def candidates(
+    live: Sequence[tuple[int, ShardIndex]],
+    digests: np.ndarray,
+    keys: Sequence[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, Any]:
+    """``(wanted index, slot, position, time, rank, columns)`` of these keys.
+
+    Found by column 0 of the keys' `key_digests` (not confirmed), in the
+    shards whose key range (when ``keys`` are given) and `KeyFilter` may
+    hold them, grouped by wanted index and newest first (in any order
+    when each has one entry); ``rank`` orders the shards by path (a tie
+    of times goes to the later path); ``columns`` maps each slot found to
+    its shard's arrays. Raises `ChangedWhileReading` if a shard to be asked
+    changed since it was indexed.
+    """
+    every = np.arange(len(digests))
+    ranged = keys is not None and len(live) > 8  # else the filters suffice
+    if ranged:
+        assert keys is not None
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        sorted_keys = [keys[i] for i in order]
+        by_key = np.array(order, dtype=np.int64)
+    found_w, found_s, found_p, found_t = [], [], [], []
+    columns: dict[int, _Columns] = {}
+    for s, index in live:
+        asked = every
+        if ranged and index.key_range is not None:
+            lo = bisect.bisect_left(sorted_keys, index.key_range[0])
+            hi = bisect.bisect_right(sorted_keys, index.key_range[1])
+            if lo >= hi:
                 continue
-            w = np.repeat(by, count)
-            starts = np.repeat(lo - (np.cumsum(count) - count), count)
-            at = starts + np.arange(total)
-            found_w.append(w)
-            found_s.append(slots[at])
-            found_p.append(positions[at])
-        if not found_w:
-            empty = np.zeros(0, "<i8")
-            return empty, empty.astype("<i4"), empty.astype("<i4")
-        return (
-            np.concatenate(found_w),
-            np.concatenate(found_s),
-            np.concatenate(found_p),
+            asked = by_key[lo:hi]
+        if index.filter is not None:
+            asked = asked[index.filter.might_hold(digests[asked])]
+        if not len(asked):
+            continue
+        cols = index.columns()
+        needles = digests[asked, 0]
+        lo_at = np.searchsorted(cols.lookup, needles, "left")
+        count = np.searchsorted(cols.lookup, needles, "right") - lo_at
+        total = int(count.sum())
+        if not total:
+            continue
+        columns[s] = cols
+        at = np.repeat(lo_at - (np.cumsum(count) - count), count)
+        positions = cols.positions[at + np.arange(total)]
+        found_w.append(np.repeat(asked, count))
+        found_s.append(np.full(total, s, dtype="<i4"))
+        found_p.append(positions)
+        found_t.append(cols.entries[positions, 2])
+    if not found_w:
+        none = np.zeros(0, "<i8")
+        return none, none.astype("<i4"), none.astype("<i4"), none, none, columns
+    w = np.concatenate(found_w)
+    slots = np.concatenate(found_s)
+    positions = np.concatenate(found_p).astype("<i4")
+    times = np.concatenate(found_t)
+    path_of = {s: index.path for s, index in live}
+    rank_of = {s: r for r, s in enumerate(sorted(columns, key=path_of.__getitem__))}
+    ranks = np.array([rank_of[s] for s in slots.tolist()], dtype="<i8")
+    if np.bincount(w).max() == 1:  # one entry a key: any order
+        return w, slots, positions, times, ranks, columns
+    order_ = np.lexsort((-positions, -ranks, -times, w))
+    return (
+        w[order_],
+        slots[order_],
+        positions[order_],
+        times[order_],
+        ranks[order_],
+        columns,
+    )
+
+
+def same_step(
+    cols: Mapping[int, _Columns],
+    wanted: Sequence[Identity],
+    w: np.ndarray,
+    slots: np.ndarray,
+    positions: np.ndarray,
+) -> np.ndarray:
+    """Whether each candidate's ``format:step`` is its wanted identity's."""
+    pairs = [(i.format, i.step) for i in wanted]
+    steps = {pair: n for n, pair in enumerate(dict.fromkeys(pairs))}
+    of_wanted = np.fromiter(map(steps.__getitem__, pairs), np.int64, len(pairs))
+    of_wanted = of_wanted[w]
+    prefixes = [f"{fmt}:{step}" for fmt, step in steps]
+    same = np.zeros(len(w), bool)
+    for s in np.unique(slots).tolist():
+        shard = cols[s]
+        mine = slots == s
+        codes = np.array(
+            [shard.steps.index(p) if p in shard.steps else -1 for p in prefixes],
+            dtype=np.int64,
         )
+        same[mine] = shard.step_codes[positions[mine]] == codes[of_wanted[mine]]
+    return same
 
 
 class ByKey:
