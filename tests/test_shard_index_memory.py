@@ -103,6 +103,18 @@ MEASURE = textwrap.dedent(
 )
 
 
+def write_many(tmp_path, n, per_shard):
+    """A folder of ``n`` checkpoints in shards of ``per_shard``, as MEASURE asks."""
+    root = str(tmp_path / "f")
+    for start in range(0, n, per_shard):
+        identities = [
+            Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
+            for i in range(start, start + per_shard)
+        ]
+        write(root, identities)
+    return root
+
+
 def _measure(root, maxbytes):
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, root, str(maxbytes)],
@@ -125,13 +137,7 @@ def test_the_index_of_a_folder_holds_a_few_bytes_a_checkpoint_past_its_bound(
     still finds every checkpoint, reading dropped arrays back from the shards.
     """
     per_shard = 10_000
-    root = str(tmp_path / "f")
-    for start in range(0, n, per_shard):
-        identities = [
-            Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
-            for i in range(start, start + per_shard)
-        ]
-        write(root, identities)
+    root = write_many(tmp_path, n, per_shard)
     bound = 1 << 20
     figures = _measure(root, bound)
     assert figures["entries"] == n
@@ -145,14 +151,8 @@ def test_the_index_of_a_folder_holds_a_few_bytes_a_checkpoint_past_its_bound(
 
 def test_the_index_of_a_folder_holds_at_most_150_bytes_a_checkpoint(tmp_path):
     """Within its bound the index holds ~90 B an entry (~590 B before arrays)."""
-    n, per_shard = 60_000, 10_000
-    root = str(tmp_path / "f")
-    for start in range(0, n, per_shard):
-        identities = [
-            Identity("s" * 32, f"{i:032x}", f"sample/{i:07d}")
-            for i in range(start, start + per_shard)
-        ]
-        write(root, identities)
+    n = 60_000
+    root = write_many(tmp_path, n, 10_000)
     figures = _measure(root, 1 << 30)
     assert figures["entries"] == n
     assert figures["found"] == figures["asked"]
