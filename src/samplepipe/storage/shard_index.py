@@ -58,7 +58,7 @@ def _encoded(text: str) -> bytes:
 def key_digests(keys: Sequence[str]) -> np.ndarray:
     """16-byte BLAKE2b digests of keys, as ``(n, 2) uint64``.
 
-    Column 0 finds candidate entries (`KeyRuns`); column 1 confirms them.
+    Column 0 finds candidate entries (`candidates`); column 1 confirms them.
     """
     blake = hashlib.blake2b
     joined = b"".join(
