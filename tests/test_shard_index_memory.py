@@ -369,3 +369,28 @@ def test_records_are_split_in_one_place():
     """identity.Record splits record texts; the shard modules never do."""
     for name in ("shard_file.py", "shard_folders.py", "shard_index.py", "shards.py"):
         assert 'split(":", 5)' not in (SRC / name).read_text(encoding="utf-8")
+
+
+def test_keys_outside_every_shards_range_read_no_shard_back(tmp_path, monkeypatch):
+    """A batch of new keys must not read dropped arrays back on filter false hits."""
+    root = str(tmp_path / "f")
+    write(root, [Identity("step", "in", f"a/{i:05d}") for i in range(5000)])
+    monkeypatch.setattr(COLUMNS, "maxbytes", 1)  # only the newest shard's arrays
+    write(root, [Identity("step", "in", f"b/{i:05d}") for i in range(5000)])
+    folder = shard_store.shard_folder(root)
+    reads = []
+
+    def counting(read):
+        def counted(index):
+            reads.append(index.path)
+            return read(index)
+
+        return counted
+
+    for index in folder.shards.values():  # the loaders each shard was given
+        index.loader = counting(index.loader)
+    new = [Identity("step", "in", f"c/{i:05d}") for i in range(5000)]
+    assert folder.find(new) == ["missing"] * 5000
+    assert reads == []  # ~1 % of 5,000 keys pass a filter: the key range decides
+    found = folder.find([Identity("step", "in", "a/00007")])
+    assert value_of(folder, found[0]) == 7.0 and len(reads) == 1
