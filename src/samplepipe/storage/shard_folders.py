@@ -290,35 +290,17 @@ class ShardFolder:
             and self._slot_of
             and len(self._slot_of) * 2 < len(self._slots)
         ):  # mostly dropped: renumber (a lookup keeps its own slot -> shard map)
-            kept = [i for i in self._slots if i is not None]
-            self._slots = list(kept)
-            self._slot_of = {i.path: s for s, i in enumerate(kept)}
+            self._slots = [i for i in self._slots if i is not None]
+            self._slot_of = {i.path: s for s, i in enumerate(self._slots) if i}
 
     def _columns_of(self, index: ShardIndex) -> _Columns | None:
         """The per-entry arrays of an indexed shard, read again; None if it changed."""
-        if self.fs.local:
-            import h5py
-
-            try:
-                with hdf5.H5_LOCK, h5py.File(index.path, "r") as f:
-                    records, entries = _read_index(f)
-            except (OSError, LookupError, ShardError):
-                return None
-            if LOCAL.stamp(index.path) != index.stamp:
-                return None
-            again = ShardIndex.from_records(
-                index.path, index.stamp, index.size, records, entries
-            )
-        else:
-            try:
-                stamped = self.fs.read_stamped(index.path, index.stamp)
-            except (OSError, ChangedWhileReading):
-                return None
-            if stamped is None or stamped[1] != index.stamp:
-                return None
-            again = self._index_of_bytes(index.path, *stamped)[0]
-            if again.status != Status.OK:
-                return None
+        try:
+            again = self._read_index(index.path, index.size, index.stamp)
+        except OSError:  # a store that failed to answer: as if changed
+            return None
+        if again is None or again.status != Status.OK or again.stamp != index.stamp:
+            return None
         return again._cols
 
     # -- verifying payloads ------------------------------------------------
