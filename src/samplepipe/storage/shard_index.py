@@ -29,7 +29,6 @@ What a digest decides, and what confirms it:
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import threading
 from collections import OrderedDict
@@ -165,6 +164,13 @@ class _Columns:
         self.lookup = np.zeros(0, dtype="<u8")  # column 0 of the keys, sorted
         self.positions = np.zeros(0, dtype="<i4")  # the entry of each of those
         self.views: tuple[Any, Any, Any] | None = None
+
+    def step_code(self, step_prefix: str) -> int:
+        """The code of ``format:step`` in `step_codes`; -1 if no entry has it."""
+        try:
+            return self.steps.index(step_prefix) if step_prefix else -1
+        except ValueError:
+            return -1
 
     @property
     def nbytes(self) -> int:
@@ -393,10 +399,7 @@ class ShardIndex:
 
     def step_code(self, step_prefix: str) -> int:
         """The code of ``format:step`` in `step_codes`; -1 if no entry has it."""
-        try:
-            return self.steps.index(step_prefix) if step_prefix else -1
-        except ValueError:
-            return -1
+        return self.columns().step_code(step_prefix)
 
     # -- the record texts, read from the shard -------------------------------
     def texts(self) -> TextBlob | None:
@@ -622,12 +625,6 @@ def candidates(
     # a batch's keys outside a shard's key range skip its filter: at ~1 % false
     # hits a key, a filter alone lets a batch of thousands read every shard
     span = (min(keys), max(keys)) if keys else None
-    ranged = keys is not None and len(live) > 8  # and the keys within it only
-    if ranged:
-        assert keys is not None
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        sorted_keys = [keys[i] for i in order]
-        by_key = np.array(order, dtype=np.int64)
     found_w, found_s, found_p, found_t = [], [], [], []
     columns: dict[int, _Columns] = {}
     for s, index in live:
@@ -635,12 +632,6 @@ def candidates(
         if span is not None and index.key_range is not None:
             if index.key_range[1] < span[0] or span[1] < index.key_range[0]:
                 continue
-        if ranged and index.key_range is not None:
-            lo = bisect.bisect_left(sorted_keys, index.key_range[0])
-            hi = bisect.bisect_right(sorted_keys, index.key_range[1])
-            if lo >= hi:
-                continue
-            asked = by_key[lo:hi]
         if index.filter is not None:
             asked = asked[index.filter.might_hold(digests[asked])]
         if not len(asked):
@@ -667,8 +658,10 @@ def candidates(
     positions = np.concatenate(found_p).astype("<i4")
     times = np.concatenate(found_t)
     path_of = {s: index.path for s, index in live}
-    rank_of = {s: r for r, s in enumerate(sorted(columns, key=path_of.__getitem__))}
-    ranks = np.array([rank_of[s] for s in slots.tolist()], dtype="<i8")
+    rank_of = np.zeros(max(columns) + 1, dtype="<i8")
+    for r, s in enumerate(sorted(columns, key=path_of.__getitem__)):
+        rank_of[s] = r
+    ranks = rank_of[slots]
     if np.bincount(w).max() == 1:  # one entry a key: any order
         return w, slots, positions, times, ranks, columns
     order_ = np.lexsort((-positions, -ranks, -times, w))
@@ -699,10 +692,7 @@ def same_step(
     for s in np.unique(slots).tolist():
         shard = cols[s]
         mine = slots == s
-        codes = np.array(
-            [shard.steps.index(p) if p in shard.steps else -1 for p in prefixes],
-            dtype=np.int64,
-        )
+        codes = np.array([shard.step_code(p) for p in prefixes], dtype=np.int64)
         same[mine] = shard.step_codes[positions[mine]] == codes[of_wanted[mine]]
     return same
 
