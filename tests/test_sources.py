@@ -323,13 +323,24 @@ def test_sources_reject_what_is_not_one():
     assert isinstance(as_source([]), SampleSource)
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
-def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
+@pytest.mark.parametrize(
+    ("bounds", "per_sample"),
+    [(None, 200), ((256 << 10, 5_000), 24)],
+    ids=["default-bounds", "small-bounds"],
+)
+def test_outputs_of_a_large_run_hold_little_memory_per_sample(
+    tmp_path, bounds, per_sample
+):
     """A subprocess runs 60,000 generated samples and keeps the outputs.
 
     What the flow's process holds once the run is over, outputs kept, is
     measured with tracemalloc: at most 200 bytes per sample (the list of
-    per-sample objects it held before was about 4.5 KB per sample).
+    per-sample objects it held before was about 4.5 KB per sample). With
+    small bounds on the outputs' manifests in memory and on the source's key
+    table, the rest goes to their files: at most 24 bytes per sample (0.9 MB
+    measured: the newest batch's manifest, the Bloom filters of the shard
+    folder and of the key table, the batches' task states), where the default
+    bounds hold all of it (118 B a sample measured).
     """
     script = textwrap.dedent(
         """
@@ -339,6 +350,8 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
         from sklearn.preprocessing import FunctionTransformer
         import samplepipe
         from samplepipe.flows import transform_pipeline
+        from samplepipe.outputs import PipelineOutputs
+        from samplepipe.sources import _KeyTable
 
         def gen(i):
             return np.full(2, float(i))
@@ -351,9 +364,11 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
                         key=f"k{i}") for i in range(start, stop)]
 
         N = int(sys.argv[1])
+        if len(sys.argv) > 3:
+            PipelineOutputs.held, _KeyTable.held = map(int, sys.argv[3:])
         pipe = Pipeline([("twice", FunctionTransformer(np.negative))])
         kw = dict(features_dir=sys.argv[2] + "/f", model_dir=sys.argv[2] + "/m",
-                  batch_size=20_000, layout="shards")
+                  batch_size=5_000, layout="shards")
         transform_pipeline(pipe, Source(), **kw)  # warm: imports, caches
         gc.collect()
         tracemalloc.start()
@@ -362,14 +377,16 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
         gc.collect()
         held = tracemalloc.get_traced_memory()[0] - before
         print(json.dumps({"held": held, "n": len(out),
-                          "last": float(out[-1].data[0])}))
+                          "last": float(out[-1].data[0]),
+                          "spilled": out._file is not None}))
         """
     )
     path = tmp_path / "big.py"
     path.write_text(script)
     n = 60_000
     proc = subprocess.run(
-        [sys.executable, str(path), str(n), str(tmp_path)],
+        [sys.executable, str(path), str(n), str(tmp_path)]
+        + [str(b) for b in bounds or ()],
         capture_output=True,
         text=True,
         env={**os.environ, "PREFECT_LOGGING_LEVEL": "ERROR"},
@@ -381,7 +398,8 @@ def test_outputs_of_a_large_run_hold_little_memory_per_sample(tmp_path):
 
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["n"] == n and result["last"] == -(n - 1)
-    assert result["held"] / n <= 200, result
+    assert result["spilled"] is (bounds is not None)
+    assert result["held"] / n <= per_sample, result
 
 
 @pytest.mark.parametrize("layout", ["files", "shards"])
@@ -417,3 +435,65 @@ def test_outputs_arrays_refuse_failed_samples(tmp_path):
     assert out[5].data is None
     with pytest.raises(ValueError, match=r"1 sample\(s\) failed .*'f/00005'"):
         list(out.arrays())
+
+
+def test_the_key_table_past_its_bound_keeps_its_filters_and_finds_duplicates(
+    monkeypatch,
+):
+    from samplepipe.sources import _KeyTable
+
+    monkeypatch.setattr(_KeyTable, "held", 3_000)
+    table = _KeyTable()
+    rng = np.random.default_rng(0)
+    # names in no order: every key's digest is anywhere in every run
+    names = [f"{rng.integers(1 << 62):x}/{i}" for i in range(60_000)]
+    for start in range(0, 60_000, 1_000):
+        table.add(names[start : start + 1_000], start, "source")
+    assert len(table._spilled) >= 14 and table._file is not None
+    # runs in memory <= 3,000 keys (16 B each) + filters of 1.25 B a key
+    assert table.nbytes <= 2 * 3_000 * 16 + 60_000 * 2, table.nbytes
+    # a key of the first batch (on disk) and one of the last runs in memory
+    again = [f"new/{i}" for i in range(1_000)]
+    again[417] = names[5]
+    with pytest.raises(ValueError, match=r"for samples 5 and 60417; keys must be"):
+        table.add(again, 60_000, "source")
+    again[417] = names[59_999]
+    with pytest.raises(ValueError, match=r"for samples 59999 and 60417"):
+        table.add(again, 60_000, "source")
+    again[417] = "new/417"
+    table.add(again, 60_000, "source")  # nothing of the failed tries was kept
+
+
+def test_outputs_and_keys_past_their_bounds_go_to_disk_and_read_back(
+    tmp_path, monkeypatch
+):
+    import pickle
+
+    from samplepipe.flows import transform_pipeline
+    from samplepipe.sources import _KeyTable
+
+    samples = make_samples(60, prefix="s")
+    expected = transform_pipeline(two_steps(tmp_path), samples, **dirs(tmp_path / "a"))
+    monkeypatch.setattr(PipelineOutputs, "held", 1)  # the newest batch only
+    monkeypatch.setattr(_KeyTable, "held", 15)
+    out = transform_pipeline(two_steps(tmp_path), Indexed(60), **dirs(tmp_path / "b"))
+    assert out._file is not None and out.n_batches == 6
+    on_disk = [
+        n for n, parts in enumerate(out._parts) if not hasattr(parts[0][1], "keys")
+    ]
+    assert on_disk == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(values(out), values(Indexed(60).batch(0, 60)) + 3.0)
+    assert [s.key for s in out[5:25]] == [f"g{i:05d}" for i in range(5, 25)]
+    assert [a.shape for a in out.arrays()] == [(10, 3)] * 6
+    copy = pickle.loads(pickle.dumps(out))
+    assert copy._file is None and [s.key for s in copy] == [s.key for s in out]
+    assert len(expected) == 60
+
+    class Duplicate(Indexed):
+        def sample(self, i):
+            return super().sample(7 if i == 52 else i)
+
+    with pytest.raises(ValueError, match="key 'g00007' for samples 7 and 52"):
+        transform_pipeline(two_steps(tmp_path), Duplicate(60), **dirs(tmp_path / "c"))
+    folder = tmp_path / "c" / "features" / "first"
+    assert len(list(folder.rglob("*.h5"))) == 50  # five batches, not the sixth

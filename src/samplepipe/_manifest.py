@@ -138,6 +138,13 @@ class BatchManifest:
     def __len__(self) -> int:
         return len(self.name_of)
 
+    @property
+    def nbytes(self) -> int:
+        """About the bytes held: texts, arrays and names (no fixed overhead)."""
+        texts = (self.keys, self.inputs, self.checksums, self.kinds, *self.names)
+        arrays = (self.stamps, self.name_of, self.rows)
+        return sum(map(len, texts)) + sum(a.nbytes for a in arrays if a is not None)
+
     # -- building ----------------------------------------------------------
     @classmethod
     @gc_paused()  # a few acyclic objects per sample

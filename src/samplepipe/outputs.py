@@ -1,10 +1,17 @@
 """What `transform_pipeline` returns: its output samples, built on demand.
 
 `PipelineOutputs` is a read-only sequence over the batches' manifests (see
-`samplepipe._manifest`): it holds about 100 bytes per sample (keys, input
-identities, checksums and shard locations, as columns), not one object per
-sample. Indexing, slicing and iterating build samples whose data loads lazily
-from the checkpoints; `to_list` builds them all. Iteration builds one batch at
+`samplepipe._manifest`): about 100 bytes per sample (keys, input identities,
+checksums and shard locations, as columns), not one object per sample. Up to
+`PipelineOutputs.held` bytes of them (32 MiB: about 300,000 samples) stay in
+memory; past it the oldest batches' manifests go to a temporary file (unnamed,
+removed with the outputs) and are read back when their batch is built: memory
+stays bounded whatever the number of samples. They are pickled there (a
+hundred times faster than their JSON): loading a pickle runs code, and this
+file is one that no other process can name, written and read by the outputs
+alone. Indexing,
+slicing and iterating build samples whose data loads lazily from the
+checkpoints; `to_list` builds them all. Iteration builds one batch at
 a time, so reading every output costs memory for one batch.
 
 The samples' metadata comes from the inputs: a list is held (the caller holds
@@ -17,11 +24,16 @@ samples hold their data: they are not pickled with the outputs).
 from __future__ import annotations
 
 import bisect
+import os
+import pickle
+import tempfile
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any, overload
 
 import numpy as np
 
+from ._manifest import BatchManifest
 from .sources import SampleSource
 from .wrappers import Sample
 
@@ -44,12 +56,18 @@ class PipelineOutputs(Sequence[Any]):
     (0, [])
     """
 
+    held = 32 << 20  # bytes of manifests in memory; past it, the oldest on disk
+
     def __init__(self, source: SampleSource | None) -> None:
         self._source = source if source is not None and source.indexed else None
         self._starts: list[int] = []
         self._stops: list[int] = []
+        # per batch [(step, manifest)], a manifest on disk as (offset, length)
         self._parts: list[list[tuple[Any, Any]]] = []
         self._built: tuple[int, list[Any]] | None = None
+        self._in_memory: deque[tuple[int, int]] = deque()  # (start, bytes), oldest 1st
+        self._held_bytes = 0
+        self._file: Any = None
 
     def add_batch(
         self, start: int, stop: int, upstream: Sequence[tuple[Any, Any]]
@@ -73,6 +91,41 @@ class PipelineOutputs(Sequence[Any]):
         self._stops.insert(at, stop)
         self._parts.insert(at, kept[::-1])
         self._built = None
+        nbytes = sum(manifest.nbytes for _, manifest in kept)
+        self._in_memory.append((start, nbytes))
+        self._held_bytes += nbytes
+        while self._held_bytes > self.held and len(self._in_memory) > 1:
+            oldest, size = self._in_memory.popleft()
+            self._held_bytes -= size
+            self._spill(bisect.bisect(self._starts, oldest) - 1)
+
+    def _spill(self, number: int) -> None:
+        """Write batch ``number``'s manifests to the outputs' file."""
+        if self._file is None:  # unnamed: gone with the outputs, or the process
+            self._file = tempfile.TemporaryFile(prefix="samplepipe-outputs-")
+        f = self._file
+        spilled = []
+        for step, manifest in self._parts[number]:
+            blob = pickle.dumps(manifest, protocol=pickle.HIGHEST_PROTOCOL)
+            offset = f.seek(0, 2)
+            f.write(blob)
+            spilled.append((step, (offset, len(blob))))
+        f.flush()
+        self._parts[number] = spilled
+
+    def _manifests(self, number: int) -> list[tuple[Any, Any]]:
+        """Batch ``number``'s ``[(step, manifest)]``, read back if on disk."""
+        parts = self._parts[number]
+        if all(isinstance(m, BatchManifest) for _, m in parts):
+            return parts
+        out = []
+        for step, manifest in parts:
+            if not isinstance(manifest, BatchManifest):
+                offset, length = manifest
+                blob = os.pread(self._file.fileno(), length, offset)
+                manifest = pickle.loads(blob)  # noqa: S301 - our own unnamed file
+            out.append((step, manifest))
+        return out
 
     def __len__(self) -> int:
         return self._stops[-1] if self._stops else 0
@@ -82,7 +135,10 @@ class PipelineOutputs(Sequence[Any]):
 
         An indexed source is kept (it reads its samples on demand).
         """
-        state = dict(self.__dict__, _built=None)
+        parts = [self._manifests(number) for number in range(len(self._parts))]
+        state = dict(self.__dict__, _built=None, _parts=parts, _file=None)
+        state["_in_memory"] = deque()  # every manifest in memory, none to spill
+        state["_held_bytes"] = 0
         if self._source is not None and self._source.kind == "list":
             state["_source"] = None
         return state
@@ -96,7 +152,7 @@ class PipelineOutputs(Sequence[Any]):
         if self._built is not None and self._built[0] == number:
             return self._built[1]
         start, stop = self._starts[number], self._stops[number]
-        parts = self._parts[number]
+        parts = self._manifests(number)
         if self._source is not None:
             current = self._source.batch(start, stop)
         else:
@@ -129,7 +185,7 @@ class PipelineOutputs(Sequence[Any]):
         []
         """
         for number in range(len(self._starts)):
-            parts = self._parts[number]
+            parts = self._manifests(number)
             with_data = [(s, m) for s, m in parts if m.attribute == "data"]
             if not with_data:  # no step checkpointed data: the inputs' own
                 yield np.stack([s.data for s in self._batch(number)])

@@ -43,6 +43,7 @@ import numpy as np
 
 from .errors import SourceError as SourceError
 from .storage.keys import check_keys
+from .storage.shard_index import KeyFilter
 from .wrappers._sample import DelayedSample, Sample, SampleSet
 
 __all__ = [
@@ -124,6 +125,21 @@ class SampleSource:
         self._until = 0
         self._done: dict[int, int] = {}
         self._closed = False
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without the run's bookkeeping (keys seen, the batches' turns).
+
+        What `PipelineOutputs` keeps of an indexed source: ``batch`` reads again.
+        """
+        state = dict(self.__dict__)
+        for name in ("_seen", "_settled"):
+            del state[name]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._seen = _KeyTable()
+        self._settled = threading.Condition()
 
     @property
     def indexed(self) -> bool:
@@ -462,23 +478,40 @@ def as_source(samples: Any, what: str = "samples") -> SampleSource:
 
 
 class _KeyTable:
-    """Keys seen so far, as 8-byte digests with their positions: 16 B a key.
+    """Keys seen so far, as 8-byte digests with their positions.
 
     Sorted runs merged like a binary counter (a log-structured table): adding
-    a batch and looking its keys up cost O(b log N). A digest match is then
-    confirmed against the batch's own keys when both are in it; across
-    batches two keys with one 64-bit digest (about 1 in 10^7 at ten million
-    keys) are reported as duplicates, never written.
+    a batch and looking its keys up cost O(b log N). Past `held` keys the runs
+    in memory are merged into one run written to a temporary file (16 B a key
+    on disk) and only a Bloom filter of it is held (`KeyFilter`, 1.25 B a
+    key): a batch's keys are looked up on disk where a filter says they may
+    be (about 1 % of them), so memory stays bounded whatever the number of
+    keys. A digest match is then confirmed against the batch's own keys when
+    both are in it; across batches two keys with one 64-bit digest (about 1
+    in 10^7 at ten million keys) are reported as duplicates, never written.
     """
+
+    held = 1 << 20  # keys in memory (16 MiB); past it, a run goes to disk
 
     def __init__(self) -> None:
         self.runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._n_held = 0
+        self._spilled: list[tuple[int, int, KeyFilter]] = []  # offset, count
+        self._file: Any = None
 
     @staticmethod
     def digests(keys: list[str]) -> np.ndarray:
         # the table lives in one process for one run: Python's own 64-bit str
         # hash (SipHash, computed once per str object) serves as the digest
         return np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
+
+    @staticmethod
+    def _probed(digests: np.ndarray) -> np.ndarray:
+        """The two 64-bit columns a `KeyFilter` probes with (a mix of one hash)."""
+        d0 = digests.view("<u8")
+        with np.errstate(over="ignore"):
+            d1 = (d0 ^ (d0 >> np.uint64(29))) * np.uint64(0xBF58476D1CE4E5B9) | 1
+        return np.stack([d0, d1], axis=1)
 
     def add(self, keys: list[str], start: int, what: str) -> None:
         if not keys:
@@ -496,25 +529,79 @@ class _KeyTable:
                     "was written)."
                 )
                 raise ValueError(msg)
+        seen = self._seen_before(digests)
+        if seen is not None:
+            i, earlier = seen
+            msg = (
+                f"{what} got key {keys[i]!r} for samples {earlier} and "
+                f"{start + i}; keys must be unique (nothing of the batch "
+                f"from sample {start} on was written)."
+            )
+            raise ValueError(msg)
+        self.runs.append((sorted_, (order + start).astype(np.int64)))
+        self._n_held += len(keys)
+        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
+            (older, at_older), (newer, at_newer) = self.runs[-2], self.runs[-1]
+            self.runs[-2:] = [self._merged([older, newer], [at_older, at_newer])]
+        if self._n_held > self.held:
+            self._spill()
+
+    @staticmethod
+    def _merged(
+        digests: list[np.ndarray], positions: list[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        merged = np.concatenate(digests)
+        by = np.argsort(merged, kind="stable")
+        return merged[by], np.concatenate(positions)[by]
+
+    def _seen_before(self, digests: np.ndarray) -> tuple[int, int] | None:
+        """``(i, earlier position)`` of a digest seen before, or None."""
         for run, positions in self.runs:
-            at = np.searchsorted(run, digests)
-            at = np.minimum(at, len(run) - 1)
+            at = np.minimum(np.searchsorted(run, digests), len(run) - 1)
             hit = np.flatnonzero(run[at] == digests)
             if hit.size:
                 i = int(hit[0])
-                earlier = int(positions[at[i]])
-                msg = (
-                    f"{what} got key {keys[i]!r} for samples {earlier} and "
-                    f"{start + i}; keys must be unique (nothing of the batch "
-                    f"from sample {start} on was written)."
+                return i, int(positions[at[i]])
+        if not self._spilled:
+            return None
+        probed = self._probed(digests)
+        for offset, count, bloom in self._spilled:
+            maybe = np.flatnonzero(bloom.might_hold(probed))
+            if not maybe.size:
+                continue
+            # mapped while looked up: the pages read leave memory with the map
+            run = np.memmap(self._file, "<i8", "r", offset, (count,))
+            at = np.minimum(np.searchsorted(run, digests[maybe]), count - 1)
+            hit = np.flatnonzero(run[at] == digests[maybe])
+            if hit.size:
+                j = int(hit[0])
+                positions = np.memmap(
+                    self._file, "<i8", "r", offset + 8 * count, (count,)
                 )
-                raise ValueError(msg)
-        self.runs.append((sorted_, (order + start).astype(np.int64)))
-        while len(self.runs) > 1 and len(self.runs[-2][0]) <= len(self.runs[-1][0]):
-            (older, at_older), (newer, at_newer) = self.runs[-2], self.runs[-1]
-            merged = np.concatenate([older, newer])
-            by = np.argsort(merged, kind="stable")
-            self.runs[-2:] = [(merged[by], np.concatenate([at_older, at_newer])[by])]
+                return int(maybe[j]), int(positions[at[j]])
+        return None
+
+    def _spill(self) -> None:
+        """Write the runs in memory to the table's file as one; keep its filter."""
+        import tempfile
+
+        digests, positions = self._merged(*map(list, zip(*self.runs)))
+        if self._file is None:  # unnamed: gone with the table, or the process
+            self._file = tempfile.TemporaryFile(prefix="samplepipe-keys-")
+        f = self._file
+        offset = f.seek(0, 2)
+        f.write(digests.astype("<i8").tobytes())
+        f.write(positions.astype("<i8").tobytes())
+        f.flush()
+        self._spilled.append((offset, len(digests), KeyFilter(self._probed(digests))))
+        self.runs = []
+        self._n_held = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held in memory (the runs on disk: their filters only)."""
+        runs = sum(a.nbytes + b.nbytes for a, b in self.runs)
+        return runs + sum(bloom.nbytes for _, _, bloom in self._spilled)
 
 
 def estimate_batch_size(sample: Any) -> int:
