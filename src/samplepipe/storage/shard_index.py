@@ -29,6 +29,7 @@ What a digest decides, and what confirms it:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
@@ -624,14 +625,26 @@ def candidates(
     every = np.arange(len(digests))
     # a batch's keys outside a shard's key range skip its filter: at ~1 % false
     # hits a key, a filter alone lets a batch of thousands read every shard
-    span = (min(keys), max(keys)) if keys else None
+    by_key = None
+    if keys:
+        lo_key, hi_key = min(keys), max(keys)
+        live = [
+            (s, index)
+            for s, index in live
+            if index.key_range is None
+            or not (index.key_range[1] < lo_key or hi_key < index.key_range[0])
+        ]
+        if len(live) > 2:  # keys across many shards' ranges (s/9999999, s/10000000)
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            by_key = ([keys[i] for i in order], np.array(order, dtype=np.int64))
     found_w, found_s, found_p, found_t = [], [], [], []
     columns: dict[int, _Columns] = {}
     for s, index in live:
         asked = every
-        if span is not None and index.key_range is not None:
-            if index.key_range[1] < span[0] or span[1] < index.key_range[0]:
-                continue
+        if by_key is not None and index.key_range is not None:
+            lo = bisect.bisect_left(by_key[0], index.key_range[0])
+            hi = bisect.bisect_right(by_key[0], index.key_range[1])
+            asked = by_key[1][lo:hi]  # only the keys within its range
         if index.filter is not None:
             asked = asked[index.filter.might_hold(digests[asked])]
         if not len(asked):
