@@ -9,9 +9,8 @@ removed with the outputs) and are read back when their batch is built: memory
 stays bounded whatever the number of samples. They are pickled there (a
 hundred times faster than their JSON): loading a pickle runs code, and this
 file is one that no other process can name, written and read by the outputs
-alone. Indexing,
-slicing and iterating build samples whose data loads lazily from the
-checkpoints; `to_list` builds them all. Iteration builds one batch at
+alone. Indexing, slicing and iterating build samples whose data loads lazily
+from the checkpoints; `to_list` builds them all. Iteration builds one batch at
 a time, so reading every output costs memory for one batch.
 
 The samples' metadata comes from the inputs: a list is held (the caller holds

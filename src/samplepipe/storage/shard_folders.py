@@ -291,7 +291,9 @@ class ShardFolder:
             and len(self._slot_of) * 2 < len(self._slots)
         ):  # mostly dropped: renumber (a lookup keeps its own slot -> shard map)
             self._slots = [i for i in self._slots if i is not None]
-            self._slot_of = {i.path: s for s, i in enumerate(self._slots) if i}
+            self._slot_of = {
+                i.path: s for s, i in enumerate(self._slots) if i is not None
+            }
 
     def _columns_of(self, index: ShardIndex) -> _Columns | None:
         """The per-entry arrays of an indexed shard, read again; None if it changed."""
