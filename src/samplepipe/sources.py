@@ -588,14 +588,16 @@ class _KeyTable:
         digests, positions = self._merged(*map(list, zip(*self.runs)))
         if self._file is None:  # unnamed: gone with the table, or the process
             self._file = tempfile.TemporaryFile(prefix="samplepipe-keys-")
-        f = self._file
-        offset = f.seek(0, 2)
-        f.write(digests.astype("<i8").tobytes())
-        f.write(positions.astype("<i8").tobytes())
-        f.flush()
-        self._spilled.append((offset, len(digests), KeyFilter(self._probed(digests))))
         self.runs = []
         self._n_held = 0
+        f = self._file
+        offset = f.seek(0, 2)
+        f.write(np.ascontiguousarray(digests, "<i8").data)
+        f.write(np.ascontiguousarray(positions, "<i8").data)
+        f.flush()
+        n, step = len(digests), 1 << 16
+        chunks = (self._probed(digests[i : i + step]) for i in range(0, n, step))
+        self._spilled.append((offset, n, KeyFilter(chunks, n)))
 
     @property
     def nbytes(self) -> int:

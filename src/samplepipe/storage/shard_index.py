@@ -33,7 +33,7 @@ import bisect
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 import numpy as np
@@ -119,11 +119,19 @@ class KeyFilter:
     PROBES = 5
     BITS_PER_KEY = 10
 
-    def __init__(self, digests: np.ndarray) -> None:
-        m = max(64, self.BITS_PER_KEY * len(digests))
+    def __init__(
+        self, digests: np.ndarray | Iterable[np.ndarray], n: int | None = None
+    ) -> None:
+        """Of an ``(n, 2)`` array of key digests, or of ``n`` of them in chunks."""
+        if n is None:  # probes are 40 B a key: made a chunk at a time
+            assert isinstance(digests, np.ndarray)
+            whole, n, step = digests, len(digests), 1 << 16
+            digests = (whole[i : i + step] for i in range(0, n, step))
+        m = max(64, self.BITS_PER_KEY * n)
         self.m = m + (-m) % 8
         flags = np.zeros(self.m, dtype=bool)
-        flags[self._probes(digests)] = True
+        for chunk in digests:
+            flags[self._probes(chunk)] = True
         self.bits = np.packbits(flags, bitorder="little")
 
     def _probes(self, digests: np.ndarray) -> np.ndarray:
@@ -396,11 +404,8 @@ class ShardIndex:
 
     def of_step(self, step_prefix: str) -> np.ndarray:
         """Whether each entry's record starts with ``format:step`` as given."""
-        return self.step_codes == self.step_code(step_prefix)
-
-    def step_code(self, step_prefix: str) -> int:
-        """The code of ``format:step`` in `step_codes`; -1 if no entry has it."""
-        return self.columns().step_code(step_prefix)
+        cols = self.columns()
+        return cols.step_codes == cols.step_code(step_prefix)
 
     # -- the record texts, read from the shard -------------------------------
     def texts(self) -> TextBlob | None:
